@@ -96,7 +96,9 @@ class LoraLinear(_LoraBase):
         mask = None
         if name.endswith("qkv") and spec.qkv_parts != "qkv":
             if base.out_features % 3:
-                raise AdapterError(f"{name}: qkv linear with {base.out_features} outputs is not 3 equal parts")
+                raise AdapterError(
+                    f"{name}: qkv linear with {base.out_features} outputs is not 3 equal parts"
+                )
             part = base.out_features // 3
             mask = torch.zeros(base.out_features)
             for i, p in enumerate("qkv"):
@@ -145,12 +147,16 @@ class LoraConv2d(_LoraBase):
         if not isinstance(base, nn.Conv2d) or not isinstance(spec, LoraSpec):
             return None
         if base.groups != 1:
-            raise AdapterError(f"{name}: LoRA on grouped convolutions (groups={base.groups}) is not supported")
+            raise AdapterError(
+                f"{name}: LoRA on grouped convolutions (groups={base.groups}) is not supported"
+            )
         return cls(base, spec)
 
     def _conv(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if self.padding_mode != "zeros":
-            raise AdapterError(f"LoRA on convolutions with padding_mode={self.padding_mode!r} is not supported")
+            raise AdapterError(
+                f"LoRA on convolutions with padding_mode={self.padding_mode!r} is not supported"
+            )
         h = F.conv2d(x, a, None, self.stride, self.padding, self.dilation)
         return F.conv2d(h, b)
 
