@@ -1,0 +1,329 @@
+"""The generation-time service every surface shares (UI, CLI, tests).  No gradio here.
+
+One ``StudioService`` owns the base pipelines and the loaded adapters.  All model work
+runs under one lock (one GPU queue): a request's adapter stack, strengths and seed are
+applied inside the lock and reset before it is released, so concurrent users never see
+each other's adapters.  ``render`` batches cells that share steps / guidance / size into
+one pipeline call whose rows carry their own strengths and seeds.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from adapters.base import AdapterError, AdapterSpec, merge, remove, unmerge
+from studio.schedules import step_end_callback
+from studio.service_adapters import AdapterRecord, compress_record
+from studio.service_files import safe_path, scan_adapters
+from studio.service_models import BaseModel, list_base_models
+from studio.service_strengths import StrengthPlan
+from studio.service_types import AdapterInfo, AdapterUse, GenerationSettings
+
+#: progress(done, total, message)
+Progress = Callable[[int, int, str], None]
+ADAPTER_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
+
+
+@dataclass
+class RenderedImage:
+    image: Any  # PIL.Image with info["parameters"] set
+    settings: GenerationSettings
+    parameters: str
+    seconds: float
+
+
+class StudioService:
+    """Base models, adapters and generation behind one lock."""
+
+    def __init__(
+        self,
+        model_dirs: Iterable[str | Path] = (),
+        adapter_dirs: Iterable[str | Path] = (),
+        output_dir: str | Path | None = None,
+        device: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        max_batch: int = 8,
+        max_pipelines: int = 2,
+    ) -> None:
+        self.model_dirs = [Path(p) for p in model_dirs]
+        self.adapter_dirs = [Path(p) for p in adapter_dirs]
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = dtype
+        self.max_batch = max_batch
+        self.max_pipelines = max_pipelines
+        self.lock = threading.RLock()
+        self._pipes: dict[tuple[str, str], Any] = {}
+        self._records: dict[str, AdapterRecord] = {}
+
+    # ------------------------------------------------------------------ base models
+    def list_base_models(self) -> list[dict[str, str]]:
+        return [{"name": m.name, "kind": m.kind, "source": m.source} for m in self._base_models()]
+
+    def _base_models(self) -> list[BaseModel]:
+        return list_base_models(self.model_dirs)
+
+    def default_base_model(self) -> str:
+        return self._base_models()[0].name
+
+    def pipeline(self, name: str, precision: str = "fp") -> Any:
+        """The cached pipeline for base model ``name`` (loads it on first use)."""
+        with self.lock:
+            key = (name, precision)
+            if key not in self._pipes:
+                if precision == "4bit":
+                    pipe = self._quantized_copy(self.pipeline(name, "fp"))
+                else:
+                    models = {m.name: m for m in self._base_models()}
+                    if name not in models:
+                        raise AdapterError(f"unknown base model {name!r}; known: {', '.join(models)}")
+                    pipe = models[name].load().to(self.device)
+                    if self.dtype != torch.float32:
+                        pipe = pipe.to(dtype=self.dtype)
+                while len(self._pipes) >= self.max_pipelines:
+                    self._pipes.pop(next(k for k in self._pipes if k != (name, "fp")))
+                self._pipes[key] = pipe
+            return self._pipes[key]
+
+    def _quantized_copy(self, pipe: Any) -> Any:
+        try:
+            from adapters import svdquant
+        except ImportError:
+            raise AdapterError("the 4-bit path needs adapters.svdquant, which is not installed yet") from None
+        q = copy.deepcopy(pipe)
+        for comp, module in components(q).items():
+            for name in list(self._records):
+                if name in _names(module):
+                    remove(module, name)
+            if comp in ("unet", "transformer"):
+                svdquant.quantize_model(module)
+        return q
+
+    # ------------------------------------------------------------------ adapters
+    def list_adapters(self) -> list[dict[str, Any]]:
+        """Loaded adapters, then adapter files in the configured folders not loaded yet."""
+        with self.lock:
+            out = [r.info().to_dict() for r in self._records.values()]
+            loaded_paths = {r.path for r in self._records.values()}
+        for path in scan_adapters(self.adapter_dirs):
+            if str(path) not in loaded_paths:
+                out.append(AdapterInfo(name=path.stem, path=str(path), loaded=False).to_dict())
+        return out
+
+    def add_adapter(
+        self, name: str, parts: dict[str, tuple[AdapterSpec, dict[str, torch.Tensor]]], **meta: Any
+    ) -> AdapterInfo:
+        """Register an adapter made in memory (training result, compression, tests)."""
+        with self.lock:
+            if name in self._records:
+                raise AdapterError(f"an adapter named {name!r} is already loaded")
+            self._records[name] = AdapterRecord(name, parts, **meta)
+            return self._records[name].info()
+
+    def load_adapter(
+        self, path: str | Path, name: str | None = None, base_model: str | None = None
+    ) -> AdapterInfo:
+        """Load an adapter file or folder from inside the configured adapter folders."""
+        resolved = safe_path(path, self.adapter_dirs)
+        try:
+            from adapters import formats
+        except ImportError:
+            raise AdapterError(
+                "loading adapter files needs adapters.formats, which is not installed yet"
+            ) from None
+        with self.lock:
+            pipe = self.pipeline(base_model or self.default_base_model())
+            comps = components(pipe)
+            name = name or _clean_name(resolved.stem)
+            if name in self._records:
+                raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first")
+            try:
+                name = formats.load_adapter(pipe, str(resolved), name)
+            except AdapterError:
+                raise
+            except Exception as err:  # a corrupt or foreign file: one clear line
+                raise AdapterError(f"cannot load {resolved.name}: {err}") from None
+            record = AdapterRecord.capture(comps, name, path=str(resolved), base_model=base_model or "")
+            try:
+                record.metadata = dict(formats.read_adapter_info(str(resolved)).get("metadata", {}) or {})
+            except Exception:  # noqa: BLE001 - metadata is optional
+                pass
+            for module in comps.values():
+                for host_name in _names(module):
+                    if host_name == name:
+                        _zero(module, name)
+            self._records[name] = record
+            return record.info()
+
+    def unload_adapter(self, name: str) -> None:
+        with self.lock:
+            self._record(name)
+            for pipe in self._pipes.values():
+                for module in components(pipe).values():
+                    if name in _names(module):
+                        remove(module, name)
+            del self._records[name]
+
+    def adapter_info(self, name: str) -> AdapterInfo:
+        with self.lock:
+            return self._record(name).info()
+
+    def inspect_file(self, path: str | Path) -> dict[str, Any]:
+        """Method, rank, targets, base model and metadata of an adapter file (not loaded)."""
+        resolved = safe_path(path, self.adapter_dirs)
+        from adapters import formats
+
+        return dict(formats.read_adapter_info(str(resolved)))
+
+    def compress_adapter(self, name: str, rank: int, new_name: str | None = None) -> dict[str, Any]:
+        """A rank-``rank`` copy of adapter ``name`` by truncated SVD; returns its info and error."""
+        with self.lock:
+            record, errors = compress_record(self._record(name), rank, new_name or f"{name}-r{rank}")
+            if record.name in self._records:
+                raise AdapterError(f"an adapter named {record.name!r} is already loaded")
+            self._records[record.name] = record
+            return {"info": record.info().to_dict(), "error": errors}
+
+    def _record(self, name: str) -> AdapterRecord:
+        if name not in self._records:
+            raise AdapterError(
+                f"no adapter named {name!r} is loaded; loaded: {', '.join(self._records) or 'none'}"
+            )
+        return self._records[name]
+
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self, settings: GenerationSettings | dict, progress: Progress | None = None
+    ) -> RenderedImage:
+        return self.render([settings], progress)[0]
+
+    def render(
+        self,
+        cells: Sequence[GenerationSettings | dict],
+        progress: Progress | None = None,
+        batched: bool = True,
+    ) -> list[RenderedImage]:
+        """Render every cell; cells with equal ``batch_key`` share batched pipeline calls."""
+        cells = [c if isinstance(c, GenerationSettings) else GenerationSettings.from_dict(c) for c in cells]
+        groups: dict[tuple, list[int]] = {}
+        for i, c in enumerate(cells):
+            groups.setdefault(c.batch_key(), []).append(i)
+        size = self.max_batch if batched else 1
+        batches = [idx[k : k + size] for idx in groups.values() for k in range(0, len(idx), size)]
+        total = sum(cells[b[0]].steps for b in batches)
+        done = 0
+        out: list[RenderedImage | None] = [None] * len(cells)
+        with self.lock:
+            for batch in batches:
+
+                def step(k: int, n: int, base: int = done) -> None:
+                    if progress is not None:
+                        progress(base + k, total, f"step {base + k}/{total}")
+
+                for i, img in zip(batch, self._run_batch([cells[i] for i in batch], step)):
+                    out[i] = img
+                done += cells[batch[0]].steps
+        return out  # type: ignore[return-value]
+
+    def _run_batch(
+        self, cells: list[GenerationSettings], on_step: Callable[[int, int], None]
+    ) -> list[RenderedImage]:
+        first = cells[0]
+        pipe = self.pipeline(first.base_model, first.precision)
+        comps = components(pipe)
+        for name in {a.name for c in cells for a in c.adapters}:
+            self._record(name).place(comps)
+        plan = StrengthPlan(comps, [c.adapters for c in cells])
+        steps = first.steps
+        fused: list[str] = []
+        start = time.perf_counter()
+        try:
+            plan.apply(0, steps)
+            if first.fuse:
+                if plan.has_schedule:
+                    raise AdapterError("per-timestep schedules cannot be fused; turn fusing off")
+                fused = _fuse(comps, {a.name for c in cells for a in c.adapters})
+            callback = step_end_callback(
+                lambda s: plan.apply(s, steps) if plan.has_schedule else None, steps, on_step=on_step
+            )
+            result = pipe(
+                prompt=[c.prompt for c in cells],
+                negative_prompt=[c.negative_prompt for c in cells],
+                num_inference_steps=steps,
+                guidance_scale=first.guidance,
+                width=first.width,
+                height=first.height,
+                generator=[torch.Generator("cpu").manual_seed(int(c.seed)) for c in cells],
+                callback_on_step_end=callback,
+                output_type="pil",
+            )
+        finally:
+            for name in fused:
+                for module in comps.values():
+                    if name in _names(module):
+                        unmerge(module, name)
+            plan.reset()
+        seconds = (time.perf_counter() - start) / len(cells)
+        images = []
+        for c, img in zip(cells, result.images):
+            text = c.parameters_text()
+            img.info["parameters"] = text
+            images.append(RenderedImage(img, c, text, seconds))
+        return images
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def components(pipe: Any) -> dict[str, nn.Module]:
+    """The pipeline modules that adapters may live on."""
+    return {n: getattr(pipe, n) for n in ADAPTER_COMPONENTS if isinstance(getattr(pipe, n, None), nn.Module)}
+
+
+def _names(module: nn.Module) -> list[str]:
+    from adapters.base import adapter_names
+
+    return adapter_names(module)
+
+
+def _zero(module: nn.Module, name: str) -> None:
+    from adapters.base import set_strength
+
+    set_strength(module, name, 0.0)
+
+
+def _fuse(comps: dict[str, nn.Module], names: set[str]) -> list[str]:
+    done: list[str] = []
+    try:
+        for name in sorted(names):
+            for module in comps.values():
+                if name in _names(module):
+                    merge(module, name)
+            done.append(name)
+    except Exception:
+        for name in done + [n for n in names if n not in done]:
+            for module in comps.values():
+                if name in _names(module):
+                    unmerge(module, name)
+        raise
+    return done
+
+
+def _clean_name(stem: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_\-]", "_", stem)[:64] or "adapter"
+
+
+def uses(*items: AdapterUse | dict | str) -> list[AdapterUse]:
+    """Shorthand: uses("a:0.8", "b") -> [AdapterUse("a", 0.8), AdapterUse("b", 1.0)]."""
+    return [AdapterUse.from_any(i) for i in items]
