@@ -134,6 +134,16 @@ class AdaptedModule(nn.Module):
         self.merged: list[str] = []
         self._weight_backup: torch.Tensor | None = None
 
+    def __getattr__(self, name: str) -> Any:
+        # Models that read attributes of a wrapped block (diffusers' DiT reads
+        # ``transformer_blocks[0].norm1``) see through the host to the base module.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
     # -- the forward pass
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         y = self.base_layer(*args, **kwargs)
