@@ -24,6 +24,7 @@ from adapters.base import AdapterError, AdapterSpec, merge, remove, unmerge
 from studio.schedules import step_end_callback
 from studio.service_adapters import AdapterRecord, compress_record
 from studio.service_files import safe_path, scan_adapters
+from studio.service_grid import GridResult, GridSpec, plan_grid
 from studio.service_models import BaseModel, list_base_models
 from studio.service_strengths import StrengthPlan
 from studio.service_types import AdapterInfo, AdapterUse, GenerationSettings
@@ -164,6 +165,36 @@ class StudioService:
             self._records[name] = record
             return record.info()
 
+    def add_example_adapters(self, base_model: str = "tiny-sd") -> list[str]:
+        """The shipped example adapters: world assets when present, else seeded random LoRAs."""
+        from studio.service_models import EXAMPLE_LORAS, example_lora_parts
+
+        added = []
+        with self.lock:
+            unet = components(self.pipeline(base_model))["unet"]
+            for name in EXAMPLE_LORAS:
+                if name not in self._records:
+                    self.add_adapter(name, example_lora_parts(unet, name), path=f"builtin:{name}")
+                    added.append(name)
+        return added
+
+    def adapter_sources(self, names: Iterable[str]) -> dict[str, str]:
+        """name -> file path (or builtin:NAME) for re-rendering a grid elsewhere."""
+        with self.lock:
+            return {n: self._records[n].path for n in names if n in self._records}
+
+    def ensure_adapters(self, sources: dict[str, str], base_model: str | None = None) -> None:
+        """Load every adapter of ``sources`` (name -> path) that is not loaded yet."""
+        for name, path in sources.items():
+            if name in self._records:
+                continue
+            if path.startswith("builtin:"):
+                self.add_example_adapters(base_model or "tiny-sd")
+            elif path:
+                self.load_adapter(path, name, base_model)
+            else:
+                raise AdapterError(f"adapter {name!r} was made in memory and cannot be reloaded")
+
     def unload_adapter(self, name: str) -> None:
         with self.lock:
             self._record(name)
@@ -199,6 +230,42 @@ class StudioService:
                 f"no adapter named {name!r} is loaded; loaded: {', '.join(self._records) or 'none'}"
             )
         return self._records[name]
+
+    # ------------------------------------------------------------------ grids
+    def render_grid(
+        self,
+        spec: GridSpec | dict | GridResult,
+        progress: Progress | None = None,
+        batched: bool = True,
+        clip: bool = False,
+    ) -> GridResult:
+        """Plan (or take a planned / sidecar) grid and render every cell in batched passes."""
+        if isinstance(spec, dict):
+            spec = GridSpec.from_dict(spec)
+        result = spec if isinstance(spec, GridResult) else plan_grid(spec)
+        start = time.perf_counter()
+        images = self.render([c.settings for c in result.cells], progress, batched=batched)
+        for cell, img in zip(result.cells, images):
+            cell.image = img.image
+        result.seconds = time.perf_counter() - start
+        if clip:
+            scores = self.clip_scores(
+                [c.image for c in result.cells], [c.settings.prompt for c in result.cells]
+            )
+            for cell, score in zip(result.cells, scores or []):
+                cell.clip_score = score
+        return result
+
+    def clip_scores(self, images: list[Any], prompts: list[str]) -> list[float] | None:
+        """Cosine similarity of image and prompt under the tiny world's CLIP (None if absent)."""
+        try:
+            from studio.world.assets import load_clip
+        except ImportError:
+            return None
+        with self.lock:
+            if getattr(self, "_clip", None) is None:
+                self._clip = load_clip()
+            return _clip_scores(self._clip, images, prompts)
 
     # ------------------------------------------------------------------ generation
     def generate(
@@ -316,6 +383,19 @@ def _fuse(comps: dict[str, nn.Module], names: set[str]) -> list[str]:
                     unmerge(module, name)
         raise
     return done
+
+
+def _clip_scores(clip: Any, images: list[Any], prompts: list[str]) -> list[float]:
+    """``clip`` is (model, preprocess, tokenizer) as open_clip gives them."""
+    model, preprocess, tokenizer = clip
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        pixels = torch.stack([preprocess(im.convert("RGB")) for im in images]).to(device)
+        img = model.encode_image(pixels)
+        txt = model.encode_text(tokenizer(prompts).to(device))
+        img = img / img.norm(dim=-1, keepdim=True)
+        txt = txt / txt.norm(dim=-1, keepdim=True)
+    return [round(float(v), 4) for v in (img * txt).sum(-1)]
 
 
 def _clean_name(stem: str) -> str:

@@ -171,3 +171,32 @@ def list_base_models(model_dirs: Iterable[str | Path] = ()) -> list[BaseModel]:
             name = str(path.relative_to(folder)) if path != folder else path.name
             found.append(BaseModel(name, "diffusion", str(path), lambda p=path: load_diffusers_folder(p)))
     return found
+
+
+# --------------------------------------------------------------------------- example adapters
+
+#: name -> (targets, rank, seed, scale of the random up-projection)
+EXAMPLE_LORAS = {
+    "example-attn": (["to_q", "to_k", "to_v", "to_out.0"], 4, 1, 0.6),
+    "example-conv": ([r".*resnets\.\d+\.conv1"], 2, 2, 0.3),
+}
+
+
+def example_lora_parts(unet: object, name: str) -> dict:
+    """A deterministic random LoRA for the from-config pipeline (demo and tests).
+
+    Its up-projection is random instead of zero, so it visibly changes the images.
+    """
+    from adapters.base import adapter_state_dict, inject, remove
+    from adapters.lora import LoraSpec
+
+    targets, rank, seed, scale = EXAMPLE_LORAS[name]
+    spec = LoraSpec(targets=list(targets), rank=rank, alpha=float(rank))
+    inject(unet, spec, "_example")
+    try:
+        shapes = {k: v.shape for k, v in adapter_state_dict(unet, "_example").items()}
+    finally:
+        remove(unet, "_example")
+    gen = torch.Generator().manual_seed(seed)
+    state = {k: torch.randn(shape, generator=gen) * scale for k, shape in sorted(shapes.items())}
+    return {"unet": (spec, state)}
