@@ -1,0 +1,80 @@
+"""AdapterTune: exact start at the pretrained function, step-0 gradients, placement, refusal to merge."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import tiny_vit
+
+from adapters import base
+from adapters.adaptertune import AdapterTuneSpec, block_targets
+from adapters.base import AdapterError
+
+
+def _vit_and_batch():
+    torch.manual_seed(0)
+    model = tiny_vit().eval()
+    return model, torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+def test_step0_features_are_bit_equal_to_the_base() -> None:
+    model, x = _vit_and_batch()
+    before = model.forward_features(x)
+    names = base.inject(model, AdapterTuneSpec(targets=[r"blocks\.\d+"], rank=8), "at")
+    assert names == ["blocks.0", "blocks.1"]
+    assert torch.equal(model.forward_features(x), before)
+
+
+def test_step0_gradient_to_down_is_exactly_zero_and_to_up_is_not() -> None:
+    model, x = _vit_and_batch()
+    base.inject(model, AdapterTuneSpec(targets=[r"blocks\.\d+"], rank=8), "at")
+    base.mark_only_adapters_trainable(model, "at")
+    model(x).logsumexp(-1).mean().backward()
+    for _, host in base.iter_hosts(model):
+        branch = host.adapters["at"]
+        assert torch.count_nonzero(branch.down.weight.grad) == 0
+        assert torch.count_nonzero(branch.down.bias.grad) == 0
+        assert branch.up.weight.grad.abs().sum() > 0
+        assert branch.up.bias.grad.abs().sum() > 0
+
+
+def test_small_init_ablation_moves_the_output_and_zero_init_does_not() -> None:
+    model, x = _vit_and_batch()
+    before = model(x)
+    base.inject(model, AdapterTuneSpec(targets=[r"blocks\.\d+"], init="small", small_std=0.1), "s")
+    assert not torch.allclose(model(x), before)
+
+
+def test_placement_every_k_and_last_half() -> None:
+    assert block_targets("blocks", 6, "every2") == ["blocks.0", "blocks.2", "blocks.4"]
+    assert block_targets("blocks", 6, "last_half") == ["blocks.3", "blocks.4", "blocks.5"]
+    assert block_targets("blocks", 4, "last") == ["blocks.3"]
+    with pytest.raises(AdapterError, match="unknown placement"):
+        block_targets("blocks", 4, "middle")
+    model, _ = _vit_and_batch()
+    names = base.inject(model, AdapterTuneSpec(targets=[r"blocks\.\d+"], start=1), "late")
+    assert names == ["blocks.1"]
+
+
+def test_merge_is_refused_clearly_and_changes_nothing() -> None:
+    model, x = _vit_and_batch()
+    base.inject(model, AdapterTuneSpec(targets=[r"blocks\.\d+"], init="small", small_std=0.1), "at")
+    out = model(x)
+    with pytest.raises(AdapterError, match="cannot be merged"):
+        base.merge(model, "at")
+    assert torch.equal(model(x), out)
+
+
+def test_parameter_count_and_spec_round_trip() -> None:
+    model, _ = _vit_and_batch()
+    spec = AdapterTuneSpec(targets=["blocks.0"], rank=4, alpha=0.5, init="small")
+    base.inject(model, spec, "at")
+    dim = 32
+    assert sum(p.numel() for p in base.adapter_parameters(model, "at")) == 2 * dim * 4 + 4 + dim
+    assert AdapterTuneSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_non_block_targets_are_rejected_with_the_pattern_named() -> None:
+    model, _ = _vit_and_batch()
+    with pytest.raises(AdapterError, match="head"):
+        base.inject(model, AdapterTuneSpec(targets=["head"]), "at")
