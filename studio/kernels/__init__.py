@@ -1,0 +1,116 @@
+"""Fused low-rank + 4-bit linear (SVDQuant style): typed launchers.
+
+Each launcher runs the Triton kernel on a CUDA tensor (sm_90 is the target; any GPU
+Triton supports with FP8 works) and the pure-torch reference in ``reference.py``
+otherwise, or everywhere when ``STUDIO_KERNELS=reference``.  Shapes: ``M`` rows of
+activations, ``K`` input features, ``Kp = KG * 64`` K padded to the group size, ``N``
+output features, ``R`` total rank of the low-rank branch (SVD part + attached LoRAs,
+padded to a multiple of 16 by the module), ``S`` strength rows (1, or one per sample).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from studio.kernels import reference
+from studio.kernels.reference import FORMATS, GROUP, dequantize_weight, padded_k, quantize_weight
+
+__all__ = [
+    "FORMATS",
+    "GROUP",
+    "dequantize_weight",
+    "gemm_w4",
+    "padded_k",
+    "quantize_act",
+    "quantize_weight",
+    "use_triton",
+    "w4_linear",
+]
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """True when ``t`` lives on a CUDA device and the Triton path is not switched off."""
+    return t.is_cuda and os.environ.get("STUDIO_KERNELS", "triton") != "reference"
+
+
+def quantize_act(
+    x: torch.Tensor,
+    smooth_inv: torch.Tensor,
+    l1: torch.Tensor,
+    strength: torch.Tensor,
+    rows_per_sample: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pre-pass: quantize activations and compute the low-rank branch input, one read of X.
+
+    Args:
+        x: ``[M, K]`` bf16/fp16/fp32, row-major (``x.stride(1) == 1``).
+        smooth_inv: ``[K]`` fp32, 1 / smoothing factor per input channel.
+        l1: ``[K, R]`` bf16 (or fp32), the branch's down projection acting on the raw ``x``.
+        strength: ``[S, R]`` fp32, per-rank strengths; row ``((i // rows_per_sample) % S)``
+            scales activation row ``i``.
+        rows_per_sample: rows of ``x`` per sample (tokens per image).
+    Returns:
+        ``xq [M, Kp]`` float8_e4m3fn (``x * smooth_inv`` / scale, zero past K),
+        ``xscale [KG, M]`` fp32 (one scale per row and group of 64),
+        ``lora_act [M, R]`` fp32 (``(x @ l1) * strength[row]``).
+    """
+    if use_triton(x):
+        from studio.kernels.quant_act import quantize_act_triton
+
+        return quantize_act_triton(x.contiguous(), smooth_inv, l1, strength, rows_per_sample)
+    return reference.quantize_act(x, smooth_inv, l1, strength, rows_per_sample)
+
+
+def gemm_w4(
+    xq: torch.Tensor,
+    xscale: torch.Tensor,
+    qweight: torch.Tensor,
+    wscale: torch.Tensor,
+    fmt: str,
+    lora_act: torch.Tensor,
+    l2: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Main GEMM: ``out = dq(xq) @ dq(qweight).T + lora_act @ l2.T + bias``.
+
+    Args:
+        xq: ``[M, Kp]`` float8_e4m3fn, from ``quantize_act``.
+        xscale: ``[KG, M]`` fp32.
+        qweight: ``[KG, N, 32]`` uint8, two 4-bit codes per byte (layout in reference.py).
+        wscale: ``[KG, N]`` fp32, per-group weight scales (FP8-value units).
+        fmt: ``"int4"`` or ``"fp4"`` (E2M1).
+        lora_act: ``[M, R]`` fp32, strengths already applied.
+        l2: ``[N, R]`` bf16, the branch's up projection.
+        bias: ``[N]`` fp32 or None.
+        out_dtype: dtype of the result (bf16 on the GPU path).
+    Returns:
+        ``[M, N]`` tensor of ``out_dtype``.
+    """
+    if use_triton(xq):
+        from studio.kernels.gemm_w4 import gemm_w4_triton
+
+        return gemm_w4_triton(xq, xscale, qweight, wscale, fmt, lora_act, l2, bias, out_dtype)
+    return reference.gemm_w4(xq, xscale, qweight, wscale, fmt, lora_act, l2, bias, out_dtype)
+
+
+def w4_linear(
+    x: torch.Tensor,
+    smooth_inv: torch.Tensor,
+    qweight: torch.Tensor,
+    wscale: torch.Tensor,
+    fmt: str,
+    l1: torch.Tensor,
+    l2: torch.Tensor,
+    strength: torch.Tensor,
+    rows_per_sample: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """The whole layer on ``x [M, K]``: pre-pass then main GEMM; returns ``[M, N]`` in ``x.dtype``.
+
+    Argument shapes as in ``quantize_act`` and ``gemm_w4``.
+    """
+    xq, xscale, lora_act = quantize_act(x, smooth_inv, l1, strength, rows_per_sample)
+    return gemm_w4(xq, xscale, qweight, wscale, fmt, lora_act, l2, bias, x.dtype)
