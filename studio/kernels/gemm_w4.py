@@ -33,7 +33,9 @@ def _configs() -> list[triton.Config]:
         (128, 128, 4, 4),
         (128, 64, 4, 4),
     ]:
-        out.append(triton.Config({"BLOCK_N": bn, "BLOCK_M": bm, "SPLIT_K": 1}, num_warps=warps, num_stages=stages))
+        out.append(
+            triton.Config({"BLOCK_N": bn, "BLOCK_M": bm, "SPLIT_K": 1}, num_warps=warps, num_stages=stages)
+        )
     for bn, bm, split in [(64, 16, 1), (64, 16, 2), (64, 16, 4), (128, 16, 4), (64, 32, 2), (64, 64, 2)]:
         out.append(triton.Config({"BLOCK_N": bn, "BLOCK_M": bm, "SPLIT_K": split}, num_warps=4, num_stages=4))
     return out
@@ -59,7 +61,9 @@ def _unpack(codes, FP4: tl.constexpr):
     return half.to(tl.float8e4nv)
 
 
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "KG", "FP4"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(
+    configs=_configs(), key=["M_BUCKET", "N", "KG", "FP4"], prune_configs_by={"early_config_prune": _prune}
+)
 @triton.jit
 def _w4_gemm_kernel(
     xq_ptr, xs_ptr, w_ptr, ws_ptr, la_ptr, l2_ptr, bias_ptr, out_ptr, acc_ptr, cnt_ptr,
@@ -127,8 +131,12 @@ def _epilogue(acc, offs_n, offs_m, n_mask, m_mask, la_ptr, l2_ptr, bias_ptr, out
     for r0 in range(0, R, 16):
         rr = r0 + offs_r
         r_mask = rr < R
-        l2 = tl.load(l2_ptr + offs_n[:, None] * stride_l2n + rr[None, :], n_mask[:, None] & r_mask[None, :], 0.0)
-        la = tl.load(la_ptr + offs_m[:, None] * stride_lam + rr[None, :], m_mask[:, None] & r_mask[None, :], 0.0)
+        l2 = tl.load(
+            l2_ptr + offs_n[:, None] * stride_l2n + rr[None, :], n_mask[:, None] & r_mask[None, :], 0.0
+        )
+        la = tl.load(
+            la_ptr + offs_m[:, None] * stride_lam + rr[None, :], m_mask[:, None] & r_mask[None, :], 0.0
+        )
         acc = tl.dot(l2.to(DOT_DTYPE), tl.trans(la.to(DOT_DTYPE)), acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[:, None]

@@ -48,10 +48,14 @@ def _quant_act_kernel(
         # Columns past K hold x = 0, so the padded tail of xq is written as zeros.
         tl.store(xq_ptr + offs_m[:, None] * stride_xqm + kk[None, :], q, m_mask[:, None])
         tl.store(xs_ptr + g * stride_xsg + offs_m, scale, m_mask)
-        l1 = tl.load(l1_ptr + kk[:, None] * stride_l1k + offs_r[None, :], k_mask[:, None] & r_mask[None, :], 0.0)
+        l1 = tl.load(
+            l1_ptr + kk[:, None] * stride_l1k + offs_r[None, :], k_mask[:, None] & r_mask[None, :], 0.0
+        )
         la = tl.dot(x.to(DOT_DTYPE), l1.to(DOT_DTYPE), la)
     srow = (offs_m // rows_per_sample) % S
-    strength = tl.load(str_ptr + srow[:, None] * stride_sm + offs_r[None, :], m_mask[:, None] & r_mask[None, :], 0.0)
+    strength = tl.load(
+        str_ptr + srow[:, None] * stride_sm + offs_r[None, :], m_mask[:, None] & r_mask[None, :], 0.0
+    )
     la = la * strength
     la_ptrs = la_ptr + offs_m[:, None] * stride_lam + offs_r[None, :]
     la_mask = m_mask[:, None] & r_mask[None, :]
