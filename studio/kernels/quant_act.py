@@ -1,6 +1,6 @@
 """Triton pre-pass: one read of X gives FP8 activations, their scales and ``lora_act``.
 
-Each program owns ``BLOCK_M`` rows and a slice of the K groups (``SPLIT`` slices in all,
+Each program owns ``BLOCK_M`` rows and a slice of the K groups (grid axis 1,
 for small M where one program per row block would leave the GPU idle).  Per group of 64
 it loads X once, scales by ``smooth_inv``, writes FP8 codes and the per-(row, group)
 scale, and accumulates ``X @ l1`` for the low-rank branch.  Slices add their partial
@@ -19,12 +19,31 @@ import triton.language as tl
 from studio.kernels.reference import GROUP
 
 
+def _configs() -> list[triton.Config]:
+    return [
+        triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=st)
+        for bm, w, st in [(16, 4, 3), (32, 4, 3), (32, 4, 5), (64, 4, 3), (64, 8, 4)]
+    ]
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
+    m = named_args["M"]
+    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(m))]
+    return keep or configs[:1]
+
+
+@triton.autotune(
+    configs=_configs(),
+    key=["M_BUCKET", "K", "R_PAD"],
+    prune_configs_by={"early_config_prune": _prune},
+    reset_to_zero=["la_ptr"],
+)
 @triton.jit
 def _quant_act_kernel(
     x_ptr, sinv_ptr, l1_ptr, str_ptr, xq_ptr, xs_ptr, la_ptr,
-    M, K, KG, R, S, rows_per_sample,
+    M, K, KG, R, S, rows_per_sample, M_BUCKET,
     stride_xm, stride_l1k, stride_sm, stride_xqm, stride_xsg, stride_lam,
-    BLOCK_M: tl.constexpr, R_PAD: tl.constexpr, SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    R_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -33,7 +52,8 @@ def _quant_act_kernel(
     offs_r = tl.arange(0, R_PAD)
     m_mask = offs_m < M
     r_mask = offs_r < R
-    per = tl.cdiv(KG, SPLIT)
+    split = tl.num_programs(1)
+    per = tl.cdiv(KG, split)
     g0 = pid_s * per
     g1 = tl.minimum(g0 + per, KG)
     la = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
@@ -59,7 +79,7 @@ def _quant_act_kernel(
     la = la * strength
     la_ptrs = la_ptr + offs_m[:, None] * stride_lam + offs_r[None, :]
     la_mask = m_mask[:, None] & r_mask[None, :]
-    if SPLIT == 1:
+    if split == 1:
         tl.store(la_ptrs, la, la_mask)
     else:
         tl.atomic_add(la_ptrs, la, la_mask)
@@ -83,22 +103,24 @@ def quantize_act_triton(
     l1: torch.Tensor,
     strength: torch.Tensor,
     rows_per_sample: int,
+    config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the pre-pass; ``config`` (BLOCK_M, num_warps, num_stages) skips autotuning."""
     m, k = x.shape
     kg = -(-k // GROUP)
     r = l1.shape[1]
-    r_pad = max(16, triton.next_power_of_2(r))
-    block_m = 16 if m <= 16 else 32
-    split = _pick_split(m, kg, block_m)
     xq = torch.empty(m, kg * GROUP, device=x.device, dtype=torch.float8_e4m3fn)
     xs = torch.empty(kg, m, device=x.device, dtype=torch.float32)
-    alloc = torch.zeros if split > 1 else torch.empty
-    la = alloc(m, max(r, 1), device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(m, block_m), split)
-    _quant_act_kernel[grid](
+    la = torch.zeros(m, max(r, 1), device=x.device, dtype=torch.float32)  # atomics add into it
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return (triton.cdiv(m, meta["BLOCK_M"]), _pick_split(m, kg, meta["BLOCK_M"]))
+
+    kernel = _quant_act_kernel if config is None else _quant_act_kernel.fn
+    kernel[grid](
         x, smooth_inv, l1, strength, xq, xs, la,
-        m, k, kg, r, strength.shape[0], max(rows_per_sample, 1),
+        m, k, kg, r, strength.shape[0], max(rows_per_sample, 1), min(triton.next_power_of_2(max(m, 16)), 8192),
         x.stride(0), l1.stride(0), strength.stride(0), xq.stride(0), xs.stride(0), la.stride(0),
-        BLOCK_M=block_m, R_PAD=r_pad, SPLIT=split, DOT_DTYPE=branch_dot_dtype(), num_warps=4,
+        R_PAD=max(16, triton.next_power_of_2(r)), DOT_DTYPE=branch_dot_dtype(), **(config or {}),
     )  # fmt: skip
-    return xq, xs, la
+    return xq, xs, la[:, :r]
