@@ -28,6 +28,7 @@ from studio.service_grid import GridResult, GridSpec, plan_grid
 from studio.service_models import BaseModel, list_base_models
 from studio.service_strengths import StrengthPlan
 from studio.service_types import AdapterInfo, AdapterUse, GenerationSettings
+from studio.service_vision import VisionModel, classify, segment
 
 #: progress(done, total, message)
 Progress = Callable[[int, int, str], None]
@@ -65,6 +66,9 @@ class StudioService:
         self.lock = threading.RLock()
         self._pipes: dict[tuple[str, str], Any] = {}
         self._records: dict[str, AdapterRecord] = {}
+        self._vision: dict[str, VisionModel] = {}
+        #: Base model preselected in the UI and used for loading adapters (None: first listed).
+        self.default_model: str | None = None
 
     # ------------------------------------------------------------------ base models
     def list_base_models(self) -> list[dict[str, str]]:
@@ -74,7 +78,7 @@ class StudioService:
         return list_base_models(self.model_dirs)
 
     def default_base_model(self) -> str:
-        return self._base_models()[0].name
+        return self.default_model or self._base_models()[0].name
 
     def pipeline(self, name: str, precision: str = "fp") -> Any:
         """The cached pipeline for base model ``name`` (loads it on first use)."""
@@ -230,6 +234,32 @@ class StudioService:
                 f"no adapter named {name!r} is loaded; loaded: {', '.join(self._records) or 'none'}"
             )
         return self._records[name]
+
+    # ------------------------------------------------------------------ vision
+    def add_vision_model(self, vm: VisionModel) -> None:
+        with self.lock:
+            self._vision[vm.name] = vm.__class__(**{**vm.__dict__, "model": vm.model.to(self.device)})
+
+    def list_vision_models(self) -> list[dict[str, Any]]:
+        return [
+            {"name": v.name, "task": v.task, "classes": v.classes, "source": v.source}
+            for v in self._vision.values()
+        ]
+
+    def _vision_model(self, name: str) -> VisionModel:
+        if name not in self._vision:
+            raise AdapterError(
+                f"no vision model named {name!r}; available: {', '.join(self._vision) or 'none'}"
+            )
+        return self._vision[name]
+
+    def classify(self, name: str, image: Any) -> dict[str, float]:
+        with self.lock:
+            return classify(self._vision_model(name), image)
+
+    def segment(self, name: str, image: Any) -> tuple[Any, dict[str, float]]:
+        with self.lock:
+            return segment(self._vision_model(name), image)
 
     # ------------------------------------------------------------------ grids
     def render_grid(
