@@ -26,6 +26,7 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from studio import kernels  # noqa: E402
+from studio.kernels.gemm_w4_triton import _w4_gemm_kernel  # noqa: E402
 
 SHAPES = [(3072, 3072), (3072, 9216), (3072, 12288), (12288, 3072)]  # (K, N)
 MS = [16, 256, 1024, 4608]
@@ -118,7 +119,19 @@ def speed(shapes: list[tuple[int, int]], ms: list[int], ranks: list[int]) -> lis
                 row[f"fp8_q+lr{r}"] = bench(lambda: fp8_q() + F.linear(F.linear(x, a), b))
                 row[f"w4+lr{r}_unfused"] = bench(lambda: ours(x, bare, bias) + F.linear(F.linear(x, a), b))
                 for fmt in ("int4", "fp4"):
-                    row[f"{fmt}_r{r}"] = bench(lambda: ours(x, packs[(fmt, r)], bias))
+                    p = packs[(fmt, r)]
+                    row[f"{fmt}_r{r}"] = bench(lambda: ours(x, p, bias))
+                    row[f"{fmt}_r{r}_cfg"] = str(_w4_gemm_kernel.best_config)
+                    # Breakdown: the pre-pass alone and the GEMM alone.
+                    args = kernels.quantize_act(x, p["smooth_inv"], p["l1"], p["strength"], 1)
+                    row[f"prepass_r{r}"] = bench(
+                        lambda: kernels.quantize_act(x, p["smooth_inv"], p["l1"], p["strength"], 1)
+                    )
+                    row[f"gemm_{fmt}_r{r}"] = bench(
+                        lambda: kernels.gemm_w4(
+                            *args[:2], p["qweight"], p["wscale"], fmt, args[2], p["l2"], bias
+                        )
+                    )
             rows.append(row)
             print(
                 json.dumps({k2: (round(v, 2) if isinstance(v, float) else v) for k2, v in row.items()}),

@@ -90,7 +90,7 @@ def gemm_w4(
         ``[M, N]`` tensor of ``out_dtype``.
     """
     if use_triton(xq):
-        from studio.kernels.gemm_w4 import gemm_w4_triton
+        from studio.kernels.gemm_w4_triton import gemm_w4_triton
 
         return gemm_w4_triton(xq, xscale, qweight, wscale, fmt, lora_act, l2, bias, out_dtype)
     return reference.gemm_w4(xq, xscale, qweight, wscale, fmt, lora_act, l2, bias, out_dtype)

@@ -22,7 +22,8 @@ from studio.kernels.reference import GROUP
 def _configs() -> list[triton.Config]:
     return [
         triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=st)
-        for bm, w, st in [(16, 4, 3), (32, 4, 3), (32, 4, 5), (64, 4, 3), (64, 8, 4)]
+        # BLOCK_M = 64 configs (wgmma path) lost one K group of lora_act on H100 / Triton 3.6.
+        for bm, w, st in [(16, 4, 3), (16, 4, 5), (32, 4, 3), (32, 4, 5), (32, 8, 4)]
     ]
 
 
