@@ -17,56 +17,36 @@ leaves the model exactly as it was.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
-from adapters.base import (
-    AdapterError,
-    AdapterSpec,
-    adapter_names,
-    adapter_state_dict,
-    get_spec,
-    inject,
-    load_adapter_state_dict,
-    plan_injection,
-    remove,
-    set_strength,
-)
-from adapters.formats_diffusers import (
-    WEIGHT_NAME,
-    default_prefix,
-    is_diffusers_keys,
-    prefix_for_class,
-    read_diffusers,
-    write_diffusers,
-)
-from adapters.formats_io import (
-    PICKLE_SUFFIXES,
-    AdapterFileError,
-    atomic_folder,
-    pickle_refusal,
-    read_header,
-    read_tensors,
-    write_json,
-    write_tensors,
-)
-from adapters.formats_kohya import is_kohya_keys, read_kohya, resolve_names, write_kohya
+from adapters.base import AdapterError, adapter_names, adapter_state_dict, get_spec
+from adapters.formats_diffusers import default_prefix
+from adapters.formats_io import AdapterFileError
+from adapters.formats_kohya import resolve_names
 from adapters.formats_plain import (
-    LoraSet,
     assign_components,
     lora_to_studio,
     model_components,
     model_lora_set,
-    plain_factors_from_state,
 )
-from adapters.lora import LoraSpec
+from adapters.formats_studio import (
+    apply,
+    check_fits,
+    detect_format,
+    prefixed,
+    read_foreign,
+    read_studio,
+    spec_from_dict,
+    split_parts,
+    studio_as_lora_set,
+    studio_config,
+    write_plain,
+    write_studio,
+)
 
 __all__ = [
     "AdapterFileError",
@@ -78,11 +58,6 @@ __all__ = [
     "save_adapter",
 ]
 
-FORMAT_NAME = "adapter-studio"
-#: Bumped when the folder layout changes incompatibly; older versions stay readable.
-FORMAT_VERSION = 1
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 TARGET_FORMATS = ("studio", "diffusers", "kohya")
 
 
@@ -124,170 +99,7 @@ class AdapterInfo:
         return self.to_dict().get(key, default)
 
 
-# --------------------------------------------------------------------------- detection
-
-
-def _weights_in_folder(folder: Path) -> Path:
-    for name in (WEIGHTS_NAME, WEIGHT_NAME):
-        if (folder / name).is_file():
-            return folder / name
-    found = sorted(folder.glob("*.safetensors"))
-    if len(found) == 1:
-        return found[0]
-    pickles = [p for p in sorted(folder.iterdir()) if p.suffix.lower() in PICKLE_SUFFIXES]
-    if pickles and not found:
-        raise pickle_refusal(pickles[0])
-    raise AdapterFileError(f"{folder}: no adapter weights (expected {WEIGHTS_NAME} or one .safetensors file)")
-
-
-def detect_format(path: str | Path) -> tuple[str, Path, dict[str, Any] | None]:
-    """(format, weights file, folder config) of an adapter file or folder."""
-    path = Path(path)
-    if not path.exists():
-        raise AdapterFileError(f"{path}: no such file or folder")
-    config = None
-    if path.is_dir():
-        cfg_path = path / CONFIG_NAME
-        if cfg_path.is_file():
-            try:
-                config = json.loads(cfg_path.read_text())
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise AdapterFileError(f"{cfg_path}: corrupt JSON ({err})") from None
-        weights = _weights_in_folder(path)
-        if config is not None and config.get("format") == FORMAT_NAME:
-            return "studio", weights, config
-        if config is not None and "peft_type" in config:
-            if str(config["peft_type"]).upper() != "LORA":
-                raise AdapterFileError(
-                    f"{cfg_path}: PEFT method {config['peft_type']} is not supported (LoRA is)"
-                )
-            return "peft", weights, config
-        path = weights
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise pickle_refusal(path)
-    header, metadata = read_header(path)
-    if "studio.config" in metadata:
-        return "studio", path, None
-    keys = list(header)
-    if is_kohya_keys(keys):
-        return "kohya", path, None
-    if is_diffusers_keys(keys):
-        return "diffusers", path, None
-    raise AdapterFileError(f"{path}: not an adapter file this studio knows (first key: {keys[:1]})")
-
-
-# --------------------------------------------------------------------------- reading
-
-
-def _read_studio(
-    weights: Path, config: dict[str, Any] | None
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    tensors, metadata = read_tensors(weights)
-    if config is None:
-        try:
-            config = json.loads(metadata["studio.config"])
-        except (KeyError, json.JSONDecodeError):
-            raise AdapterFileError(f"{weights}: corrupt studio.config metadata") from None
-    version = config.get("format_version", 0)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise AdapterFileError(
-            f"{weights}: format_version {version} is newer than this studio reads ({FORMAT_VERSION}); upgrade"
-        )
-    if not isinstance(config.get("components"), dict) or not config["components"]:
-        raise AdapterFileError(f"{weights}: adapter_config.json lists no components")
-    return config, tensors
-
-
-def _split_parts(config: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -> dict[str, dict]:
-    parts: dict[str, dict[str, torch.Tensor]] = {p: {} for p in config["components"]}
-    for key, t in tensors.items():
-        part = next((p for p in parts if p and key.startswith(p + ".")), "" if "" in parts else None)
-        if part is None:
-            raise AdapterFileError(f"{path}: key {key!r} belongs to no component of adapter_config.json")
-        parts[part][key[len(part) + 1 :] if part else key] = t
-    return parts
-
-
-def _read_foreign(fmt: str, weights: Path, config: dict[str, Any] | None) -> LoraSet:
-    tensors, metadata = read_tensors(weights)
-    if fmt == "kohya":
-        return read_kohya(weights, tensors, metadata)
-    return read_diffusers(weights, tensors, metadata, config)
-
-
-def _studio_as_lora_set(config: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -> LoraSet:
-    parts = {}
-    for part, state in _split_parts(config, tensors, path).items():
-        spec = _spec(config["components"][part]["spec"], path)
-        if not isinstance(spec, LoraSpec):
-            raise AdapterError(
-                f"{path}: method {spec.method!r} has no plain LoRA form; only LoRA converts to diffusers/kohya"
-            )
-        parts[_prefix_of(config, part)] = plain_factors_from_state(spec, state)
-    return LoraSet(parts, dict(config.get("metadata", {})), config.get("base_model_id", ""))
-
-
-def _prefix_of(config: dict[str, Any], part: str) -> str:
-    """Pipeline component of a studio part ("" parts: guessed from the recorded model class)."""
-    if part:
-        return part
-    entry = config["components"][part]
-    return prefix_for_class(entry.get("model_class", ""), entry.get("model_module", ""))
-
-
-def _spec(data: dict[str, Any], path: Path) -> AdapterSpec:
-    try:
-        return AdapterSpec.from_dict(data)
-    except (AdapterError, TypeError) as err:
-        raise AdapterFileError(f"{path}: bad adapter spec ({err})") from None
-
-
 # --------------------------------------------------------------------------- loading
-
-
-def _check_fits(
-    module: nn.Module, spec: AdapterSpec, state: dict[str, torch.Tensor], path: Path, prefix: str
-) -> None:
-    """Every key and shape of ``state`` against the branches ``spec`` would create; no change."""
-    try:
-        planned = plan_injection(module, spec)
-    except AdapterError as err:
-        raise AdapterFileError(
-            f"{path}: does not fit the model ({err}); is it for another base model?"
-        ) from None
-    expected = {f"{m}.{k}": tuple(t.shape) for m, b in planned for k, t in b.state_dict().items()}
-    for key in sorted(set(state) - set(expected)):
-        raise AdapterFileError(
-            f"{path}: key {prefix + key!r} has no place in the model; is it for another base model?"
-        )
-    for key in sorted(set(expected) - set(state)):
-        raise AdapterFileError(f"{path}: key {prefix + key!r} is missing from the file")
-    for key, t in state.items():
-        if tuple(t.shape) != expected[key]:
-            raise AdapterFileError(
-                f"{path}: key {prefix + key!r} has shape {tuple(t.shape)}, the model needs {expected[key]}"
-            )
-
-
-def _apply(
-    plans: list[tuple[nn.Module, AdapterSpec, dict[str, torch.Tensor]]], name: str, strength: float
-) -> None:
-    """Inject and fill every part; on any failure remove what was added (the model is unchanged)."""
-    for module, _, _ in plans:
-        if name in adapter_names(module):
-            raise AdapterError(f"an adapter named {name!r} is already on the model")
-    done: list[nn.Module] = []
-    try:
-        for module, spec, state in plans:
-            inject(module, spec, name)
-            done.append(module)
-            load_adapter_state_dict(module, name, state)
-            if strength != 1.0:
-                set_strength(module, name, strength)
-    except Exception:
-        for module in done:
-            remove(module, name)
-        raise
 
 
 def _clean_name(text: str) -> str:
@@ -316,20 +128,20 @@ def load_adapter(
     comps = model_components(model)
     plans = []
     if fmt == "studio":
-        config, tensors = _read_studio(weights, config)
+        config, tensors = read_studio(weights, config)
         _check_base(path, base_model_id, config.get("base_model_id", ""))
-        parts = _split_parts(config, tensors, path)
+        parts = split_parts(config, tensors, path)
         assign = assign_components(
             list(parts), comps, {p: {k.rsplit(".", 1)[0] for k in s} for p, s in parts.items()}, path
         )
         for part, state in parts.items():
-            spec = _spec(config["components"][part]["spec"], path)
+            spec = spec_from_dict(config["components"][part]["spec"], path)
             module = comps[assign[part]]
-            _check_fits(module, spec, state, path, f"{part}." if part else "")
+            check_fits(module, spec, state, path, f"{part}." if part else "")
             plans.append((module, spec, state))
         name = name or config.get("name") or _clean_name(path.stem)
     else:
-        lora_set = _read_foreign(fmt, weights, config)
+        lora_set = read_foreign(fmt, weights, config)
         if fmt == "kohya":
             lora_set = resolve_names(lora_set, path, comps)
         _check_base(path, base_model_id, lora_set.base_model_id)
@@ -339,58 +151,14 @@ def load_adapter(
         for part, loras in lora_set.parts.items():
             module = comps[assign[part]]
             spec, state = lora_to_studio(loras, module, path, f"{part}." if part else "")
-            _check_fits(module, spec, state, path, f"{part}." if part else "")
+            check_fits(module, spec, state, path, f"{part}." if part else "")
             plans.append((module, spec, state))
         name = name or _clean_name(path.stem)
-    _apply(plans, name, strength)
+    apply(plans, name, strength)
     return name
 
 
 # --------------------------------------------------------------------------- saving
-
-
-def _studio_config(
-    parts: dict[str, tuple[AdapterSpec, dict[str, torch.Tensor], nn.Module | None]],
-    name: str,
-    base_model_id: str,
-    metadata: dict[str, Any],
-) -> dict[str, Any]:
-    comps = {}
-    for part, (spec, state, module) in parts.items():
-        entry: dict[str, Any] = {
-            "spec": spec.to_dict(),
-            "shapes": {k: list(t.shape) for k, t in sorted(state.items())},
-        }
-        if module is not None:
-            entry.update(model_class=type(module).__name__, model_module=type(module).__module__)
-        comps[part] = entry
-    first = next(iter(parts.values()))[0]
-    return {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "name": name,
-        "method": first.method,
-        "spec": first.to_dict(),
-        "base_model_id": base_model_id,
-        "metadata": json.loads(json.dumps(metadata, default=str)),
-        "components": comps,
-        "n_params": sum(t.numel() for _, s, _ in parts.values() for t in s.values()),
-    }
-
-
-def _write_studio(folder: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
-    slim = {k: v for k, v in config.items() if k != "components"}
-    slim["components"] = {
-        p: {k: v for k, v in e.items() if k != "shapes"} for p, e in config["components"].items()
-    }
-    with atomic_folder(folder) as tmp:
-        write_json(tmp / CONFIG_NAME, config)
-        write_tensors(tmp / WEIGHTS_NAME, tensors, {"studio.config": json.dumps(slim, sort_keys=True)})
-    return folder
-
-
-def _prefixed(parts: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {(f"{p}.{k}" if p else k): t for p, state in parts.items() for k, t in state.items()}
 
 
 def save_adapter(
@@ -413,7 +181,7 @@ def save_adapter(
         lora_set = model_lora_set(model, name)
         lora_set.metadata, lora_set.base_model_id = metadata, base_model_id
         comps = model_components(model)
-        return _write_plain(
+        return write_plain(
             folder, lora_set, format, name, {"": default_prefix(comps[""])} if "" in comps else {}, comps
         )
     parts = {}
@@ -422,27 +190,8 @@ def save_adapter(
             parts[comp] = (get_spec(module, name), adapter_state_dict(module, name), module)
     if not parts:
         raise AdapterError(f"no adapter named {name!r} on the model")
-    config = _studio_config(parts, name, base_model_id, metadata)
-    return _write_studio(folder, config, _prefixed({p: s for p, (_, s, _) in parts.items()}))
-
-
-def _write_plain(
-    dst: Path,
-    lora_set: LoraSet,
-    to: str,
-    name: str,
-    prefixes: dict[str, str],
-    comps: dict[str, nn.Module] | None,
-) -> Path:
-    if to == "diffusers":
-        return write_diffusers(dst, lora_set, prefixes)
-    renamed = LoraSet(
-        {prefixes.get(p, p): lo for p, lo in lora_set.parts.items()},
-        lora_set.metadata,
-        lora_set.base_model_id,
-    )
-    unet = (comps or {}).get("unet") or (comps or {}).get("")
-    return write_kohya(dst, renamed, name, unet)
+    config = studio_config(parts, name, base_model_id, metadata)
+    return write_studio(folder, config, prefixed({p: s for p, (_, s, _) in parts.items()}))
 
 
 # --------------------------------------------------------------------------- inspect / convert
@@ -456,7 +205,7 @@ def read_adapter_info(path: str | Path) -> AdapterInfo:
         sum(p.stat().st_size for p in path.iterdir() if p.is_file()) if path.is_dir() else path.stat().st_size
     )
     if fmt == "studio":
-        config, tensors = _read_studio(weights, config)
+        config, tensors = read_studio(weights, config)
         spec = config.get("spec", {})
         rank = spec.get("rank", spec.get("lora_rank"))
         targets = sorted({k.rsplit(".", 1)[0] for k in tensors})
@@ -465,7 +214,7 @@ def read_adapter_info(path: str | Path) -> AdapterInfo:
             config.get("base_model_id", ""), sum(t.numel() for t in tensors.values()), size,
             dict(config.get("metadata", {})), str(path),
         )  # fmt: skip
-    lora_set = _read_foreign(fmt, weights, config)
+    lora_set = read_foreign(fmt, weights, config)
     if fmt == "kohya":
         try:
             lora_set = resolve_names(lora_set, path, None)
@@ -510,24 +259,24 @@ def convert(src: str | Path, dst: str | Path, to: str = "studio", base_model: An
     model = _resolve_base_model(base_model)
     comps = model_components(model) if model is not None else None
     if fmt == "studio":
-        config, tensors = _read_studio(weights, config)
+        config, tensors = read_studio(weights, config)
         if to == "studio":
-            return _write_studio(dst, config, tensors)
-        lora_set = _studio_as_lora_set(config, tensors, src)
-        return _write_plain(dst, lora_set, to, config.get("name") or _clean_name(src.stem), {}, comps)
-    lora_set = _read_foreign(fmt, weights, config)
+            return write_studio(dst, config, tensors)
+        lora_set = studio_as_lora_set(config, tensors, src)
+        return write_plain(dst, lora_set, to, config.get("name") or _clean_name(src.stem), {}, comps)
+    lora_set = read_foreign(fmt, weights, config)
     if fmt == "kohya":
         lora_set = resolve_names(lora_set, src, comps)
     name = _clean_name(src.stem if src.suffix else src.name)
     if to != "studio":
         prefixes = {"": default_prefix(comps[""])} if comps and "" in comps else {}
-        return _write_plain(dst, lora_set, to, name, prefixes, comps)
+        return write_plain(dst, lora_set, to, name, prefixes, comps)
     parts = {}
     for part, loras in lora_set.parts.items():
         module = comps[assign_components([part], comps, {part: set(loras)}, src)[part]] if comps else None
         spec, state = lora_to_studio(loras, module, src, f"{part}." if part else "")
         if module is not None:
-            _check_fits(module, spec, state, src, f"{part}." if part else "")
+            check_fits(module, spec, state, src, f"{part}." if part else "")
         parts[part] = (spec, state, None)
-    config = _studio_config(parts, name, lora_set.base_model_id, lora_set.metadata)
-    return _write_studio(dst, config, _prefixed({p: s for p, (_, s, _) in parts.items()}))
+    config = studio_config(parts, name, lora_set.base_model_id, lora_set.metadata)
+    return write_studio(dst, config, prefixed({p: s for p, (_, s, _) in parts.items()}))

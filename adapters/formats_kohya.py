@@ -115,6 +115,9 @@ def resolve_names(lora_set: LoraSet, path: Path, comps: dict[str, nn.Module] | N
                 )
             for name in module_names(comps[target_comp]):
                 table.setdefault(underscored(name), []).append(name)
+                if comp.startswith("text_encoder") and not name.startswith("text_model."):
+                    # transformers 5 dropped CLIP's text_model level; kohya names keep it.
+                    table.setdefault("text_model_" + underscored(name), []).append(name)
         for module, lo in loras.items():
             key = f"{prefix}{module}"
             if comps is None:
@@ -161,7 +164,8 @@ def write_kohya(path: Path, lora_set: LoraSet, name: str, unet: nn.Module | None
         else:
             raise AdapterFileError(f"{path}: kohya files have no place for a {comp} LoRA")
         for m, lo in loras.items():
-            key = prefix + underscored(m)
+            te_name = comp.startswith("text_encoder") and not m.startswith("text_model.")
+            key = prefix + ("text_model_" if te_name else "") + underscored(m)
             # kohya has no rsLoRA flag: store the alpha that gives the same scale as alpha / r.
             alpha = lo.alpha if not lo.rslora else lo.scale * lo.rank
             tensors[f"{key}.lora_down.weight"] = lo.down

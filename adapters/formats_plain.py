@@ -95,7 +95,11 @@ def assign_components(
                 )
             out[part] = ""
         elif part == "":
-            fits = [c for c in comps if modules[part] <= set(module_names(comps[c]))]
+            fits = [
+                c
+                for c in comps
+                if all(real_name(m, (n := set(module_names(comps[c])))) in n for m in modules[part])
+            ]
             if not fits:
                 raise AdapterFileError(
                     f"{path}: no component of the pipeline ({', '.join(comps)}) has its modules"
@@ -107,6 +111,15 @@ def assign_components(
                 f"(it has {', '.join(c or 'a single module' for c in comps)})"
             )
     return out
+
+
+def real_name(name: str, names: dict[str, nn.Module] | set[str]) -> str:
+    """``name`` as the model spells it: transformers 5 dropped CLIPTextModel's ``text_model.``
+    level, which files written with transformers 4 (and kohya) still carry."""
+    if name in names:
+        return name
+    alt = name.removeprefix("text_model.") if name.startswith("text_model.") else f"text_model.{name}"
+    return alt if alt in names else name
 
 
 def _fit(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -126,6 +139,7 @@ def lora_to_studio(
     ``module`` None (converting without a model) skips the checks against the model.
     """
     names = module_names(module) if module is not None else {}
+    loras = {real_name(m, names): lo for m, lo in loras.items()} if names else loras
     for m in loras if module is not None else ():
         if m not in names:
             raise AdapterFileError(
