@@ -9,6 +9,7 @@ and their tests run on a bare checkout.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -128,12 +129,17 @@ def render_scene(
     return _finish(rng, img, domain), mask
 
 
-def _world_loader(name: str):
+def _world(module: str, *names: str):
+    """A tiny-world generator module having ``names``, or None on a checkout without it."""
     try:
-        from studio import world
+        mod = importlib.import_module(f"studio.world.{module}")
     except ImportError:
         return None
-    return getattr(world, name, None)
+    return mod if all(hasattr(mod, n) for n in names) else None
+
+
+def _from_uint8(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
 
 
 def _pack(images: list[np.ndarray], masks: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,44 +148,68 @@ def _pack(images: list[np.ndarray], masks: list[np.ndarray]) -> tuple[torch.Tens
 
 
 def shapes_classification(n: int = 1500, seed: int = 0, size: int = 32) -> VisionData:
-    """One shape of 5 kinds on a source-style background; label = kind (the 'world shapes' task)."""
+    """Captioned world shapes; label = the shape (5 kinds)."""
+    world = _world("shapes", "make_captioned", "SHAPES")
+    if world is not None:
+        data = world.make_captioned(n, seed, size)
+        labels = torch.tensor([world.SHAPES.index(a.shape) for a in data.attrs])
+        return VisionData(_from_uint8(data.images), labels, None, len(world.SHAPES), 0, "world shapes")
     rng = np.random.default_rng(seed)
     labels = rng.integers(len(SHAPES), size=n)
     scenes = [render_scene(rng, size, [int(k)]) for k in labels]
     img, _ = _pack([s[0] for s in scenes], [s[1] for s in scenes])
-    return VisionData(img, torch.tensor(labels), None, len(SHAPES), 0, "shapes (5 kinds, renderer)")
+    return VisionData(img, torch.tensor(labels), None, len(SHAPES), 0, "shapes (fallback renderer)")
 
 
 def segmentation_domain(n: int, seed: int = 0, size: int = 32, domain: str = "source") -> VisionData:
-    """Binary foreground segmentation of 1-2 shapes; ``domain`` "source" (flat light) or "target".
+    """Shape scenes with a per-pixel shape-class mask; ``domain`` "source" or "target" (shifted).
 
-    The target domain is the shift the SALT pipeline adapts to: dark striped backgrounds,
-    a colour cast, dimmer shapes and sensor noise.
+    World data: ``studio.world.segmentation.make_segmentation`` (target = its "shifted"
+    domain: darker textured backgrounds, pastel objects, lower contrast, noise).  Fallback:
+    the renderer here (target = dark striped backgrounds, colour cast, noise).
     """
     if domain not in ("source", "target"):
         raise ValueError(f"domain must be 'source' or 'target', got {domain!r}")
+    world = _world("segmentation", "make_segmentation")
+    if world is not None:
+        d = world.make_segmentation(n, seed, size, "source" if domain == "source" else "shifted")
+        masks = torch.from_numpy(d["masks"].astype(np.int64))
+        return VisionData(
+            _from_uint8(d["images"]), None, masks, 0, len(d["class_names"]), f"world segmentation ({domain})"
+        )
     rng = np.random.default_rng(seed + (0 if domain == "source" else 10_000))
-    scenes = [
-        render_scene(rng, size, list(rng.integers(len(SHAPES), size=rng.integers(1, 3))), domain)
-        for _ in range(n)
-    ]
-    img, masks = _pack([s[0] for s in scenes], [(s[1] > 0).astype(np.int64) for s in scenes])
-    return VisionData(img, None, masks, 0, 2, f"shapes segmentation ({domain} domain, renderer)")
+    kinds = [list(rng.integers(len(SHAPES), size=rng.integers(1, 3))) for _ in range(n)]
+    scenes = [render_scene(rng, size, k, domain) for k in kinds]
+    img, masks = _pack([s[0] for s in scenes], [s[1] for s in scenes])
+    return VisionData(
+        img, None, masks, 0, len(SHAPES) + 1, f"shapes segmentation ({domain}, fallback renderer)"
+    )
 
 
-# Activities of the multi-task scenes: which "tools" (shape kinds) are present together.
+# Activities of the fallback multi-task scenes: which "tools" (shape kinds) are present together.
 ACTIVITIES = ((0,), (1,), (2,), (0, 1), (0, 2), (1, 2))
 
 
 def multitask_scenes(n: int, seed: int = 0, size: int = 32) -> VisionData:
-    """Scenes with an activity label (which of 6 tool combinations) and a 4-class mask (bg + 3 tools)."""
+    """Scenes with an activity label and a tool mask (world: 6 activities, 5 mask classes)."""
+    world = _world("segmentation", "make_multitask", "ACTIVITY_NAMES")
+    if world is not None:
+        d = world.make_multitask(n, seed, size)
+        masks = torch.from_numpy(d.masks.astype(np.int64))
+        labels = torch.from_numpy(d.activities)
+        return VisionData(
+            _from_uint8(d.images),
+            labels,
+            masks,
+            len(world.ACTIVITY_NAMES),
+            len(d.class_names),
+            "world tool scenes",
+        )
     rng = np.random.default_rng(seed + 20_000)
     labels = rng.integers(len(ACTIVITIES), size=n)
     scenes = [render_scene(rng, size, list(ACTIVITIES[int(a)])) for a in labels]
     img, masks = _pack([s[0] for s in scenes], [s[1] for s in scenes])
-    return VisionData(
-        img, torch.tensor(labels), masks, len(ACTIVITIES), 4, "multi-task tool scenes (renderer)"
-    )
+    return VisionData(img, torch.tensor(labels), masks, len(ACTIVITIES), 4, "tool scenes (fallback renderer)")
 
 
 def load(name: str, n: int = 0, seed: int = 0, size: int = 32) -> VisionData:
