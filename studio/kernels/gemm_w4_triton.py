@@ -95,12 +95,22 @@ def _w4_gemm_kernel(
     g0 = pid_k * per
     g1 = tl.minimum(g0 + per, KG)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    # The weight path is not a plain dot operand, so Triton's pipeliner leaves its loads
+    # exposed; prefetch the next group's bytes and scales into registers by hand.
+    n_lim = tl.where(g0 < g1, N, 0)
+    m_lim = tl.where(g0 < g1, M, 0)
+    wb_next = tl.load(w_ptrs + g0 * stride_wg, mask=(offs_n < n_lim)[:, None], other=0)
+    wsc_next = tl.load(ws_ptr + g0 * stride_wsg + offs_n, mask=offs_n < n_lim, other=0.0)
+    xsc_next = tl.load(xs_ptr + g0 * stride_xsg + offs_m, mask=offs_m < m_lim, other=0.0)
     for g in range(g0, g1):
-        wb = tl.load(w_ptrs + g * stride_wg, mask=n_mask[:, None], other=0)
+        wb, wsc, xsc = wb_next, wsc_next, xsc_next
+        n_lim = tl.where(g + 1 < g1, N, 0)
+        m_lim = tl.where(g + 1 < g1, M, 0)
+        wb_next = tl.load(w_ptrs + (g + 1) * stride_wg, mask=(offs_n < n_lim)[:, None], other=0)
+        wsc_next = tl.load(ws_ptr + (g + 1) * stride_wsg + offs_n, mask=offs_n < n_lim, other=0.0)
+        xsc_next = tl.load(xs_ptr + (g + 1) * stride_xsg + offs_m, mask=offs_m < m_lim, other=0.0)
         x0 = tl.load(x_ptrs + g * 64, mask=m_mask[:, None], other=0.0)
         x1 = tl.load(x_ptrs + g * 64 + 32, mask=m_mask[:, None], other=0.0)
-        wsc = tl.load(ws_ptr + g * stride_wsg + offs_n, mask=n_mask, other=0.0)
-        xsc = tl.load(xs_ptr + g * stride_xsg + offs_m, mask=m_mask, other=0.0)
         d = tl.dot(_unpack(wb & 0xF, FP4), tl.trans(x0))
         d = tl.dot(_unpack(wb >> 4, FP4), tl.trans(x1), d)
         acc += d * (wsc[:, None] * xsc[None, :])

@@ -22,8 +22,9 @@ from studio.kernels.reference import GROUP
 def _configs() -> list[triton.Config]:
     return [
         triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=st)
-        # BLOCK_M = 64 configs (wgmma path) lost one K group of lora_act on H100 / Triton 3.6.
-        for bm, w, st in [(16, 4, 3), (16, 4, 5), (32, 4, 3), (32, 4, 5), (32, 8, 4)]
+        # num_stages > 1 with BLOCK_M = 64 lost one K group of lora_act on H100 / Triton 3.6
+        # (bench/diag_prepass.py); the loop prefetches by hand instead.
+        for bm, w, st in [(16, 4, 1), (32, 4, 1), (32, 4, 3), (64, 4, 1), (64, 8, 1)]
     ]
 
 
@@ -58,20 +59,34 @@ def _quant_act_kernel(
     g0 = pid_s * per
     g1 = tl.minimum(g0 + per, KG)
     la = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
+    # Loads of group g + 1 are issued before group g is used (register double buffer);
+    # Triton's own pipelining of this loop lost a group with BLOCK_M = 64 (see configs).
+    kk = g0 * 64 + offs_k
+    x_next = tl.load(
+        x_ptr + offs_m[:, None] * stride_xm + kk[None, :], m_mask[:, None] & (kk < K)[None, :], 0.0
+    )
+    sinv_next = tl.load(sinv_ptr + kk, kk < K, 0.0)
+    l1_next = tl.load(
+        l1_ptr + kk[:, None] * stride_l1k + offs_r[None, :], (kk < K)[:, None] & r_mask[None, :], 0.0
+    )
     for g in range(g0, g1):
+        x, sinv, l1 = x_next, sinv_next, l1_next
         kk = g * 64 + offs_k
-        k_mask = kk < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], m_mask[:, None] & k_mask[None, :], 0.0)
-        sinv = tl.load(sinv_ptr + kk, k_mask, 0.0)
+        kn = kk + 64
+        k_ok = kn < tl.minimum(K, g1 * 64)  # inside K and inside this program's slice
+        x_next = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + kn[None, :], m_mask[:, None] & k_ok[None, :], 0.0
+        )
+        sinv_next = tl.load(sinv_ptr + kn, k_ok, 0.0)
+        l1_next = tl.load(
+            l1_ptr + kn[:, None] * stride_l1k + offs_r[None, :], k_ok[:, None] & r_mask[None, :], 0.0
+        )
         xs = x.to(tl.float32) * sinv[None, :]
         scale = tl.maximum(tl.max(tl.abs(xs), axis=1) / 448.0, 1e-12)
         q = (xs / scale[:, None]).to(tl.float8e4nv)
         # Columns past K hold x = 0, so the padded tail of xq is written as zeros.
         tl.store(xq_ptr + offs_m[:, None] * stride_xqm + kk[None, :], q, m_mask[:, None])
         tl.store(xs_ptr + g * stride_xsg + offs_m, scale, m_mask)
-        l1 = tl.load(
-            l1_ptr + kk[:, None] * stride_l1k + offs_r[None, :], k_mask[:, None] & r_mask[None, :], 0.0
-        )
         la = tl.dot(x.to(DOT_DTYPE), l1.to(DOT_DTYPE), la)
     srow = (offs_m // rows_per_sample) % S
     strength = tl.load(
