@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapters.base import AdapterError, adapter_names, adapter_state_dict, get_spec
+from adapters.base import AdapterError, adapter_names, adapter_state_dict, get_spec, iter_hosts
 from adapters.formats_diffusers import default_prefix
 from adapters.formats_io import AdapterFileError
 from adapters.formats_kohya import resolve_names
@@ -35,8 +35,10 @@ from adapters.formats_plain import (
 )
 from adapters.formats_studio import (
     apply,
+    assign_studio_parts,
     check_fits,
     detect_format,
+    part_modules,
     prefixed,
     read_foreign,
     read_studio,
@@ -131,9 +133,7 @@ def load_adapter(
         config, tensors = read_studio(weights, config)
         _check_base(path, base_model_id, config.get("base_model_id", ""))
         parts = split_parts(config, tensors, path)
-        assign = assign_components(
-            list(parts), comps, {p: {k.rsplit(".", 1)[0] for k in s} for p, s in parts.items()}, path
-        )
+        assign = assign_studio_parts(config, parts, comps, path)
         for part, state in parts.items():
             spec = spec_from_dict(config["components"][part]["spec"], path)
             module = comps[assign[part]]
@@ -187,11 +187,12 @@ def save_adapter(
     parts = {}
     for comp, module in model_components(model).items():
         if name in adapter_names(module):
-            parts[comp] = (get_spec(module, name), adapter_state_dict(module, name), module)
+            hosts = [n for n, h in iter_hosts(module) if name in h.adapters]
+            parts[comp] = (get_spec(module, name), adapter_state_dict(module, name), module, hosts)
     if not parts:
         raise AdapterError(f"no adapter named {name!r} on the model")
     config = studio_config(parts, name, base_model_id, metadata)
-    return write_studio(folder, config, prefixed({p: s for p, (_, s, _) in parts.items()}))
+    return write_studio(folder, config, prefixed({p: s for p, (_, s, _, _) in parts.items()}))
 
 
 # --------------------------------------------------------------------------- inspect / convert
@@ -208,7 +209,10 @@ def read_adapter_info(path: str | Path) -> AdapterInfo:
         config, tensors = read_studio(weights, config)
         spec = config.get("spec", {})
         rank = spec.get("rank", spec.get("lora_rank"))
-        targets = sorted({k.rsplit(".", 1)[0] for k in tensors})
+        split = split_parts(config, tensors, path)
+        targets = sorted(
+            f"{p}.{m}" if p else m for p, st in split.items() for m in part_modules(config, p, st)
+        )
         return AdapterInfo(
             "studio", config.get("method", "?"), rank, spec.get("alpha", spec.get("lora_alpha")), targets,
             config.get("base_model_id", ""), sum(t.numel() for t in tensors.values()), size,
@@ -221,10 +225,11 @@ def read_adapter_info(path: str | Path) -> AdapterInfo:
         except AdapterFileError:  # a foreign kohya file: report the underscored names
             lora_set.metadata.pop("_kohya_names", None)
     loras = [(f"{p}.{m}" if p else m, lo) for p, d in lora_set.parts.items() for m, lo in d.items()]
+    base = lora_set.base_model_id or str(lora_set.metadata.get("ss_sd_model_name", ""))
     return AdapterInfo(
         fmt, "lora", Counter(lo.rank for _, lo in loras).most_common(1)[0][0],
         Counter(lo.alpha for _, lo in loras).most_common(1)[0][0], sorted(m for m, _ in loras),
-        lora_set.base_model_id, sum(lo.down.numel() + lo.up.numel() for _, lo in loras), size,
+        base, sum(lo.down.numel() + lo.up.numel() for _, lo in loras), size,
         lora_set.metadata, str(path),
     )  # fmt: skip
 
@@ -277,6 +282,6 @@ def convert(src: str | Path, dst: str | Path, to: str = "studio", base_model: An
         spec, state = lora_to_studio(loras, module, src, f"{part}." if part else "")
         if module is not None:
             check_fits(module, spec, state, src, f"{part}." if part else "")
-        parts[part] = (spec, state, None)
+        parts[part] = (spec, state, None, list(loras))
     config = studio_config(parts, name, lora_set.base_model_id, lora_set.metadata)
-    return write_studio(dst, config, prefixed({p: s for p, (_, s, _) in parts.items()}))
+    return write_studio(dst, config, prefixed({p: s for p, (_, s, _, _) in parts.items()}))

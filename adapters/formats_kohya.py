@@ -84,8 +84,8 @@ def read_kohya(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str,
         raise AdapterFileError(f"{path}: no LoRA tensors in the file")
     extra = json.loads(metadata.get("studio.metadata", "{}") or "{}")
     extra.update({k: v for k, v in metadata.items() if k.startswith("ss_")})
-    base = metadata.get("studio.base_model_id") or metadata.get("ss_sd_model_name", "")
-    out = LoraSet(parts, extra, base)
+    # ss_sd_model_name is often a local checkpoint file name: shown, never enforced.
+    out = LoraSet(parts, extra, metadata.get("studio.base_model_id", ""))
     out.metadata.setdefault("_kohya_names", json.loads(metadata.get(NAMES_KEY, "{}") or "{}"))
     return out
 

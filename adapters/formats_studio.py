@@ -44,7 +44,7 @@ from adapters.formats_io import (
     write_tensors,
 )
 from adapters.formats_kohya import is_kohya_keys, read_kohya, write_kohya
-from adapters.formats_plain import LoraSet, plain_factors_from_state
+from adapters.formats_plain import LoraSet, assign_components, plain_factors_from_state
 from adapters.lora import LoraSpec
 
 FORMAT_NAME = "adapter-studio"
@@ -126,6 +126,23 @@ def read_studio(
     if not isinstance(config.get("components"), dict) or not config["components"]:
         raise AdapterFileError(f"{weights}: adapter_config.json lists no components")
     return config, tensors
+
+
+def part_modules(config: dict[str, Any], part: str, state: dict[str, torch.Tensor]) -> list[str]:
+    """Adapted module names of one component (older configs: from the tensor keys)."""
+    recorded = config["components"][part].get("modules")
+    return list(recorded) if recorded else sorted({k.rsplit(".", 1)[0] for k in state})
+
+
+def assign_studio_parts(
+    config: dict[str, Any], parts: dict[str, dict[str, torch.Tensor]], comps: dict[str, nn.Module], path: Path
+) -> dict[str, str]:
+    """File component -> model component; a bare-model file goes where its model class says."""
+    if list(parts) == [""] and "" not in comps and prefix_of(config, "") in comps:
+        return {"": prefix_of(config, "")}
+    return assign_components(
+        list(parts), comps, {p: set(part_modules(config, p, s)) for p, s in parts.items()}, path
+    )
 
 
 def split_parts(config: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -> dict[str, dict]:
@@ -218,15 +235,17 @@ def apply(
 
 
 def studio_config(
-    parts: dict[str, tuple[AdapterSpec, dict[str, torch.Tensor], nn.Module | None]],
+    parts: dict[str, tuple[AdapterSpec, dict[str, torch.Tensor], nn.Module | None, list[str]]],
     name: str,
     base_model_id: str,
     metadata: dict[str, Any],
 ) -> dict[str, Any]:
+    """adapter_config.json; ``parts``: component -> (spec, tensors, model or None, adapted modules)."""
     comps = {}
-    for part, (spec, state, module) in parts.items():
+    for part, (spec, state, module, modules) in parts.items():
         entry: dict[str, Any] = {
             "spec": spec.to_dict(),
+            "modules": sorted(modules),
             "shapes": {k: list(t.shape) for k, t in sorted(state.items())},
         }
         if module is not None:
@@ -242,7 +261,7 @@ def studio_config(
         "base_model_id": base_model_id,
         "metadata": json.loads(json.dumps(metadata, default=str)),
         "components": comps,
-        "n_params": sum(t.numel() for _, s, _ in parts.values() for t in s.values()),
+        "n_params": sum(t.numel() for _, s, _, _ in parts.values() for t in s.values()),
     }
 
 
