@@ -54,7 +54,9 @@ def build_app(service: StudioService, work_dir: str | Path | None = None) -> gr.
                     blocks = gr.Textbox("", label="Per-block factors", placeholder="unet.up_blocks.*=0.5")
                     go = gr.Button("Generate", variant="primary", elem_id="generate-btn")
                 with gr.Column(scale=2):
-                    image = gr.Image(type="pil", format="png", label="Image", elem_id="output-image")
+                    image = gr.Image(
+                        type="pil", format="png", label="Image", elem_id="output-image", height=320
+                    )
                     params = gr.Textbox(label="Parameters", lines=4, elem_id="parameters")
         settings_inputs = [
             base,
