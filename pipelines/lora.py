@@ -9,7 +9,6 @@ runs) is tested on it.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -146,29 +145,10 @@ class LoraTask:
         }
 
     def save_adapter(self, model: nn.Module, folder: Path) -> None:
+        from adapters.formats import save_adapter
+
         metadata = {"pipeline": "lora", "pipeline_options": asdict(self.cfg)}
-        try:
-            from adapters.formats import save_adapter
-        except ImportError:
-            return _save_minimal(model, Path(folder), self.base_model_id, metadata)
         save_adapter(model, ADAPTER, folder, base_model_id=self.base_model_id, metadata=metadata)
-
-
-def _save_minimal(model: nn.Module, folder: Path, base_model_id: str, metadata: dict[str, Any]) -> None:
-    """Stand-in for adapters.formats.save_adapter until that module lands (same two files)."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in base.adapter_state_dict(model, ADAPTER).items()}
-    save_file(state, str(folder / "adapter_model.safetensors"))
-    config = {
-        "format_version": 1,
-        "name": ADAPTER,
-        "spec": base.get_spec(model, ADAPTER).to_dict(),
-        "base_model_id": base_model_id,
-        "metadata": metadata,
-    }
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=1))
 
 
 def make_task(options: dict[str, Any]) -> LoraTask:
