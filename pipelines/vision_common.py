@@ -117,7 +117,7 @@ def _class_pairs(pred: torch.Tensor, target: torch.Tensor) -> list[tuple[np.ndar
     """Binary (pred, target) masks per image and foreground class present in either."""
     pairs = []
     for p, t in zip(pred.cpu().numpy(), target.cpu().numpy()):
-        for c in sorted(set(np.unique(p)) | set(np.unique(t)) - {0}):
+        for c in sorted((set(np.unique(p)) | set(np.unique(t))) - {0}):
             pairs.append((p == c, t == c))
     return pairs
 

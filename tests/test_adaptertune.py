@@ -78,3 +78,79 @@ def test_non_block_targets_are_rejected_with_the_pattern_named() -> None:
     model, _ = _vit_and_batch()
     with pytest.raises(AdapterError, match="head"):
         base.inject(model, AdapterTuneSpec(targets=["head"]), "at")
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+def _run(tmp_path, pipeline: str, options: dict, steps: int = 3):
+    from pipelines import get_pipeline
+    from studio.config import TrainConfig
+    from studio.loop import train
+
+    task = get_pipeline(pipeline)(options)
+    config = TrainConfig(
+        pipeline=pipeline,
+        output_dir=str(tmp_path / "run"),
+        max_steps=steps,
+        batch_size=16,
+        progress=False,
+        cpu=True,
+    )
+    return task, train(task, config)
+
+
+@pytest.mark.parametrize("mode", ["adaptertune", "head", "lora", "full"])
+def test_pipeline_trains_saves_and_reloads_every_mode(tmp_path, mode: str) -> None:
+    from pipelines.vision_common import load_vision
+
+    opts = {"mode": mode, "tiny": True, "n_train": 64, "n_test": 48, "rank": 4}
+    task, result = _run(tmp_path, "adaptertune", opts)
+    assert result.losses and all(torch.isfinite(torch.tensor(result.losses)))
+    shares = {"head": (0, 0.05), "adaptertune": (0.01, 0.5), "lora": (0.01, 0.5), "full": (1.0, 1.0)}
+    low, high = shares[mode]
+    assert low <= result.metrics["trainable_share"] <= high
+    _, model = load_vision(result.adapter_dir)
+    assert task.evaluate(model)["accuracy"] == pytest.approx(result.metrics["accuracy"])
+
+
+def test_pipeline_adapter_folder_is_a_studio_adaptertune_adapter(tmp_path) -> None:
+    import json
+
+    _, result = _run(
+        tmp_path, "adaptertune", {"tiny": True, "n_train": 32, "n_test": 32, "placement": "last"}, 1
+    )
+    config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert config["method"] == "adaptertune"
+    assert config["spec"]["targets"] == ["backbone.blocks.1"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "pipeline,extra",
+    [
+        ("adaptertune", ["--pipeline_options.n_train", "32"]),
+        ("salt", ["--pipeline_options.n_train", "16", "--pipeline_options.source_steps", "1"]),
+        ("endoarss", ["--pipeline_options.n_total", "48"]),
+    ],
+)
+def test_train_script_runs_each_vision_pipeline(tmp_path, pipeline: str, extra: list[str]) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [
+        sys.executable,
+        str(root / "studio" / "train.py"),
+        "--pipeline",
+        pipeline,
+        "--output_dir",
+        str(tmp_path),
+    ]
+    cmd += ["--max_steps", "1", "--batch_size", "8", "--cpu", "true", "--progress", "false"]
+    cmd += ["--pipeline_options.tiny", "true", "--pipeline_options.n_test", "16", *extra]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"done: {pipeline} step 1/1" in out.stdout
+    assert (tmp_path / "adapter" / "heads.safetensors").is_file()

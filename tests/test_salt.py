@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from tiny_models import tiny_vit
 from torch import nn
@@ -86,3 +87,55 @@ def test_merge_matches_live_output_and_regulariser_is_the_change_norm() -> None:
     torch.testing.assert_close(salt_regularizer(model, "s"), 0.5 * change, rtol=1e-4, atol=1e-6)
     base.merge(model, "s")
     torch.testing.assert_close(model(x), live, rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+def _task(mode: str, **kw):
+    from pipelines.salt import SaltConfig, SaltTask
+
+    opts = dict(mode=mode, tiny=True, n_train=20, n_test=16, n_source=32, source_steps=3, **kw)
+    return SaltTask(SaltConfig(**opts))
+
+
+def test_salt_segmenter_starts_at_the_source_model_and_merges(tmp_path) -> None:
+    torch.manual_seed(0)
+    plain = _task("decoder")
+    ref = plain.build_model()
+    salt = _task("salt")
+    model = salt.build_model()
+    x = salt.test_data.images[:4]
+    with torch.no_grad():
+        assert torch.equal(model(x), ref(x))  # same source-trained decoder, identity adapter
+        for p in base.adapter_parameters(model, "salt"):
+            p.add_(0.05 * torch.randn_like(p))
+        live = model(x)
+        base.merge(model, "salt")
+        torch.testing.assert_close(model(x), live, rtol=1e-4, atol=1e-4)
+
+
+def test_salt_pipeline_trains_saves_and_reloads(tmp_path) -> None:
+    from pipelines.vision_common import load_vision
+    from studio.config import TrainConfig
+    from studio.loop import train
+
+    task = _task("salt", reg_weight=0.1)
+    cfg = TrainConfig(
+        pipeline="salt", output_dir=str(tmp_path / "r"), max_steps=3, batch_size=8, progress=False, cpu=True
+    )
+    result = train(task, cfg)
+    assert 0.0 <= result.metrics["dice"] <= 1.0 and result.metrics["hd95"] >= 0.0
+    _, model = load_vision(result.adapter_dir)
+    assert task.evaluate(model)["dice"] == pytest.approx(result.metrics["dice"])
+
+
+def test_dice_and_hd95_on_known_masks() -> None:
+    from pipelines.vision_common import dice, hd95
+
+    target = torch.zeros(1, 16, 16, dtype=torch.long)
+    target[0, 4:8, 4:8] = 1
+    assert dice(target, target) == 1.0 and hd95(target, target) == 0.0
+    shifted = torch.roll(target, 3, dims=2)
+    assert dice(shifted, target) == pytest.approx(2 * 4 / 32)
+    assert hd95(shifted, target) == pytest.approx(3.0)

@@ -76,3 +76,81 @@ def test_merge_bakes_the_active_task_and_refuses_a_switch() -> None:
         set_task(model, "t", "cls")
     with pytest.raises(AdapterError, match="not 'depth'"):
         set_task(model, "t", "depth")
+
+
+# --------------------------------------------------------------------------- the EndoARSS pipeline
+
+
+def _task(**kw):
+    from pipelines.endoarss import EndoArssConfig, EndoArssTask
+
+    return EndoArssTask(EndoArssConfig(tiny=True, n_total=64, n_test=16, **kw))
+
+
+def test_endoarss_model_shapes_and_identity_at_init() -> None:
+    from pipelines.endoarss import SpatialMultiScaleAttention
+
+    task = _task()
+    torch.manual_seed(0)
+    model = task.build_model().eval()
+    x = task.test_data.images[:3]
+    cls, seg = model(x, "cls"), model(x, "seg")
+    assert cls.shape == (3, task.train_data.num_classes)
+    assert seg.shape == (3, task.train_data.num_mask_classes, *x.shape[-2:])
+    with torch.no_grad():
+        for name in ("tesla", "lora"):
+            base.set_strength(model, name, 0.0)
+        assert torch.equal(model(x, "seg"), seg)  # fresh adapters change nothing
+    sma = SpatialMultiScaleAttention(16, groups=4)
+    assert sma(torch.randn(2, 16, 5, 7)).shape == (2, 16, 5, 7)
+
+
+def test_pcgrad_projects_conflicting_gradients() -> None:
+    from pipelines.endoarss import gradient_cosine, pcgrad
+
+    g1, g2 = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0])
+    out = pcgrad({"a": [g1, torch.ones(1), None], "b": [g2, None, torch.ones(1)]})
+    # each projected onto the other's normal plane: a -> (0.5, 0.5), b -> (0, 1)
+    torch.testing.assert_close(out[0], torch.tensor([0.5, 1.5]))
+    assert torch.equal(out[1], torch.ones(1)) and torch.equal(out[2], torch.ones(1))
+    assert gradient_cosine({"a": [g1], "b": [g2]}) == pytest.approx(-(0.5**0.5))
+
+
+def test_pcgrad_loss_keeps_task_specific_gradients_to_their_own_task() -> None:
+    task = _task(balance="pcgrad")
+    torch.manual_seed(0)
+    model = task.build_model()
+    with torch.no_grad():
+        for p in base.adapter_parameters(model, "tesla"):
+            p.add_(0.05 * torch.randn_like(p))
+    batch = [t[:8] for t in task.train_data.tensors()]
+    losses = task.task_losses(model, batch)
+    seg_only = torch.autograd.grad(losses["seg"], task_parameters(model, "tesla", "seg"))
+    task.loss(model, batch).backward()
+    for p, g in zip(task_parameters(model, "tesla", "seg"), seg_only):
+        torch.testing.assert_close(p.grad, g)  # no cls gradient leaks into seg's component
+
+
+@pytest.mark.parametrize("opts", [{"mode": "tesla"}, {"mode": "single", "tasks": ["cls"], "sma": False}])
+def test_endoarss_pipeline_trains_saves_and_reloads(tmp_path, opts: dict) -> None:
+    from pipelines import get_pipeline
+    from pipelines.vision_common import load_vision
+    from studio.config import TrainConfig
+    from studio.loop import train
+
+    task = get_pipeline("endoarss")({"tiny": True, "n_total": 64, "n_test": 16, **opts})
+    cfg = TrainConfig(
+        pipeline="endoarss",
+        output_dir=str(tmp_path / "r"),
+        max_steps=2,
+        batch_size=16,
+        progress=False,
+        cpu=True,
+    )
+    result = train(task, cfg)
+    _, model = load_vision(result.adapter_dir)
+    again = task.evaluate(model)
+    assert again["accuracy"] == pytest.approx(result.metrics["accuracy"])
+    if opts["mode"] == "tesla":
+        assert again["miou"] == pytest.approx(result.metrics["miou"])
+        assert -1.0 <= result.metrics["grad_cosine"] <= 1.0
