@@ -21,6 +21,7 @@ always through the library's own loader (no conversion, no hub access):
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,22 @@ def _timm_model(
             f"{folder} is a single weights file: pass arch= (the timm architecture it belongs to)"
         )
     overlay = {"file": str(folder), "hf_hub_id": None, "url": None}
+    # timm drops a head whose size differs from the config's class count; tell it the file's own.
+    overlay["num_classes"] = _head_classes(folder, timm.models.get_pretrained_cfg_value(arch, "classifier"))
     return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs).eval()
+
+
+def _head_classes(file: Path, classifier: str | None) -> int:
+    """Output size of the classifier stored in a weights file (0: the file has no head)."""
+    name = f"{classifier or 'head'}.weight"
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(file), "pt") as f:
+            return f.get_slice(name).get_shape()[0] if name in f.keys() else 0
+    state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    state = state.get("state_dict", state.get("model", state))
+    return int(state[name].shape[0]) if name in state else 0
 
 
 def load_vit(
@@ -142,7 +158,13 @@ def load_diffusion(
     folder = Path(path) if path is not None else asset_path(DIFFUSION)
     if not (folder / "model_index.json").exists():
         raise FileNotFoundError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
-    pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True, **kwargs)
+    with (
+        warnings.catch_warnings()
+    ):  # newer diffusers rename torch_dtype to dtype; older ones know only torch_dtype
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+        pipe = DiffusionPipeline.from_pretrained(
+            str(folder), torch_dtype=dtype, local_files_only=True, **kwargs
+        )
     if device is not None:
         pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
