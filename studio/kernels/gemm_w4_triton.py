@@ -70,6 +70,7 @@ def _w4_gemm_kernel(
     M, N, KG, R, M_BUCKET,
     stride_xqm, stride_xsg, stride_wg, stride_wn, stride_wsg, stride_lam, stride_l2n, stride_om,
     FP4: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    GROUP_RESCALE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -111,9 +112,13 @@ def _w4_gemm_kernel(
         xsc_next = tl.load(xs_ptr + (g + 1) * stride_xsg + offs_m, mask=offs_m < m_lim, other=0.0)
         x0 = tl.load(x_ptrs + g * 64, mask=m_mask[:, None], other=0.0)
         x1 = tl.load(x_ptrs + g * 64 + 32, mask=m_mask[:, None], other=0.0)
-        d = tl.dot(_unpack(wb & 0xF, FP4), tl.trans(x0))
-        d = tl.dot(_unpack(wb >> 4, FP4), tl.trans(x1), d)
-        acc += d * (wsc[:, None] * xsc[None, :])
+        if GROUP_RESCALE:
+            d = tl.dot(_unpack(wb & 0xF, FP4), tl.trans(x0))
+            d = tl.dot(_unpack(wb >> 4, FP4), tl.trans(x1), d)
+            acc += d * (wsc[:, None] * xsc[None, :])
+        else:  # timing probe only (bench/diag_gemm.py): wrong maths, no per-group rescale
+            acc = tl.dot(_unpack(wb & 0xF, FP4), tl.trans(x0), acc)
+            acc = tl.dot(_unpack(wb >> 4, FP4), tl.trans(x1), acc)
 
     tile_mask = n_mask[:, None] & m_mask[None, :]
     if SPLIT_K > 1:
@@ -180,6 +185,7 @@ def gemm_w4_triton(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype = torch.bfloat16,
     config: dict | None = None,
+    group_rescale: bool = True,
 ) -> torch.Tensor:
     """Launch the GEMM; ``config`` (BLOCK_N, BLOCK_M, SPLIT_K, num_warps, num_stages) skips autotuning."""
     m = xq.shape[0]
@@ -197,6 +203,6 @@ def gemm_w4_triton(
         m, n, kg, r, _bucket(m),
         xq.stride(0), xscale.stride(0), qweight.stride(0), qweight.stride(1), wscale.stride(0),
         lora_act.stride(0), l2.stride(0), out.stride(0),
-        FP4=fmt == "fp4", HAS_BIAS=bias is not None, DOT_DTYPE=branch_dot_dtype(), **(config or {}),
+        FP4=fmt == "fp4", HAS_BIAS=bias is not None, DOT_DTYPE=branch_dot_dtype(), GROUP_RESCALE=group_rescale, **(config or {}),
     )  # fmt: skip
     return out
