@@ -19,6 +19,15 @@ from studio.config import ConfigError, TrainConfig
 from studio.loop import lr_lambda, seeded_dataloader, train
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and the CI box has two shared cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class MlpTask:
     """A tiny regression task with LoRA on both linears of a fixed random MLP."""
 

@@ -31,6 +31,15 @@ ARGS = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and the CI box has two shared cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def launch(out: Path, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), HF_HUB_OFFLINE="1")
     cmd = [sys.executable, str(ROOT / "studio" / "train.py"), *ARGS, f"--output_dir={out}", *extra]
