@@ -100,17 +100,37 @@ class StudioService:
             return self._pipes[key]
 
     def _quantized_copy(self, pipe: Any) -> Any:
+        """A copy whose UNet linears are SVDQuant 4-bit, calibrated on a short sampling run."""
         try:
             from adapters import svdquant
         except ImportError:
             raise AdapterError("the 4-bit path needs adapters.svdquant, which is not installed yet") from None
         q = copy.deepcopy(pipe)
-        for comp, module in components(q).items():
-            for name in list(self._records):
-                if name in _names(module):
-                    remove(module, name)
-            if comp in ("unet", "transformer"):
-                svdquant.quantize_model(module)
+        for module in components(q).values():
+            for name in _names(module):
+                remove(module, name)
+        calib: list[dict[str, Any]] = []
+
+        def grab(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            sample, t = args[:2] if len(args) >= 2 else (args[0], kwargs["timestep"])
+            calib.append(
+                {"sample": sample, "timestep": t, "encoder_hidden_states": kwargs["encoder_hidden_states"]}
+            )
+
+        handle = q.unet.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            size = 8 * getattr(q, "vae_scale_factor", 8)
+            q(
+                prompt=["a red circle", "a blue square"],
+                num_inference_steps=2,
+                height=size,
+                width=size,
+                generator=torch.Generator("cpu").manual_seed(0),
+                output_type="latent",
+            )
+        finally:
+            handle.remove()
+        svdquant.quantize_model(q.unet, calib, forward=lambda m, b: m(**b))
         return q
 
     # ------------------------------------------------------------------ adapters
@@ -159,7 +179,9 @@ class StudioService:
                 raise AdapterError(f"cannot load {resolved.name}: {err}") from None
             record = AdapterRecord.capture(comps, name, path=str(resolved), base_model=base_model or "")
             try:
-                record.metadata = dict(formats.read_adapter_info(str(resolved)).get("metadata", {}) or {})
+                record.metadata = dict(
+                    getattr(formats.read_adapter_info(str(resolved)), "metadata", {}) or {}
+                )
             except Exception:  # noqa: BLE001 - metadata is optional
                 pass
             for module in comps.values():
@@ -215,9 +237,11 @@ class StudioService:
     def inspect_file(self, path: str | Path) -> dict[str, Any]:
         """Method, rank, targets, base model and metadata of an adapter file (not loaded)."""
         resolved = safe_path(path, self.adapter_dirs)
+        import dataclasses
+
         from adapters import formats
 
-        return dict(formats.read_adapter_info(str(resolved)))
+        return dataclasses.asdict(formats.read_adapter_info(str(resolved)))
 
     def compress_adapter(self, name: str, rank: int, new_name: str | None = None) -> dict[str, Any]:
         """A rank-``rank`` copy of adapter ``name`` by truncated SVD; returns its info and error."""
@@ -296,7 +320,7 @@ class StudioService:
             return None
         with self.lock:
             if getattr(self, "_clip", None) is None:
-                self._clip = load_clip()
+                self._clip = load_clip(device=self.device)
             return _clip_scores(self._clip, images, prompts)
 
     # ------------------------------------------------------------------ generation

@@ -141,7 +141,12 @@ def test_path_safety(tmp_path):
     (tmp_path / "secret.safetensors").write_bytes(b"x")
     (inside / "link.safetensors").symlink_to(tmp_path / "secret.safetensors")
     assert safe_path("ok.safetensors", [inside]) == (inside / "ok.safetensors").resolve()
-    for bad in ["../secret.safetensors", str(tmp_path / "secret.safetensors"), "link.safetensors", "/etc/passwd"]:
+    for bad in [
+        "../secret.safetensors",
+        str(tmp_path / "secret.safetensors"),
+        "link.safetensors",
+        "/etc/passwd",
+    ]:
         with pytest.raises(AdapterError, match="access refused"):
             safe_path(bad, [inside])
     with pytest.raises(AdapterError, match="no such file"):
@@ -149,3 +154,33 @@ def test_path_safety(tmp_path):
     svc = tiny_service(tmp_path)
     with pytest.raises(AdapterError, match="access refused"):
         svc.load_adapter(str(tmp_path / "secret.safetensors"))
+
+
+def test_four_bit_path_runs_adapters_and_resets(svc):
+    q_base = svc.generate(settings(precision="4bit")).image
+    q_styled = svc.generate(settings(adapters=["example-attn:1"], precision="4bit")).image
+    assert max_diff(q_styled, q_base) > 10
+    assert max_diff(svc.generate(settings(adapters=["example-attn:0"], precision="4bit")).image, q_base) == 0
+    assert "Precision: 4bit" in svc.generate(settings(precision="4bit")).parameters
+
+
+def test_load_adapter_file_through_formats(svc, tmp_path):
+    from adapters.base import unload
+    from adapters.formats import save_adapter
+    from studio.service_models import build_tiny_pipeline, example_lora_parts
+
+    pipe = build_tiny_pipeline()
+    spec, state = example_lora_parts(pipe.unet, "example-attn")["unet"]
+    from adapters.base import inject, load_adapter_state_dict
+
+    inject(pipe.unet, spec, "saved")
+    load_adapter_state_dict(pipe.unet, "saved", state)
+    folder = tmp_path / "adapters"
+    save_adapter(pipe, "saved", folder / "saved", base_model_id="tiny-sd", metadata={"note": "test"})
+    unload(pipe.unet)
+    file_svc = tiny_service(tmp_path)
+    info = file_svc.load_adapter("saved")
+    assert info.name == "saved" and info.method == "lora" and info.rank == 4
+    want = svc.generate(settings(adapters=["example-attn:0.6"])).image
+    assert max_diff(file_svc.generate(settings(adapters=["saved:0.6"])).image, want) <= 1
+    assert file_svc.inspect_file("saved")["method"] == "lora"
