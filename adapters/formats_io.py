@@ -39,14 +39,9 @@ def pickle_refusal(path: Path) -> AdapterFileError:
     )
 
 
-def _check_not_pickle(path: Path) -> None:
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise pickle_refusal(path)
-    with open(path, "rb") as f:
-        head = f.read(4)
-    # Pickle protocol 2+ starts with 0x80; torch.save writes a zip archive.
-    if head[:1] == b"\x80" or head == b"PK\x03\x04":
-        raise pickle_refusal(path)
+def _looks_like_pickle(head: bytes) -> bool:
+    # Pickle protocol 2+ starts with 0x80 and the protocol number; torch.save writes a zip.
+    return (len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5) or head[:4] == b"PK\x03\x04"
 
 
 def read_header(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
@@ -58,7 +53,8 @@ def read_header(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, 
     path = Path(path)
     if not path.is_file():
         raise AdapterFileError(f"{path}: no such file")
-    _check_not_pickle(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise pickle_refusal(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw_len = f.read(8)
@@ -66,6 +62,8 @@ def read_header(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, 
             raise AdapterFileError(f"{path}: not a safetensors file (only {size} bytes)")
         n = int.from_bytes(raw_len, "little")
         if n > min(size - 8, MAX_HEADER_BYTES):
+            if _looks_like_pickle(raw_len):
+                raise pickle_refusal(path)
             raise AdapterFileError(
                 f"{path}: not a safetensors file or truncated (header claims {n} bytes, file has {size})"
             )

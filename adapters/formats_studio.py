@@ -217,6 +217,8 @@ def apply(
     plans: list[tuple[nn.Module, AdapterSpec, dict[str, torch.Tensor]]], name: str, strength: float
 ) -> None:
     """Inject and fill every part; on any failure remove what was added (the model is unchanged)."""
+    if hasattr(nn.ModuleDict(), name):  # base.inject would fail half-way on such a name
+        raise AdapterError(f"adapter name {name!r} is a torch attribute name; pick another")
     for module, _, _ in plans:
         if name in adapter_names(module):
             raise AdapterError(f"an adapter named {name!r} is already on the model")
