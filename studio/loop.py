@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -110,36 +111,56 @@ def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
-def _make_accelerator(config: TrainConfig, output_dir: Path):
+def _make_accelerator(config: TrainConfig, output_dir: Path, find_unused_parameters: bool = False):
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
+    from accelerate.utils import (
+        DataLoaderConfiguration,
+        DistributedDataParallelKwargs,
+        GradientAccumulationPlugin,
+    )
 
     from studio.csv_tracker import CsvTracker
 
     trackers: list[Any] = [t for t in config.trackers if t != "csv"]
     if "csv" in config.trackers:
         trackers.append(CsvTracker(output_dir))
-    return Accelerator(
-        cpu=config.cpu,
-        mixed_precision=config.mixed_precision,
-        # sync_with_dataloader=False: an epoch end must not force an early optimizer step.
-        gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=config.grad_accum, sync_with_dataloader=False
-        ),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
-        # The schedule is per optimizer step whatever the number of processes.
-        step_scheduler_with_optimizer=False,
-        log_with=trackers or None,
-        project_dir=str(output_dir),
-    )
+    try:
+        accelerator = Accelerator(
+            cpu=config.cpu,
+            mixed_precision=config.mixed_precision,
+            # sync_with_dataloader=False: an epoch end must not force an early optimizer step.
+            gradient_accumulation_plugin=GradientAccumulationPlugin(
+                num_steps=config.grad_accum, sync_with_dataloader=False
+            ),
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+            # The schedule is per optimizer step whatever the number of processes.
+            step_scheduler_with_optimizer=False,
+            log_with=trackers or None,
+            project_dir=str(output_dir),
+            # Tasks whose steps use only some adapter branches (multi-task) set this attribute.
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
+        )
+    except ValueError as err:
+        _reset_state(single_process=int(os.environ.get("WORLD_SIZE", "1")) == 1)
+        raise ConfigError(str(err).splitlines()[0]) from err
+    active = {str(getattr(t, "value", getattr(t, "name", t))) for t in accelerator.log_with}
+    missing = sorted(set(config.trackers) - active)
+    if missing:
+        _release(accelerator)
+        raise ConfigError(f"tracker(s) {', '.join(missing)} not installed (pip install {' '.join(missing)})")
+    return accelerator
 
 
 def _release(accelerator) -> None:
+    accelerator.end_training()
+    _reset_state(accelerator.num_processes == 1)
+
+
+def _reset_state(single_process: bool) -> None:
     """Forget accelerate's process-wide state so a later ``train`` in this process starts clean."""
     from accelerate.state import AcceleratorState, GradientState
 
-    accelerator.end_training()
-    if accelerator.num_processes == 1:
+    if single_process:  # a launched multi-process run keeps its process group
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
 
@@ -241,7 +262,7 @@ def train(
     from tqdm.auto import tqdm
 
     output_dir = Path(config.output_dir)
-    accelerator = _make_accelerator(config, output_dir)
+    accelerator = _make_accelerator(config, output_dir, getattr(task, "find_unused_parameters", False))
     try:
         is_main = accelerator.is_main_process
         resume_from = _prepare_output(config, output_dir, is_main)
@@ -268,7 +289,9 @@ def train(
         step = 0
         if resume_from is not None:
             accelerator.load_state(str(resume_from))
-            step = ckpt.read_state(resume_from)["step"]
+            saved = ckpt.read_state(resume_from)
+            step = saved["step"]
+            _warn_if_changed(saved.get("config", {}), config, accelerator)
             if is_main:
                 ckpt.truncate_logs(output_dir, step)
         elif is_main:
@@ -375,3 +398,17 @@ def _flat_config(config: TrainConfig) -> dict[str, Any]:
         else:
             flat[key] = value
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
+
+
+# Fields that change the numbers of a resumed run (max_steps may grow; the rest is bookkeeping).
+_RESUME_FIELDS = ("pipeline", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "lr_schedule",
+                  "max_grad_norm", "mixed_precision", "seed", "pipeline_options")  # fmt: skip
+
+
+def _warn_if_changed(saved: dict[str, Any], config: TrainConfig, accelerator) -> None:
+    now = config.to_dict()
+    changed = [k for k in _RESUME_FIELDS if k in saved and saved[k] != now[k]]
+    if changed:
+        accelerator.print(
+            f"warning: resuming with changed {', '.join(changed)}; the run will differ from an uninterrupted one"
+        )

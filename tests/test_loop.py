@@ -214,6 +214,29 @@ def test_logs_jsonl_csv_and_eval(tmp_path):
     assert saved["max_steps"] == 4
 
 
+def test_missing_tracker_is_a_clear_error_and_the_next_run_still_works(tmp_path):
+    with pytest.raises(ConfigError, match="tracker.*nosuch|Unsupported logging capability: nosuch"):
+        train(MlpTask(), cfg(tmp_path, "a", trackers=["nosuch"]))
+    assert train(MlpTask(), cfg(tmp_path, "b", max_steps=1, mixed_precision="bf16", cpu=True)).step == 1
+
+
+def test_resume_with_changed_settings_warns(tmp_path, capsys):
+    train(MlpTask(), cfg(tmp_path, max_steps=2, checkpoint_every=2))
+    train(MlpTask(), cfg(tmp_path, max_steps=3, lr=5e-3, resume="latest"))
+    assert "warning: resuming with changed lr" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_on_gpu_keeps_adapter_params_fp32(tmp_path, precision):
+    task = MlpTask()
+    result = train(task, cfg(tmp_path, mixed_precision=precision, max_steps=20))
+    half = torch.bfloat16 if precision == "bf16" else torch.float16
+    assert half in task.seen_dtypes and task.param_dtypes == {torch.float32}
+    assert {t.dtype for t in adapter(result).values()} == {torch.float32}
+    assert result.losses[-1] < result.losses[0]
+
+
 def test_lr_schedules():
     c = TrainConfig(max_steps=10, warmup_steps=2, lr_schedule="cosine")
     f = lr_lambda(c)

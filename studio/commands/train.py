@@ -8,7 +8,11 @@ import argparse
 def run(args: argparse.Namespace) -> int:
     from studio.train import run as run_training
 
-    return run_training(list(args.train_args), prog="studio train")
+    argv = list(args.train_args)
+    if "--debug" in argv:  # `studio train ... --debug` works like `studio --debug train ...`
+        args.debug = True
+        argv = [a for a in argv if a != "--debug"]
+    return run_training(argv, prog="studio train")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
