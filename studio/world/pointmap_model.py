@@ -213,14 +213,14 @@ def pointmap_loss(
     }
 
 
-def relative_errors(pred1, pred2, gt1, gt2, valid1, valid2) -> torch.Tensor:
-    """Per valid pixel ``|p - g| / |g|`` after normalising both (flat tensor over both views)."""
+def relative_errors(pred1, pred2, gt1, gt2, valid1, valid2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per valid pixel ``|p - g| / |g|`` after normalising both: flat tensors for view 1 and view 2."""
     v1, v2 = valid1.float(), valid2.float()
     p1, p2 = normalise(pred1.float(), pred2.float(), v1, v2)
     g1, g2 = normalise(gt1.float(), gt2.float(), v1, v2)
     e1 = ((p1 - g1).norm(dim=-1) / g1.norm(dim=-1).clamp(min=1e-6))[valid1.bool()]
     e2 = ((p2 - g2).norm(dim=-1) / g2.norm(dim=-1).clamp(min=1e-6))[valid2.bool()]
-    return torch.cat([e1, e2])
+    return e1, e2
 
 
 def summarise(errors: torch.Tensor) -> dict[str, float]:
@@ -237,15 +237,19 @@ def summarise(errors: torch.Tensor) -> dict[str, float]:
 def evaluate(
     model: PointmapNet, pairs: dict[str, np.ndarray], device: str = "cpu", batch: int = 64
 ) -> dict[str, float]:
-    """Quality on ``multiview.make_pairs`` output (scale-normalised, both views pooled)."""
+    """Quality on ``multiview.make_pairs`` output (scale-normalised, both views pooled; plus view 2 alone)."""
     model.eval()
-    errors = []
+    errors, view2 = [], []
     for s in range(0, len(pairs["img1"]), batch):
         part = {k: torch.as_tensor(v[s : s + batch]) for k, v in pairs.items()}
         out = model(to_input(part["img1"], device), to_input(part["img2"], device))
         gt = [part[k].to(device) for k in ("pts1_in_cam1", "pts2_in_cam1", "valid1", "valid2")]
-        errors.append(relative_errors(out["pts1"], out["pts2"], *gt).cpu())
-    return summarise(torch.cat(errors))
+        e1, e2 = relative_errors(out["pts1"], out["pts2"], *gt)
+        errors += [e1.cpu(), e2.cpu()]
+        view2.append(e2.cpu())
+    result = summarise(torch.cat(errors))
+    result["view2_median_rel_err"] = summarise(torch.cat(view2))["median_rel_err"]
+    return result
 
 
 def save_pointmap(model: PointmapNet, path: str | os.PathLike, dtype: torch.dtype = torch.float16) -> Path:
