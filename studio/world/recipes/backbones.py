@@ -194,7 +194,12 @@ def head_accuracy(model: nn.Module, data: WorldData, device: str) -> dict[str, f
 
 
 def probe_report(
-    model: nn.Module, probe_train: WorldData, probe_test: WorldData, device: str, seed: int
+    model: nn.Module,
+    probe_train: WorldData,
+    probe_test: WorldData,
+    device: str,
+    seed: int,
+    max_digits: int = 0,
 ) -> dict[str, dict[str, float]]:
     """Linear-probe accuracy per world attribute and on digits, with chance levels."""
     ftr, fte = extract(model, probe_train.images, device), extract(model, probe_test.images, device)
@@ -207,7 +212,7 @@ def probe_report(
         report[attr] = {"probe": round(linear_probe(ftr, ytr, fte, yte, seed), 4), "chance": round(chance, 4)}
     dimg, dlab = digits_images(int(model.pretrained_cfg["input_size"][-1]))
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(dlab))
+    order = rng.permutation(len(dlab))[: max_digits or None]
     half = len(order) // 2
     fd = extract(model, dimg, device)
     acc = linear_probe(fd[order[:half]], dlab[order[:half]], fd[order[half:]], dlab[order[half:]], seed)
@@ -249,7 +254,9 @@ def build(
         "train": facts,
         "params_m": round(sum(p.numel() for p in loaded.parameters()) / 1e6, 3),
     }
-    metrics["probes"] = probe_report(loaded, probe_train, probe_test, ctx.device, ctx.seed)
+    metrics["probes"] = probe_report(
+        loaded, probe_train, probe_test, ctx.device, ctx.seed, max_digits=300 if ctx.smoke else 0
+    )
     if cfg.objective == "supervised":
         metrics["head_accuracy"] = head_accuracy(loaded, probe_test, ctx.device)
     metrics["size_mb"] = folder_size_mb(folder)
