@@ -46,7 +46,7 @@ def _svd_rank(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(up [N, r], down [r, K]) with up @ down the best rank-r approximation of w."""
     if rank == 0:
         return w.new_zeros(w.shape[0], 0), w.new_zeros(0, w.shape[1])
-    if min(w.shape) > 1024:
+    if rank + 16 < min(w.shape) // 2:  # randomized SVD: a few matmuls instead of a full LAPACK SVD
         u, s, v = torch.svd_lowrank(w, q=rank + 16, niter=4)
         vh = v.t()
     else:
@@ -269,7 +269,10 @@ def quantize_model(
     def hook(name: str) -> Callable[..., None]:
         def grab(_mod: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-            seen[name].append(x[torch.randperm(x.shape[0], device=x.device)[: cfg.calib_rows]].cpu())
+            gen = torch.Generator().manual_seed(len(seen[name]))
+            seen[name].append(
+                x[torch.randperm(x.shape[0], generator=gen)[: cfg.calib_rows].to(x.device)].cpu()
+            )
 
         return grab
 
