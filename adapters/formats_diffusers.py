@@ -112,7 +112,7 @@ def read_diffusers(
         alpha, rslora = _alpha_for(
             module, down.shape[0], _component_config(config, comp), alphas.get(comp, {})
         )
-        parts.setdefault(comp, {})[module] = PlainLora(down, up, alpha, rslora)
+        parts.setdefault(comp, {})[module] = PlainLora(down, up, alpha, rslora, f"{full}.lora_A.weight")
     if not parts:
         raise AdapterFileError(f"{path}: no LoRA tensors in the file")
     extra = json.loads(metadata.get("studio.metadata", "{}") or "{}")

@@ -79,7 +79,9 @@ def read_kohya(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str,
                 alpha = float(exact_alpha)
         except (ValueError, KeyError):
             pass
-        parts.setdefault(comp, {})[module] = PlainLora(down, up, alpha)
+        parts.setdefault(comp, {})[module] = PlainLora(
+            down, up, alpha, key=f"{prefix}{module}.lora_down.weight"
+        )
     if not parts:
         raise AdapterFileError(f"{path}: no LoRA tensors in the file")
     extra = json.loads(metadata.get("studio.metadata", "{}") or "{}")

@@ -37,6 +37,15 @@ class PlainLora:
     alpha: float
     #: rsLoRA convention: scale = alpha / sqrt(r) instead of alpha / r.
     rslora: bool = False
+    #: The file's key of the down tensor, for error messages ("" when made in memory).
+    key: str = ""
+
+    def file_key(self, fallback: str, kind: str = "down") -> str:
+        if not self.key:
+            return fallback
+        return (
+            self.key.replace("lora_down", "lora_up").replace("lora_A", "lora_B") if kind == "up" else self.key
+        )
 
     @property
     def rank(self) -> int:
@@ -129,6 +138,25 @@ def _fit(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return t
 
 
+def _checked_factors(
+    lo: PlainLora, base: nn.Module, path: Path, fallback: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down, up) shaped for ``base``; a mismatch is an error naming the file's key."""
+    if isinstance(base, nn.Linear):
+        a_shape, b_shape = (lo.rank, base.in_features), (base.out_features, lo.rank)
+    else:
+        a_shape = (lo.rank, base.in_channels, *base.kernel_size)
+        b_shape = (base.out_channels, lo.rank, 1, 1)
+    down, up = _fit(lo.down, a_shape), _fit(lo.up, b_shape)
+    for t, want, kind in ((down, a_shape, "down"), (up, b_shape, "up")):
+        if tuple(t.shape) != want:
+            raise AdapterFileError(
+                f"{path}: key {lo.file_key(fallback, kind)!r} has shape {tuple(t.shape)}, the model's "
+                f"{type(base).__name__} needs {want}; is this LoRA for another base model?"
+            )
+    return down, up
+
+
 def lora_to_studio(
     loras: dict[str, PlainLora], module: nn.Module | None, path: Path, prefix: str
 ) -> tuple[LoraSpec, dict[str, torch.Tensor]]:
@@ -143,12 +171,13 @@ def lora_to_studio(
     for m in loras if module is not None else ():
         if m not in names:
             raise AdapterFileError(
-                f"{path}: key {prefix}{m!r} names a module the model does not have; "
+                f"{path}: key {loras[m].file_key(prefix + m)!r} names a module the model does not have; "
                 "is this LoRA for another base model?"
             )
         if not isinstance(names[m], (nn.Linear, nn.Conv2d)):
             raise AdapterFileError(
-                f"{path}: key {prefix}{m!r} targets a {type(names[m]).__name__}, not a linear or conv"
+                f"{path}: key {loras[m].file_key(prefix + m)!r} targets a {type(names[m]).__name__}, "
+                "not a linear or conv"
             )
     rank = max(lo.rank for lo in loras.values())
     common = Counter((lo.alpha, lo.rslora) for lo in loras.values() if lo.rank == rank).most_common(1)[0][0]
@@ -157,23 +186,7 @@ def lora_to_studio(
     )
     state: dict[str, torch.Tensor] = {}
     for m, lo in loras.items():
-        base = names.get(m)
-        down, up = lo.down, lo.up
-        if base is None:
-            pass
-        elif isinstance(base, nn.Linear):
-            a_shape, b_shape = (lo.rank, base.in_features), (base.out_features, lo.rank)
-        else:
-            a_shape = (lo.rank, base.in_channels, *base.kernel_size)
-            b_shape = (base.out_channels, lo.rank, 1, 1)
-        if base is not None:
-            down, up = _fit(lo.down, a_shape), _fit(lo.up, b_shape)
-        for t, want, kind in ((down, a_shape, "down"), (up, b_shape, "up")) if base is not None else ():
-            if tuple(t.shape) != want:
-                raise AdapterFileError(
-                    f"{path}: {kind} tensor of {prefix}{m!r} has shape {tuple(t.shape)}, the model's "
-                    f"{type(base).__name__} needs {want}; is this LoRA for another base model?"
-                )
+        down, up = (lo.down, lo.up) if m not in names else _checked_factors(lo, names[m], path, prefix + m)
         if (lo.alpha, lo.rslora) != common or lo.rank != rank:
             up = up * (lo.scale / spec.scale())
         pad = rank - lo.rank
