@@ -366,3 +366,24 @@ def load_vision(folder: str | Path) -> tuple[VisionTask, nn.Module]:
         raise AdapterError(f"{folder / HEADS_FILE}: tensors the model does not have: {missing[:3]}")
     model.load_state_dict(heads, strict=False)
     return task, model.requires_grad_(False).eval()
+
+
+def train_once(pipeline: str, options: dict[str, Any], **train: Any) -> dict[str, float]:
+    """Train one run of a registered pipeline through the shared loop; returns its final metrics.
+
+    ``train`` holds TrainConfig fields (max_steps, lr, seed, ...); the run folder is temporary.
+    The metrics also carry ``seconds`` and ``backbone`` (which backbone the run used).
+    """
+    import tempfile
+    import time
+
+    from pipelines import get_pipeline
+    from studio.config import TrainConfig
+    from studio.loop import train as run
+
+    task = get_pipeline(pipeline)(options)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = TrainConfig(pipeline=pipeline, output_dir=tmp, progress=False, **train)
+        start = time.time()
+        result = run(task, config)
+    return {**result.metrics, "seconds": time.time() - start, "backbone": task.backbone_info}

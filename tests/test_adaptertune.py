@@ -154,3 +154,21 @@ def test_train_script_runs_each_vision_pipeline(tmp_path, pipeline: str, extra: 
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"done: {pipeline} step 1/1" in out.stdout
     assert (tmp_path / "adapter" / "heads.safetensors").is_file()
+
+
+def _repro(name: str):
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    return importlib.import_module(name)
+
+
+@pytest.mark.slow
+def test_repro_adaptertune_quick(tmp_path) -> None:
+    tables = _repro("repro_adaptertune").main(["--quick", "--out", str(tmp_path)])
+    assert {r["mode"] for r in tables["main"]} == {"head", "adaptertune", "lora", "full"}
+    shares = {r["mode"]: r["share"] for r in tables["main"]}
+    assert shares["head"] < shares["adaptertune"] < shares["full"] == 1.0
+    assert (tmp_path / "adaptertune_elbow.png").stat().st_size > 1000

@@ -139,3 +139,32 @@ def test_dice_and_hd95_on_known_masks() -> None:
     shifted = torch.roll(target, 3, dims=2)
     assert dice(shifted, target) == pytest.approx(2 * 4 / 32)
     assert hd95(shifted, target) == pytest.approx(3.0)
+
+
+def test_docs_python_example_runs() -> None:
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "vision_adapters.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "vision_adapters.md", "exec"), {})
+
+
+def _repro(name: str):
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    return importlib.import_module(name)
+
+
+@pytest.mark.slow
+def test_repro_salt_quick(tmp_path) -> None:
+    result = _repro("repro_salt").main(["--quick", "--out", str(tmp_path)])
+    rows = {r["mode"]: r for r in result["rows"]}
+    assert set(rows) == {"salt", "lora", "svd", "decoder"}
+    assert rows["decoder"]["trainable"] < rows["svd"]["trainable"] < rows["salt"]["trainable"]
+    assert all(0.0 <= d <= 1.0 for r in rows.values() for d in r["dice"])

@@ -154,3 +154,19 @@ def test_endoarss_pipeline_trains_saves_and_reloads(tmp_path, opts: dict) -> Non
     if opts["mode"] == "tesla":
         assert again["miou"] == pytest.approx(result.metrics["miou"])
         assert -1.0 <= result.metrics["grad_cosine"] <= 1.0
+
+
+def _repro(name: str):
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    return importlib.import_module(name)
+
+
+@pytest.mark.slow
+def test_repro_endoarss_quick(tmp_path) -> None:
+    rows = _repro("repro_endoarss").main(["--quick", "--out", str(tmp_path)])
+    assert {r["variant"] for r in rows} == {"single x2", "shared LoRA", "TESLA"}
+    assert all(-1.0 <= r["cosine"][0] <= 1.0 for r in rows if r["variant"] != "single x2")
