@@ -234,12 +234,12 @@ def _evaluate(task: Task, accelerator, model: nn.Module) -> dict[str, float]:
 
 def _prepare_output(config: TrainConfig, output_dir: Path, is_main: bool) -> Path | None:
     resume_from = ckpt.resolve_resume(config.resume, output_dir)
+    if resume_from is None and ckpt.list_checkpoints(output_dir):  # every process raises, none hangs
+        raise ConfigError(
+            f"{output_dir} already holds checkpoints; pass --resume latest or another --output_dir"
+        )
     if is_main:
         ckpt.remove_stale_temp(output_dir)
-        if resume_from is None and ckpt.list_checkpoints(output_dir):
-            raise ConfigError(
-                f"{output_dir} already holds checkpoints; pass --resume latest or another --output_dir"
-            )
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
     return resume_from
