@@ -207,7 +207,7 @@ def train_pointmap(
     step, t_calib = 0, 0.0
     model.train()
     while step < total:
-        if recipe.fixed_steps is None and time.time() > deadline - recipe.eval_reserve_s:
+        if recipe.fixed_steps is None and step > 0 and time.time() > deadline - recipe.eval_reserve_s:
             break
         idx = torch.randint(0, recipe.n_train, (recipe.batch_size,), generator=gen, device=device)
         batch = augment({k: v[idx] for k, v in train.items()}, gen)
