@@ -10,8 +10,10 @@ Generators (numpy/PIL only, same seed -> same bytes):
   pointmaps; two-view pairs in the DUSt3R convention.
 - :mod:`studio.world.clips`: clips made by shared camera motions; (source, styled) pairs.
 - :mod:`studio.world.packaged`: data that ships in packages (scikit-learn, scikit-image).
+- :mod:`studio.world.preview`: a labelled PNG grid of samples of every generator.
 
-Model assets: :mod:`studio.world.assets`.
+Models: :mod:`studio.world.pointmap_model` (two-view pointmaps, DUSt3R style; recipe in
+:mod:`studio.world.pointmap_train`); shipped model loaders: :mod:`studio.world.assets`.
 """
 
-__all__ = ["shapes", "segmentation", "multiview", "clips", "packaged"]
+__all__ = ["shapes", "segmentation", "multiview", "clips", "packaged", "preview", "pointmap_model"]
