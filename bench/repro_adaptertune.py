@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     plan = QUICK if args.quick else FULL
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
-    common = dict(backbone_source=args.backbone_source, tiny=plan["tiny"], image_size=32)
+    common = dict(
+        backbone_source=args.backbone_source, tiny=plan["tiny"], image_size=32 if args.quick else 64
+    )
     if args.quick:
         common.update(n_train=128, n_test=64, n_total=256)
     cache: dict = {}

@@ -68,7 +68,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     plan = QUICK if args.quick else FULL
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
-    common = dict(backbone_source=args.backbone_source, tiny=plan["tiny"], image_size=32, balance="pcgrad")
+    common = dict(
+        backbone_source=args.backbone_source,
+        tiny=plan["tiny"],
+        image_size=32 if args.quick else 64,
+        balance="pcgrad",
+    )
     if args.quick:
         common.update(n_total=96, n_test=32)
     rows = []

@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
         salt_lora_rank=args.salt_lora_rank,
         lora_rank=lora_rank,
         n_test=plan["n_test"],
+        image_size=32 if args.quick else 64,
     )
     if args.quick:
         common.update(n_source=64, source_steps=5)
