@@ -12,6 +12,8 @@ applies: alpha = rank (scale 1) unless a ``<module>.alpha`` tensor says otherwis
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ import torch
 from torch import nn
 
 from adapters.formats_io import AdapterFileError, write_tensors
-from adapters.formats_plain import COMPONENTS, LoraSet, PlainLora, common_config
+from adapters.formats_plain import COMPONENTS, LoraSet, PlainLora
 
 #: diffusers' safetensors metadata key for the LoraConfig (diffusers.loaders.lora_base).
 METADATA_KEY = "lora_adapter_metadata"
@@ -141,8 +143,11 @@ def default_prefix(model: nn.Module) -> str:
 def write_diffusers(path: Path, lora_set: LoraSet, prefixes: dict[str, str]) -> Path:
     """Write ``lora_set`` as one diffusers LoRA file (or ``<folder>/pytorch_lora_weights.safetensors``).
 
-    Written by hand rather than with ``save_lora_weights`` because that is a classmethod of
-    one pipeline type; the keys and metadata are the same as diffusers writes.
+    Each module's scale is folded into ``lora_B`` and the LoraConfig says alpha = r (scale
+    1), diffusers' convention for files without metadata: the file then loads the same
+    whether or not a reader uses the metadata (``load_lora_adapter`` on a bare model does
+    not, unless told ``use_safetensors=True``).  Written by hand rather than with
+    ``save_lora_weights`` because that is a classmethod of one pipeline type.
     """
     if path.suffix != ".safetensors":
         path = path / WEIGHT_NAME
@@ -153,14 +158,14 @@ def write_diffusers(path: Path, lora_set: LoraSet, prefixes: dict[str, str]) -> 
         dot = f"{prefix}." if prefix else ""
         for m, lo in loras.items():
             tensors[f"{dot}{m}.lora_A.weight"] = lo.down
-            tensors[f"{dot}{m}.lora_B.weight"] = lo.up
-        r, alpha, rslora, rank_pattern, alpha_pattern = common_config(loras)
+            tensors[f"{dot}{m}.lora_B.weight"] = lo.up if lo.scale == 1.0 else lo.up * lo.scale
+        r = Counter(lo.rank for lo in loras.values()).most_common(1)[0][0]
+        rank_pattern = {f"^{re.escape(m)}$": lo.rank for m, lo in loras.items() if lo.rank != r}
         entry = {
             "r": r,
-            "lora_alpha": alpha,
-            "use_rslora": rslora,
+            "lora_alpha": r,
             "rank_pattern": rank_pattern,
-            "alpha_pattern": alpha_pattern,
+            "alpha_pattern": dict(rank_pattern),
             "target_modules": sorted(loras),
         }
         config.update({f"{dot}{k}": v for k, v in entry.items()})

@@ -253,17 +253,3 @@ def model_lora_set(model: Any, name: str) -> LoraSet:
     if not parts:
         raise AdapterError(f"no adapter named {name!r} on the model")
     return LoraSet(parts)
-
-
-def common_config(loras: dict[str, PlainLora]) -> tuple[int, float, bool, dict[str, int], dict[str, float]]:
-    """(r, alpha, rslora, rank_pattern, alpha_pattern) in PEFT's LoraConfig terms."""
-    ranks = Counter(lo.rank for lo in loras.values())
-    r = ranks.most_common(1)[0][0]
-    flags = {lo.rslora for lo in loras.values()}
-    rslora = flags == {True}
-    # Mixed rsLoRA flags cannot be expressed in one LoraConfig: fall back to alpha / r.
-    alphas = {m: (lo.alpha if lo.rslora == rslora else lo.scale * lo.rank) for m, lo in loras.items()}
-    alpha = Counter(alphas.values()).most_common(1)[0][0]
-    rank_pattern = {f"^{re.escape(m)}$": lo.rank for m, lo in loras.items() if lo.rank != r}
-    alpha_pattern = {f"^{re.escape(m)}$": a for m, a in alphas.items() if a != alpha}
-    return r, alpha, rslora, rank_pattern, alpha_pattern

@@ -158,3 +158,62 @@ def test_bare_model_peft_file_and_no_metadata_convention(tmp_path) -> None:
     studio = tiny_pipeline(tmp_path)
     formats.load_adapter(studio, tmp_path / "plain.safetensors")
     assert _close(generate(studio), generate(vanilla))
+
+
+def _tiny_sd3(seed: int = 0) -> torch.nn.Module:
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        caption_projection_dim=16,
+        pooled_projection_dim=16,
+        pos_embed_max_size=8,
+    ).eval()
+
+
+def _sd3_run(model: torch.nn.Module) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        return model(
+            hidden_states=torch.randn(2, 4, 8, 8, generator=g),
+            encoder_hidden_states=torch.randn(2, 5, 16, generator=g),
+            pooled_projections=torch.randn(2, 16, generator=g),
+            timestep=torch.full((2,), 10),
+        ).sample
+
+
+def test_diffusers_transformer_both_ways(tmp_path) -> None:
+    """A DiT-style transformer: studio -> ``load_lora_adapter`` and PEFT -> studio."""
+    from peft import LoraConfig
+
+    studio = _tiny_sd3()
+    inject(studio, LoraSpec(targets=["to_q", "to_k", "add_q_proj", "ff.net.2"], rank=4, alpha=2.0), "s")
+    randomize_lora(studio)
+    expected = _sd3_run(studio)
+    path = formats.save_adapter(
+        studio, "s", tmp_path / "t.safetensors", base_model_id="x", format="diffusers"
+    )
+    with safe_open(str(path), "pt") as f:
+        assert all(k.startswith("transformer.") for k in f.keys())
+    vanilla = _tiny_sd3()
+    vanilla.load_lora_adapter(str(path), prefix="transformer")  # what the SD3 pipeline's loader calls
+    assert not torch.allclose(_sd3_run(_tiny_sd3()), expected, atol=1e-3)
+    torch.testing.assert_close(_sd3_run(vanilla), expected, rtol=0, atol=ATOL)
+
+    peft_model = _tiny_sd3()
+    peft_model.add_adapter(
+        LoraConfig(r=2, lora_alpha=5, target_modules=["to_q", "proj_out"], init_lora_weights=False)
+    )
+    peft_out = _sd3_run(peft_model)
+    peft_model.save_lora_adapter(str(tmp_path / "peft"))
+    loaded = _tiny_sd3()
+    formats.load_adapter(loaded, tmp_path / "peft")
+    torch.testing.assert_close(_sd3_run(loaded), peft_out, rtol=0, atol=ATOL)
