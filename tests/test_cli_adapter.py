@@ -114,3 +114,47 @@ def test_docs_examples_run(tmp_path, monkeypatch, capsys) -> None:
             if "--json" in argv:
                 assert json.loads(captured.out)["format"] == "kohya"
     assert formats.detect_format(tmp_path / "style-for-diffusers.safetensors")[0] == "diffusers"
+
+
+def test_convert_foreign_kohya_needs_and_uses_base_model(tmp_path, capsys) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from studio.cli import main
+    from studio.service_models import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline()
+    inject(pipe.unet, LoraSpec(targets=["to_out.0", "proj_in"], rank=2), "s")
+    path = formats.save_adapter(pipe, "s", tmp_path / "k.safetensors", base_model_id="", format="kohya")
+    foreign = tmp_path / "foreign.safetensors"
+    save_file(load_file(str(path)), str(foreign))  # no studio metadata: names must be resolved
+    assert main(["adapter", "convert", str(foreign), str(tmp_path / "a"), "--to", "studio"]) == 1
+    assert "--base-model" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "adapter",
+                "convert",
+                str(foreign),
+                str(tmp_path / "b"),
+                "--to",
+                "studio",
+                "--base-model",
+                "nope",
+            ]
+        )
+        == 1
+    )
+    assert "unknown base model" in capsys.readouterr().err
+    argv = [
+        "adapter",
+        "convert",
+        str(foreign),
+        str(tmp_path / "c"),
+        "--to",
+        "studio",
+        "--base-model",
+        "tiny-sd",
+    ]
+    assert main(argv) == 0
+    targets = formats.read_adapter_info(tmp_path / "c").targets
+    assert "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_out.0" in targets
