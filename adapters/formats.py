@@ -175,6 +175,8 @@ def save_adapter(
     ``format="studio"`` (default) writes the studio folder; ``"diffusers"`` / ``"kohya"``
     write a LoRA file for those tools (a ``.safetensors`` path, or a folder for diffusers).
     """
+    if format not in TARGET_FORMATS:
+        raise AdapterError(f"unknown format {format!r}; choose one of {', '.join(TARGET_FORMATS)}")
     folder = Path(folder)
     metadata = dict(metadata or {})
     if format != "studio":

@@ -297,5 +297,6 @@ def write_plain(
         lora_set.metadata,
         lora_set.base_model_id,
     )
-    unet = (comps or {}).get("unet") or (comps or {}).get("")
+    comps = comps or {}
+    unet = comps["unet"] if "unet" in comps else comps.get("")
     return write_kohya(dst, renamed, name, unet)

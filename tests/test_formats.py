@@ -228,6 +228,8 @@ def test_model_free_conversions_keep_the_function(tmp_path) -> None:
     assert formats.read_adapter_info(src).base_model_id == "tiny"
     with pytest.raises(AdapterError, match="unknown target format"):
         formats.convert(studio, tmp_path / "x", to="ckpt")
+    with pytest.raises(AdapterError, match="unknown format"):
+        formats.save_adapter(unet, "style", tmp_path / "y", base_model_id="tiny", format="ckpt")
 
 
 def test_only_lora_exports_to_plain_formats(tmp_path) -> None:
