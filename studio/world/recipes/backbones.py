@@ -317,6 +317,34 @@ def write_backbone_card(
             else ""
         ),
     }
+    sections["Limits"] = backbone_limits(cfg, m)
     title = "vit-tiny-world" if cfg.objective == "supervised" else "dinov2-tiny-world"
     summary = f"A small timm backbone trained from scratch on the studio's tiny world ({'supervised ViT' if cfg.objective == 'supervised' else 'DINOv2 architecture, self-supervised'})."
     write_card(folder, title, summary, sections, m)
+
+
+def backbone_limits(cfg: BackboneConfig, m: dict) -> str:
+    """What the measurements say the features lack (probe within 0.1 of chance), and why."""
+    weak = [
+        f"{a} ({v['probe']:.3f} vs chance {v['chance']:.3f})"
+        for a, v in m["probes"].items()
+        if v["probe"] - v["chance"] < 0.1
+    ]
+    lines = []
+    if m["train"].get("stopped_early"):
+        lines.append(
+            f"- Training stopped at the {cfg.max_seconds:.0f} s cap after {m['train']['steps']} of {cfg.steps} steps."
+        )
+    if weak:
+        lines.append("- Little linear information about: " + ", ".join(weak) + ".")
+    if any(w.startswith("quadrant") for w in weak):
+        lines.append(
+            "- Position: the pooled class token is nearly position-invariant; use patch tokens for where."
+        )
+    if cfg.objective == "contrastive" and any(w.startswith("shape") for w in weak):
+        lines.append(
+            "- Shape: two views of one image can be matched by colour, background and style alone, so the "
+            "contrastive objective barely needs the shape. Known fixes for a rebuild: colour-jittered or "
+            "grey views, or a DINO/iBOT self-distillation objective."
+        )
+    return "\n".join(lines) or "- None measured."

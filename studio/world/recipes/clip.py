@@ -325,6 +325,16 @@ def write_clip_card(
         + table(rows, ["attribute", "zero-shot accuracy", "chance (majority)"])
         + f"\n\nCaption retrieval (true caption among 100): top-1 {m['caption_retrieval_top1_of_100']:.3f} (chance 0.010).",
     }
+    limits = [
+        f"- Only the {m['train']['tokens_used']} BPE tokens of the world's prompts were trained; other words map to "
+        "zero embeddings, so prompts outside the world's vocabulary mean little to this model."
+    ]
+    if m["train"].get("stopped_early"):
+        limits.insert(
+            0,
+            f"- Training stopped at the {cfg.max_seconds:.0f} s cap after {m['train']['steps']} of {cfg.steps} steps.",
+        )
+    sections["Limits"] = "\n".join(limits)
     write_card(
         folder,
         MODEL_NAME,

@@ -279,7 +279,7 @@ def cpu_seconds_per_image(folder: Path, steps: int, guidance: float, threads: in
         times = []
         for i in range(4):
             start = time.perf_counter()
-            generate(pipe, ["a small red circle on a flat blue background"], guidance, steps, i, "cpu")
+            generate(pipe, ["a small red circle on a blue background"], guidance, steps, i, "cpu")
             times.append(time.perf_counter() - start)
         return round(float(np.median(times[1:])), 3)
     finally:
@@ -359,7 +359,7 @@ def write_diffusion_card(
     sections = {
         "Load": "```python\nfrom diffusers import DiffusionPipeline\n"
         f'pipe = DiffusionPipeline.from_pretrained("assets/{MODEL_NAME}")  # StableDiffusionPipeline\n'
-        f'image = pipe("a small red circle on a flat blue background", num_inference_steps=20, guidance_scale={g}).images[0]\n'
+        f'image = pipe("a small red circle on a blue background", num_inference_steps=20, guidance_scale={g}).images[0]\n'
         "# or: from studio.world.assets import load_diffusion; pipe = load_diffusion()\n```\n"
         "Output 64x64. Weights are stored in fp16; the pipeline loads in fp32 unless `torch_dtype` says otherwise.",
         "Recipe": f"AutoencoderKL `{VAE_CONFIG['block_out_channels']}` channels, 4x16x16 latents, "
@@ -386,6 +386,7 @@ def write_diffusion_card(
         + f"\n\nCPU speed: {m['cpu_seconds_per_image']} s per 64x64 image (20 steps, guidance {g}, 2 threads, "
         "measured on the build machine's CPU).",
     }
+    sections["Limits"] = diffusion_limits(cfg, m)
     write_card(
         folder,
         MODEL_NAME,
@@ -393,3 +394,23 @@ def write_diffusion_card(
         sections,
         m,
     )
+
+
+def diffusion_limits(cfg: DiffusionConfig, m: dict) -> str:
+    lines = []
+    for part, steps, cap in (
+        ("vae", cfg.vae_steps, cfg.vae_max_seconds),
+        ("unet", cfg.unet_steps, cfg.unet_max_seconds),
+    ):
+        if m[part].get("stopped_early"):
+            lines.append(
+                f"- The {'VAE' if part == 'vae' else 'UNet'} stopped at its {cap:.0f} s cap after {m[part]['steps']} of {steps} steps."
+            )
+    best = m["prompt_following"]["by_guidance"][str(m["prompt_following"]["recommended_guidance"])]
+    worst = min(("shape", "colour", "background"), key=lambda a: best[a])
+    lines.append(f"- Weakest attribute: {worst} ({best[worst]:.3f} at the recommended guidance).")
+    lines.append(
+        f"- The small VAE ({m['vae']['psnr_db']} dB PSNR) smooths fine textures: the noisy and pixelated styles "
+        "come out softer than the renders."
+    )
+    return "\n".join(lines)
