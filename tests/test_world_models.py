@@ -183,3 +183,12 @@ def test_smoke_build_writes_loadable_clip(tmp_path):
     assert (tmp_path / "clip-tiny-world" / "README.md").exists()
     report = json.loads((tmp_path / "world_build.json").read_text())
     assert report["models"]["clip-tiny-world"]["train"]["steps"] == 3
+
+
+def test_docs_python_example_runs(capsys):
+    text = (ROOT / "docs" / "world_models.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "docs/world_models.md", "exec"), {})
+    assert "(1, 192)" in capsys.readouterr().out.replace("torch.Size([1, 192])", "(1, 192)")
