@@ -54,6 +54,11 @@ def _headline(m: dict) -> str:
         return f"prompt following @cfg {f['recommended_guidance']}: " + ", ".join(
             f"{k} {v:.2f}" for k, v in best.items()
         )
+    errors = {k: v for k, v in m.items() if k.endswith("median_rel_err") and "view2" not in k}
+    if errors:
+        return "median relative error " + ", ".join(
+            f"{k.removesuffix('_median_rel_err')} {v:.3f}" for k, v in errors.items()
+        )
     return ", ".join(f"{k} {v}" for k, v in m.items() if isinstance(v, (int, float)))[:100]
 
 
