@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from pipelines.vision_common import train_once
+from studio.run_memo import RunMemo
 
 FULL = dict(
     backbones=["vit", "dinov2"],
@@ -39,9 +40,9 @@ QUICK = dict(
 LRS = {"head": 1e-3, "adaptertune": 1e-3, "lora": 1e-3, "full": 1e-3}  # full: backbone at backbone_lr 1e-4
 
 
-def run(options: dict, seed: int, steps: int, cache: dict) -> dict:
-    key = json.dumps({**options, "seed": seed}, sort_keys=True)
-    if key not in cache:
+def run(options: dict, seed: int, steps: int, cache: RunMemo) -> dict:
+    key = json.dumps({**options, "seed": seed, "steps": steps}, sort_keys=True)
+    if key not in cache.data:
         train = dict(
             max_steps=steps,
             batch_size=64,
@@ -52,13 +53,15 @@ def run(options: dict, seed: int, steps: int, cache: dict) -> dict:
             max_grad_norm=1.0,
             seed=seed,
         )
-        cache[key] = train_once("adaptertune", {**options, "data_seed": seed}, **train)
-        m = cache[key]
+        m = cache(
+            {**options, "seed": seed, "steps": steps},
+            lambda: train_once("adaptertune", {**options, "data_seed": seed}, **train),
+        )
         print(
             f"  {key}: acc={m['accuracy']:.3f} share={m['trainable_share']:.4f} ({m['seconds']:.1f}s)",
             flush=True,
         )
-    return cache[key]
+    return cache.data[key]
 
 
 def mean_std(values: list[float]) -> str:
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if args.quick:
         common.update(n_train=128, n_test=64, n_total=256)
-    cache: dict = {}
+    cache = RunMemo(Path(args.out) / "runs.json")
     tables: dict[str, list] = {"main": [], "ranks": [], "placement": [], "init": []}
 
     # 1. method comparison on every backbone x dataset

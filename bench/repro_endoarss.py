@@ -20,10 +20,13 @@ from pathlib import Path
 import torch
 
 from pipelines.vision_common import train_once
+from studio.run_memo import RunMemo
 
 FULL = dict(datasets=["scenes", "digits"], seeds=[0, 1, 2], steps=400, tiny=False, sma=[True, False])
 QUICK = dict(datasets=["scenes"], seeds=[0], steps=3, tiny=True, sma=[True])
 VARIANTS = ("single x2", "shared LoRA", "TESLA")
+#: Finished runs of this invocation's output folder (set by main).
+MEMO: RunMemo
 
 
 def _train(opts: dict, seed: int, steps: int) -> dict:
@@ -36,7 +39,8 @@ def _train(opts: dict, seed: int, steps: int) -> dict:
         lr_schedule="cosine",
         seed=seed,
     )
-    return train_once("endoarss", dict(opts, data_seed=seed), **train)
+    opts = dict(opts, data_seed=seed)
+    return MEMO({**opts, **train}, lambda: train_once("endoarss", opts, **train))
 
 
 def run_variant(variant: str, opts: dict, seed: int, steps: int) -> dict:
@@ -67,6 +71,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--out", default="bench/out/endoarss")
     args = p.parse_args(argv)
     plan = QUICK if args.quick else FULL
+    global MEMO
+    MEMO = RunMemo(Path(args.out) / "runs.json")
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
     common = dict(
         backbone_source=args.backbone_source,

@@ -20,6 +20,7 @@ import torch
 
 from adapters.salt import SaltSpec, parameter_count
 from pipelines.vision_common import train_once
+from studio.run_memo import RunMemo
 
 FULL = dict(sizes=[20, 100, 300, 1000], seeds=[0, 1, 2], steps=300, tiny=False, n_test=300)
 QUICK = dict(sizes=[20], seeds=[0], steps=10, tiny=True, n_test=24)
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if args.quick:
         common.update(n_source=64, source_steps=5)
+    memo = RunMemo(Path(args.out) / "runs.json")
     rows = []
     for n in plan["sizes"]:
         for mode in ("salt", "lora", "svd", "decoder"):
@@ -80,7 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
                     lr_schedule="cosine",
                     seed=seed,
                 )
-                m = train_once("salt", dict(common, mode=mode, n_train=n, data_seed=seed), **train)
+                opts = dict(common, mode=mode, n_train=n, data_seed=seed)
+                m = memo({**opts, **train}, lambda o=opts, t=train: train_once("salt", o, **t))
                 print(f"  n={n} {mode} seed={seed}: dice={m['dice']:.3f} hd95={m['hd95']:.2f}", flush=True)
                 ms.append(m)
             rows.append(

@@ -177,7 +177,9 @@ class StudioService:
                 raise
             except Exception as err:  # a corrupt or foreign file: one clear line
                 raise AdapterError(f"cannot load {resolved.name}: {err}") from None
-            record = AdapterRecord.capture(comps, name, path=str(resolved), base_model=base_model or "")
+            record = AdapterRecord.capture(
+                comps, name, path=str(resolved), base_model=base_model or self.default_base_model()
+            )
             try:
                 record.metadata = dict(
                     getattr(formats.read_adapter_info(str(resolved)), "metadata", {}) or {}
@@ -200,7 +202,9 @@ class StudioService:
             unet = components(self.pipeline(base_model))["unet"]
             for name in EXAMPLE_LORAS:
                 if name not in self._records:
-                    self.add_adapter(name, example_lora_parts(unet, name), path=f"builtin:{name}")
+                    self.add_adapter(
+                        name, example_lora_parts(unet, name), path=f"builtin:{name}", base_model=base_model
+                    )
                     added.append(name)
         return added
 

@@ -75,7 +75,7 @@ def demo_lora(
             opt.zero_grad()
             loss.backward()
             opt.step()
-            on_progress(step + 1, steps, float(loss))
+            on_progress(step + 1, steps, loss.item())
         state = {k: v.detach().cpu().clone() for k, v in adapter_state_dict(unet, name).items()}
         spec = get_spec(unet, name)
     finally:

@@ -13,6 +13,7 @@ def tiny_service(tmp_path=None, **kw) -> StudioService:
     if tmp_path:
         (tmp_path / "adapters").mkdir(exist_ok=True)
     svc = StudioService(device="cpu", **dirs, **kw)
+    svc.default_model = "tiny-sd"  # the from-config pipeline, also when the world assets exist
     svc.add_example_adapters()
     return svc
 

@@ -16,6 +16,6 @@ def free_port() -> int:
 
 def start_app(data_dir):
     """(service, app, url) of the demo app on the from-config tiny pipeline, CPU."""
-    service = make_service(None, [], str(data_dir), device="cpu")
+    service = make_service(None, [], str(data_dir), device="cpu", base_model="tiny-sd")
     app, url = launch(service, port=free_port(), block=False, work_dir=data_dir / "work")
     return service, app, url

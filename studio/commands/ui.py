@@ -14,6 +14,7 @@ def make_service(
     data_dir: str | None = None,
     device: str | None = None,
     examples: bool = True,
+    base_model: str | None = None,
 ):
     """The service the app runs on: base models, adapter folders, example and vision models."""
     from studio.service import StudioService
@@ -28,12 +29,12 @@ def make_service(
     service = StudioService(
         model_dirs=model_dirs, adapter_dirs=dirs, output_dir=data / "outputs", device=device
     )
-    base = Path(model).resolve().name if model else service.default_base_model()
+    base = base_model or (Path(model).resolve().name if model else service.default_base_model())
     service.default_model = base
     if examples:
         loaded = _load_shipped(service, shipped, base) if shipped.is_dir() else []
-        if not loaded and base == "tiny-sd":
-            service.add_example_adapters("tiny-sd")
+        if not loaded:
+            service.add_example_adapters(base)
         for vm in demo_vision_models():
             service.add_vision_model(vm)
     return service
