@@ -114,23 +114,29 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def _class_pairs(pred: torch.Tensor, target: torch.Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Binary (pred, target) masks per image and foreground class present in either."""
+    """Binary (pred, target) masks per image and foreground class present in the target.
+
+    As MONAI's ``DiceMetric``/``HausdorffDistanceMetric`` with ``ignore_empty=True`` (the
+    usual medical-segmentation protocol, and SALT's): a class absent from an image's ground
+    truth is skipped for that image, so stray predicted pixels of it lower the Dice of the
+    classes they overlap rather than adding a pair scored 0.
+    """
     pairs = []
     for p, t in zip(pred.cpu().numpy(), target.cpu().numpy()):
-        for c in sorted((set(np.unique(p)) | set(np.unique(t))) - {0}):
+        for c in sorted(set(np.unique(t)) - {0}):
             pairs.append((p == c, t == c))
     return pairs
 
 
 def dice(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """Mean Dice over (image, foreground class) pairs where the class is predicted or present.
+    """Mean Dice over (image, foreground class present in the ground truth) pairs.
 
-    ``pred`` and ``target`` are (B, H, W) class maps, 0 = background.  Images with no
-    foreground in either count as 1.
+    ``pred`` and ``target`` are (B, H, W) class maps, 0 = background.  With no foreground
+    in any target the score is 1 if nothing is predicted, else 0.
     """
     pairs = _class_pairs(pred, target)
     if not pairs:
-        return 1.0
+        return float(not (pred > 0).any())
     return float(np.mean([2 * (p & t).sum() / (p.sum() + t.sum()) for p, t in pairs]))
 
 
@@ -144,7 +150,7 @@ def hd95(pred: torch.Tensor, target: torch.Tensor) -> float:
     """Mean 95th-percentile Hausdorff distance (pixels) over (image, foreground class) pairs.
 
     Per pair: the larger of the two directed 95th percentiles of boundary-to-boundary
-    distances (as MONAI computes it); a class on one side only scores the image diagonal.
+    distances (as MONAI computes it); a class missed entirely scores the image diagonal.
     """
     from scipy import ndimage
 

@@ -59,7 +59,8 @@ class MlpTask:
         return F.mse_loss(out.float(), y), {"out_mean": out.float().mean().item()}
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        return {"mse": F.mse_loss(model(self.x).float(), self.y).item()}
+        device = next(model.parameters()).device  # the loop hands back the model on its device
+        return {"mse": F.mse_loss(model(self.x.to(device)).float(), self.y.to(device)).item()}
 
     def save_adapter(self, model: nn.Module, folder: Path) -> None:
         folder.mkdir(parents=True)

@@ -139,6 +139,13 @@ def test_dice_and_hd95_on_known_masks() -> None:
     shifted = torch.roll(target, 3, dims=2)
     assert dice(shifted, target) == pytest.approx(2 * 4 / 32)
     assert hd95(shifted, target) == pytest.approx(3.0)
+    # A class absent from the ground truth is ignored (MONAI ignore_empty); its stray pixels
+    # still cost the overlapped class.
+    stray = target.clone()
+    stray[0, 4, 4] = 2
+    assert dice(stray, target) == pytest.approx(2 * 15 / 31)
+    missed = torch.zeros_like(target)
+    assert dice(missed, target) == 0.0 and hd95(missed, target) == pytest.approx(16 * 2**0.5)
 
 
 def test_docs_python_example_runs() -> None:
