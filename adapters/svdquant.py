@@ -171,6 +171,7 @@ class SVDQuantLinear(nn.Module):
             b.synced_version = b.param_version()
             off += b.rank
         self.l1, self.l2 = l1, l2
+        self._prefill_key = None  # a new l1 may reuse the old one's address
         self.strength = torch.zeros(1, rp, device=dev)
         self.strength[:, : self.rank] = 1.0
         for b in self._branches:
@@ -212,14 +213,28 @@ class SVDQuantLinear(nn.Module):
             strength = torch.zeros_like(self.strength[:1])
             strength[:, : self.rank] = 1.0
         bias = None if self.bias is None else self.bias.float()
+        bound, wmax = self._prefill_factors()
         y = kernels.w4_linear(
             x2, self.smooth_inv, self.qweight, self.wscale, self.fmt, self.l1, self.l2,
-            strength, rows_per_sample, bias,
+            strength, rows_per_sample, bias, bound=bound, wmax=wmax,
         )  # fmt: skip
         if training:
             for b in self._branches:
                 y = y + b.unfused_delta(x2, rows_per_sample).to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
+
+    def _prefill_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The large-M path's weight-only factors, recomputed when a tensor they use changes."""
+        from studio.kernels import reference_prefill
+
+        key = tuple((t.data_ptr(), t._version) for t in (self.l1, self.smooth_inv, self.wscale))
+        if getattr(self, "_prefill_key", None) != key:
+            self._prefill_cache = (
+                reference_prefill.branch_bound(self.l1, self.smooth_inv),
+                reference_prefill.residual_max(self.wscale, self.fmt),
+            )
+            self._prefill_key = key
+        return self._prefill_cache
 
     def extra_repr(self) -> str:
         return (

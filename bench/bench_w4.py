@@ -7,8 +7,11 @@ Times (medians of CUDA-graph replays, L2 flushed before every call, see ``bench`
 side by side in one run: bf16 ``F.linear``; bf16 + unfused LoRA; FP8 ``_scaled_mm``
 bare (per-tensor scales, activations already FP8) and with row-wise activation
 quantization included; FP8 + unfused low-rank; ``torch._int_mm`` (INT8, quantization
-included); torchao int4 weight-only if importable; ours (INT4 and FP4 E2M1, pre-pass +
-GEMM), ours with the low-rank branch unfused.  Then an accuracy table: relative error
+included); torchao int4 weight-only if importable; ours (INT4 and FP4 E2M1) as the layer
+runs it (``path="auto"``) and each of its two paths forced: ``fused`` (pre-pass + 4-bit
+GEMM, branch in the epilogue) and ``prefill`` (4-bit weights expanded to FP8, cuBLAS FP8
+with the branch appended along K); ours with the low-rank branch unfused; the time of a
+strength change on a quantized layer.  Then an accuracy table: relative error
 against the float64 layer on synthetic activations with outlier channels.
 """
 
@@ -27,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from studio import kernels  # noqa: E402
 from studio.kernels.gemm_w4_triton import _w4_gemm_kernel  # noqa: E402
+from studio.kernels.reference_prefill import branch_bound, residual_max  # noqa: E402
 
 SHAPES = [(3072, 3072), (3072, 9216), (3072, 12288), (12288, 3072)]  # (K, N)
 MS = [16, 256, 1024, 4608]
@@ -96,10 +100,42 @@ def make_w4(k: int, n: int, rank: int, fmt: str, dev: str) -> dict:
     }
 
 
-def ours(x: torch.Tensor, p: dict, bias: torch.Tensor) -> torch.Tensor:
+def cache_factors(p: dict) -> dict:
+    """The large-M path's weight-only factors, cached as SVDQuantLinear caches them."""
+    p["bound"] = branch_bound(p["l1"], p["smooth_inv"]) if p["l1"].shape[1] else None
+    p["wmax"] = residual_max(p["wscale"], p["fmt"])
+    return p
+
+
+def ours(x: torch.Tensor, p: dict, bias: torch.Tensor, path: str = "auto") -> torch.Tensor:
     return kernels.w4_linear(
-        x, p["smooth_inv"], p["qweight"], p["wscale"], p["fmt"], p["l1"], p["l2"], p["strength"], 1, bias
-    )
+        x, p["smooth_inv"], p["qweight"], p["wscale"], p["fmt"], p["l1"], p["l2"], p["strength"], 1, bias,
+        path=path, bound=p.get("bound"), wmax=p.get("wmax"),
+    )  # fmt: skip
+
+
+def strength_change_us() -> float:
+    """Median wall time of ``set_strength`` on a quantized 3072x3072 layer with a LoRA (GPU)."""
+    import time
+
+    from torch import nn
+
+    from adapters.base import inject, set_strength
+    from adapters.lora import LoraSpec
+    from adapters.svdquant import SVDQuantLinear
+
+    lin = nn.Linear(3072, 3072).cuda()
+    model = nn.Sequential(SVDQuantLinear.from_linear(lin, torch.randn(256, 3072, device="cuda"), rank=32))
+    inject(model, LoraSpec(targets=["0"], rank=64), "style")
+    model(torch.randn(1, 16, 3072, device="cuda"))  # builds the branch
+    times = []
+    for i in range(200):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        set_strength(model, "style", 0.5 + (i % 7) / 10)
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e6)
+    return sorted(times)[len(times) // 2]
 
 
 def speed(shapes: list[tuple[int, int]], ms: list[int], ranks: list[int]) -> list[dict]:
@@ -114,13 +150,16 @@ def speed(shapes: list[tuple[int, int]], ms: list[int], ranks: list[int]) -> lis
         one = torch.ones((), device=dev)
         wscale_row = torch.full((1, n), 1.0, device=dev)
         wi8t = torch.randint(-127, 127, (n, k), device=dev, dtype=torch.int8).t()
-        packs = {(fmt, r): make_w4(k, n, r, fmt, dev) for fmt in ("int4", "fp4") for r in ranks}
+        packs = {
+            (fmt, r): cache_factors(make_w4(k, n, r, fmt, dev)) for fmt in ("int4", "fp4") for r in ranks
+        }
         bare = make_w4(k, n, 0, "int4", dev)
         bare["l1"], bare["l2"], bare["strength"] = (
             bare["l1"][:, :0],
             bare["l2"][:, :0],
             bare["strength"][:, :0],
         )
+        cache_factors(bare)
         for m in ms:
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             x8 = x.to(torch.float8_e4m3fn)
@@ -153,6 +192,8 @@ def speed(shapes: list[tuple[int, int]], ms: list[int], ranks: list[int]) -> lis
                 for fmt in ("int4", "fp4"):
                     p = packs[(fmt, r)]
                     row[f"{fmt}_r{r}"] = bench(lambda: ours(x, p, bias))
+                    for path in ("fused", "prefill"):
+                        row[f"{path}_{fmt}_r{r}"] = bench(lambda: ours(x, p, bias, path))
                     row[f"{fmt}_r{r}_cfg"] = str(_w4_gemm_kernel.best_config)
                     # Breakdown: the pre-pass alone and the GEMM alone.
                     args = kernels.quantize_act(x, p["smooth_inv"], p["l1"], p["strength"], 1)
@@ -175,6 +216,7 @@ def speed(shapes: list[tuple[int, int]], ms: list[int], ranks: list[int]) -> lis
 def print_table(rows: list[dict], ranks: list[int]) -> None:
     r0, r1 = ranks[0], ranks[-1]
     cols = ["bf16", f"bf16+lora{r0}", "fp8_bare", "fp8_q", f"fp8_q+lr{r0}", "int8_q", f"w4+lr{r0}_unfused"]
+    cols += [f"fused_int4_r{r0}", f"prefill_int4_r{r0}", f"fused_fp4_r{r0}", f"prefill_fp4_r{r0}"]
     cols += [f"int4_r{r0}", f"fp4_r{r0}", f"int4_r{r1}", f"fp4_r{r1}"]
     print("\ntimes in us (CUDA-graph replay median, L2 flushed before each call)")
     print("| K x N | M | " + " | ".join(cols) + " |")
@@ -230,7 +272,12 @@ def accuracy(shapes: list[tuple[int, int]], rank: int) -> list[dict]:
                 )
                 row[f"{fmt}_naive"] = _rel(naive(test), y64)
                 q = SVDQuantLinear.from_linear(lin, calib, config=SVDQuantConfig(rank=rank, fmt=fmt))
-                row[f"{fmt}_svdq_r{rank}"] = _rel(q(test), y64)
+                row[f"{fmt}_svdq_r{rank}"] = _rel(q(test), y64)  # 1024 rows: the large-M path
+                fused = kernels.w4_linear(
+                    test, q.smooth_inv, q.qweight, q.wscale, fmt, q.l1, q.l2, q.strength, 1, q.bias.float(),
+                    path="fused",
+                )  # fmt: skip
+                row[f"{fmt}_svdq_r{rank}_fused"] = _rel(fused, y64)
         out.append(row)
         print(
             json.dumps({k2: (round(v, 5) if isinstance(v, float) else v) for k2, v in row.items()}),
@@ -261,6 +308,10 @@ def main() -> None:
     except ImportError:
         print("note: torchao is not installed on this machine; int4 weight-only baseline skipped")
     rows = speed(shapes, ms, ranks)
+    change = strength_change_us()
+    print(
+        f"strength change on a quantized 3072x3072 layer with a rank-64 LoRA: {change:.1f} us (median of 200)"
+    )
     acc = [] if args.no_accuracy else accuracy(shapes, ranks[0])
     print_table(rows, ranks)
     if acc:
@@ -271,7 +322,9 @@ def main() -> None:
         for row in acc:
             print(f"| {row['K']}x{row['N']} | " + " | ".join(f"{row[c]:.4f}" for c in keys) + " |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"speed": rows, "accuracy": acc}, indent=1))
+        Path(args.json).write_text(
+            json.dumps({"speed": rows, "accuracy": acc, "strength_change_us": change}, indent=1)
+        )
 
 
 if __name__ == "__main__":

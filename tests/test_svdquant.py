@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 from torch import nn
@@ -113,10 +111,9 @@ def test_lora_attach_strength_detach_is_exact() -> None:
         y = model(x)
         want = base + 0.7 * host.adapters["a"].delta(x, x)
         assert _rel(y, want) < 1e-2  # the fused branch runs in bf16
-        start = time.perf_counter()
-        for _ in range(20):
-            host.set_strength("a", 0.3)
-        assert (time.perf_counter() - start) / 20 < 1e-3  # a vector write, no re-pack
+        packed = (q.qweight.data_ptr(), q.qweight._version, q.l1.data_ptr(), q.l1._version)
+        host.set_strength("a", 0.3)  # a vector write (timed in bench/bench_w4.py), no re-pack
+        assert (q.qweight.data_ptr(), q.qweight._version, q.l1.data_ptr(), q.l1._version) == packed
     remove(model, "a")
     assert model[0] is q
     assert (

@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from studio.kernels import reference
+from studio.kernels import reference, reference_prefill
 from studio.kernels.reference import FORMATS, GROUP, dequantize_weight, padded_k, quantize_weight
 
 __all__ = [
@@ -27,7 +27,13 @@ __all__ = [
     "quantize_weight",
     "use_triton",
     "w4_linear",
+    "PREFILL_MIN_M",
 ]
+
+#: Rows from which ``w4_linear`` takes the large-M path on the GPU (bench/bench_w4.py
+#: measures both paths at every M; this is where the large-M path starts to win).
+PREFILL_MIN_M = 128
+PATHS = ("auto", "fused", "prefill")
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -107,10 +113,27 @@ def w4_linear(
     strength: torch.Tensor,
     rows_per_sample: int,
     bias: torch.Tensor | None,
+    path: str = "auto",
+    bound: torch.Tensor | None = None,
+    wmax: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The whole layer on ``x [M, K]``: pre-pass then main GEMM; returns ``[M, N]`` in ``x.dtype``.
+    """The whole layer on ``x [M, K]``; returns ``[M, N]`` in ``x.dtype``.
 
-    Argument shapes as in ``quantize_act`` and ``gemm_w4``.
+    Argument shapes as in ``quantize_act`` and ``gemm_w4``.  ``path``: ``"fused"`` (pre-pass
+    then the fused GEMM), ``"prefill"`` (the large-M path), or ``"auto"``: the large-M path
+    on the GPU from ``PREFILL_MIN_M`` rows, the fused one otherwise (the CPU reference runs
+    the fused maths).  ``bound`` / ``wmax``: the large-M path's weight-only factors
+    (``reference_prefill.branch_bound`` / ``residual_max``), cached by callers.
     """
+    if path not in PATHS:
+        raise ValueError(f"unknown path {path!r}; use one of {PATHS}")
+    prefill = path == "prefill" or (path == "auto" and use_triton(x) and x.shape[0] >= PREFILL_MIN_M)
+    if prefill:
+        args = (x, smooth_inv, qweight, wscale, fmt, l1, l2, strength, rows_per_sample, bias)
+        if use_triton(x):
+            from studio.kernels.prefill_triton import w4_linear_prefill_triton
+
+            return w4_linear_prefill_triton(*args, bound=bound, wmax=wmax)
+        return reference_prefill.w4_linear_prefill(*args)
     xq, xscale, lora_act = quantize_act(x, smooth_inv, l1, strength, rows_per_sample)
     return gemm_w4(xq, xscale, qweight, wscale, fmt, lora_act, l2, bias, x.dtype)

@@ -1,0 +1,265 @@
+"""Triton kernels of the large-M path: 4-bit weights expanded to FP8, then cuBLAS FP8.
+
+The maths and the reasons are in ``reference_prefill.py`` (the oracle).  Three launches:
+
+1. ``_expand_weight_kernel``: every program first derives, for its ``BLOCK_N`` channels,
+   the branch factors ``g[r]`` and the channel scale (the same few flops the reference
+   does in torch), then unpacks ``GROUPS`` groups of 64 packed codes into FP8 codes
+   re-scaled per channel; the programs of the last grid column write the branch blocks
+   ``[l2_hi | l2_lo | l2_hi]``; column 0 stores the channel scales and ``g``.
+2. ``_rowwise_prepass_kernel``: per ``BLOCK_M`` rows, one pass over X for the row maxima
+   and ``lora_act = x @ l1`` (bf16 dot), a second pass (mostly L2 hits) writing the FP8
+   codes, then ``[a_hi | a_hi | a_lo]`` of ``lora_act * strength / (row_scale * g)``.
+3. ``torch._scaled_mm`` with row scales on X and channel scales on W, bias and bf16 out:
+   cuBLAS's FP8 GEMM, which Triton's reached only 83-93 % of (shared/KERNEL-FACTS.md).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from studio.kernels.quant_act import branch_dot_dtype
+from studio.kernels.reference import FP8_MAX
+from studio.kernels.reference_prefill import branch_block, branch_bound, residual_max
+
+
+@triton.jit
+def _decode(codes, FP4: tl.constexpr):
+    """4-bit codes (uint8 0..15) -> their FP8 values as fp32 (formats in reference.py)."""
+    if FP4:
+        byte = ((codes & 0x8) << 4) | ((codes & 0x7) << 2)
+        return byte.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    return codes.to(tl.float32) - 8.0
+
+
+@triton.jit
+def _branch_factors(bound_ptr, str_ptr, R, S, stride_sm, S_PAD: tl.constexpr, R_PAD: tl.constexpr):
+    """``g[r] = bound[r] * max_s |strength[s, r]|`` (>= 1e-30), zero past R is harmless."""
+    offs_r = tl.arange(0, R_PAD)
+    offs_s = tl.arange(0, S_PAD)
+    st = tl.load(
+        str_ptr + offs_s[:, None] * stride_sm + offs_r[None, :],
+        (offs_s < S)[:, None] & (offs_r < R)[None, :],
+        0.0,
+    )
+    bound = tl.load(bound_ptr + offs_r, offs_r < R, 0.0)
+    return tl.maximum(bound * tl.max(tl.abs(st), axis=0), 1e-30)
+
+
+@triton.autotune(
+    configs=[
+        triton.Config({"BLOCK_N": bn, "GROUPS": gr}, num_warps=w)
+        for bn, gr, w in [(64, 8, 4), (128, 4, 4), (64, 16, 4), (128, 8, 8), (32, 16, 4)]
+    ],
+    key=["N", "KG", "R_PAD"],
+)
+@triton.jit
+def _expand_weight_kernel(
+    q_ptr, ws_ptr, wmax_ptr, l2_ptr, bound_ptr, str_ptr, out_ptr, cs_ptr, g_ptr,
+    N, KG, KP, R, RB, S,
+    stride_qg, stride_qn, stride_wsg, stride_l2n, stride_sm, stride_on,
+    FP4: tl.constexpr, S_PAD: tl.constexpr, R_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R_PAD)
+    n_mask = offs_n < N
+    r_mask = offs_r < R
+    g = _branch_factors(bound_ptr, str_ptr, R, S, stride_sm, S_PAD, R_PAD)
+    l2 = tl.load(
+        l2_ptr + offs_n[:, None] * stride_l2n + offs_r[None, :], n_mask[:, None] & r_mask[None, :], 0.0
+    ).to(tl.float32)
+    need = tl.max(tl.abs(l2) * g[None, :], axis=1)
+    wmax = tl.load(wmax_ptr + offs_n, n_mask, 0.0)
+    cs = tl.maximum(tl.maximum(wmax, need) / FP8_MAX, 1e-30)
+    inv = 1.0 / cs
+    if pid_k == 0:
+        tl.store(cs_ptr + offs_n, cs, n_mask)
+        if pid_n == 0:
+            tl.store(g_ptr + offs_r, g, r_mask)
+    n_chunks = tl.cdiv(KG, GROUPS)
+    if pid_k < n_chunks:
+        offs_j = tl.arange(0, 32)
+        for grp in range(pid_k * GROUPS, tl.minimum(pid_k * GROUPS + GROUPS, KG)):
+            packed = tl.load(
+                q_ptr + grp * stride_qg + offs_n[:, None] * stride_qn + offs_j[None, :], n_mask[:, None], 0
+            )
+            ws = tl.load(ws_ptr + grp * stride_wsg + offs_n, n_mask, 0.0)
+            f = (ws * inv)[:, None]
+            dst = out_ptr + offs_n[:, None] * stride_on + grp * 64 + offs_j[None, :]
+            tl.store(dst, (_decode(packed & 0xF, FP4) * f).to(tl.float8e4nv), n_mask[:, None])
+            tl.store(dst + 32, (_decode(packed >> 4, FP4) * f).to(tl.float8e4nv), n_mask[:, None])
+    else:
+        b = l2 * g[None, :] * inv[:, None]
+        hi = b.to(tl.float8e4nv)
+        lo = (b - hi.to(tl.float32)).to(tl.float8e4nv)
+        dst = out_ptr + offs_n[:, None] * stride_on + KP + offs_r[None, :]
+        mask = n_mask[:, None] & (offs_r < RB)[None, :]
+        tl.store(dst, hi, mask)
+        tl.store(dst + RB, lo, mask)
+        tl.store(dst + 2 * RB, hi, mask)
+
+
+@triton.autotune(
+    configs=[
+        triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=1)
+        for bm, bk, w in [(16, 128, 4), (32, 128, 4), (32, 64, 4), (64, 64, 4), (64, 128, 8)]
+    ],
+    key=["M_BUCKET", "K", "R_PAD"],
+)
+@triton.jit
+def _rowwise_prepass_kernel(
+    x_ptr, sinv_ptr, l1_ptr, str_ptr, g_ptr, out_ptr, sx_ptr,
+    M, K, KP, R, RB, S, rows_per_sample, M_BUCKET,
+    stride_xm, stride_l1k, stride_sm, stride_om,
+    R_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, R_PAD)
+    m_mask = offs_m < M
+    r_mask = offs_r < R
+    amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+    la = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_mask = kk < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], m_mask[:, None] & k_mask[None, :], 0.0)
+        sinv = tl.load(sinv_ptr + kk, k_mask, 0.0)
+        amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32) * sinv[None, :]), axis=1))
+        l1 = tl.load(
+            l1_ptr + kk[:, None] * stride_l1k + offs_r[None, :], k_mask[:, None] & r_mask[None, :], 0.0
+        )
+        la = tl.dot(x.to(DOT_DTYPE), l1.to(DOT_DTYPE), la)
+    scale = tl.maximum(amax / FP8_MAX, 1e-12)
+    for k0 in range(0, KP, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_mask = kk < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], m_mask[:, None] & k_mask[None, :], 0.0)
+        sinv = tl.load(sinv_ptr + kk, k_mask, 0.0)
+        q = (x.to(tl.float32) * sinv[None, :] / scale[:, None]).to(tl.float8e4nv)
+        tl.store(out_ptr + offs_m[:, None] * stride_om + kk[None, :], q, m_mask[:, None] & (kk < KP)[None, :])
+    tl.store(sx_ptr + offs_m, scale, m_mask)
+    if RB > 0:
+        srow = (offs_m // rows_per_sample) % S
+        st = tl.load(
+            str_ptr + srow[:, None] * stride_sm + offs_r[None, :], m_mask[:, None] & r_mask[None, :], 0.0
+        )
+        g = tl.load(g_ptr + offs_r, r_mask, 1.0)
+        a = la * st / (scale[:, None] * g[None, :])
+        hi = a.to(tl.float8e4nv)
+        lo = (a - hi.to(tl.float32)).to(tl.float8e4nv)
+        dst = out_ptr + offs_m[:, None] * stride_om + KP + offs_r[None, :]
+        mask = m_mask[:, None] & (offs_r < RB)[None, :]
+        tl.store(dst, hi, mask)
+        tl.store(dst + RB, hi, mask)
+        tl.store(dst + 2 * RB, lo, mask)
+
+
+def expand_weight_triton(
+    qweight: torch.Tensor,
+    wscale: torch.Tensor,
+    fmt: str,
+    l2: torch.Tensor,
+    bound: torch.Tensor,
+    wmax: torch.Tensor,
+    strength: torch.Tensor,
+    config: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(``wq [N, Kp + 3 Rb]`` FP8, ``channel_scale [N]`` fp32, ``g [R]`` fp32); see the reference.
+
+    ``config`` (BLOCK_N, GROUPS, num_warps) skips autotuning (tests, the interpreter).
+    """
+    kg, n, _ = qweight.shape
+    r = l2.shape[1]
+    rb = branch_block(r)
+    kp = kg * 64
+    r_pad = max(16, triton.next_power_of_2(max(rb, 1)))
+    wq = torch.empty(n, kp + 3 * rb, device=qweight.device, dtype=torch.float8_e4m3fn)
+    cs = torch.empty(n, device=qweight.device, dtype=torch.float32)
+    g = torch.empty(max(r, 1), device=qweight.device, dtype=torch.float32)
+    l2 = l2 if r else l2.new_zeros(n, 1)
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(kg, meta["GROUPS"]) + (1 if rb else 0))
+
+    kernel = _expand_weight_kernel if config is None else _expand_weight_kernel.fn
+    kernel[grid](
+        qweight, wscale, wmax, l2, bound, strength, wq, cs, g,
+        n, kg, kp, r, rb, strength.shape[0],
+        qweight.stride(0), qweight.stride(1), wscale.stride(0), l2.stride(0), strength.stride(0), wq.stride(0),
+        FP4=fmt == "fp4", S_PAD=max(2, triton.next_power_of_2(strength.shape[0])), R_PAD=r_pad,
+        **(config or {}),
+    )  # fmt: skip
+    return wq, cs, g[:r]
+
+
+def quantize_act_rowwise_triton(
+    x: torch.Tensor,
+    smooth_inv: torch.Tensor,
+    l1: torch.Tensor,
+    strength: torch.Tensor,
+    rows_per_sample: int,
+    g: torch.Tensor,
+    config: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``xq [M, Kp + 3 Rb]`` FP8, ``row_scale [M, 1]`` fp32); ``x`` row-major.
+
+    ``config`` (BLOCK_M, BLOCK_K, num_warps, num_stages) skips autotuning.
+    """
+    m, k = x.shape
+    r = l1.shape[1]
+    rb = branch_block(r)
+    kp = -(-k // 64) * 64
+    xq = torch.empty(m, kp + 3 * rb, device=x.device, dtype=torch.float8_e4m3fn)
+    sx = torch.empty(m, 1, device=x.device, dtype=torch.float32)
+    l1 = l1 if r else l1.new_zeros(k, 1)
+    g = g if r else torch.ones(1, device=x.device)
+
+    def grid(meta: dict) -> tuple[int]:
+        return (triton.cdiv(m, meta["BLOCK_M"]),)
+
+    kernel = _rowwise_prepass_kernel if config is None else _rowwise_prepass_kernel.fn
+    kernel[grid](
+        x, smooth_inv, l1, strength, g, xq, sx,
+        m, k, kp, r, rb, strength.shape[0], max(rows_per_sample, 1), min(triton.next_power_of_2(max(m, 16)), 8192),
+        x.stride(0), l1.stride(0), strength.stride(0), xq.stride(0),
+        R_PAD=max(16, triton.next_power_of_2(max(rb, 1))), DOT_DTYPE=branch_dot_dtype(), **(config or {}),
+    )  # fmt: skip
+    return xq, sx
+
+
+def w4_linear_prefill_triton(
+    x: torch.Tensor,
+    smooth_inv: torch.Tensor,
+    qweight: torch.Tensor,
+    wscale: torch.Tensor,
+    fmt: str,
+    l1: torch.Tensor,
+    l2: torch.Tensor,
+    strength: torch.Tensor,
+    rows_per_sample: int,
+    bias: torch.Tensor | None,
+    bound: torch.Tensor | None = None,
+    wmax: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The large-M layer on the GPU; shapes as ``studio.kernels.w4_linear``.
+
+    ``bound`` (``branch_bound(l1, smooth_inv)``) and ``wmax`` (``residual_max(wscale, fmt)``)
+    depend on the weights only; callers that run the layer many times pass them cached.
+    """
+    x = x.contiguous()
+    if bound is None:
+        bound = branch_bound(l1, smooth_inv) if l1.shape[1] else torch.zeros(1, device=x.device)
+    wmax = residual_max(wscale, fmt) if wmax is None else wmax
+    wq, cs, g = expand_weight_triton(qweight, wscale, fmt, l2, bound, wmax, strength)
+    xq, sx = quantize_act_rowwise_triton(x, smooth_inv, l1, strength, rows_per_sample, g)
+    bias16 = None if bias is None else bias.to(torch.bfloat16)
+    out = torch._scaled_mm(
+        xq, wq.t(), scale_a=sx, scale_b=cs.view(1, -1), bias=bias16, out_dtype=torch.bfloat16
+    )
+    return out if x.dtype == torch.bfloat16 else out.to(x.dtype)

@@ -1,0 +1,126 @@
+"""The large-M path's Triton kernels vs reference_prefill.py (run on a GPU: ``pytest -m gpu``).
+
+Tolerances as in test_kernels_gpu.py: FP8 codes bit-equal to the reference on >= 99.9 %
+of entries (fp32 division may round differently by an ulp, moving a code by one FP8
+step), scales to 1e-5, the layer's bf16 output within 1e-2 of the float32 reference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from studio import kernels
+from studio.kernels import reference as ref
+from studio.kernels import reference_prefill as rp
+from studio.kernels.prefill_triton import (
+    _expand_weight_kernel,
+    _rowwise_prepass_kernel,
+    expand_weight_triton,
+    quantize_act_rowwise_triton,
+    w4_linear_prefill_triton,
+)
+
+pytestmark = pytest.mark.gpu
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+def _same_codes(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape and a.dtype == b.dtype == torch.float8_e4m3fn
+    return (a.view(torch.uint8) == b.view(torch.uint8)).float().mean().item()
+
+
+def _case(m: int, k: int, n: int, r: int, s: int, fmt: str, seed: int):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
+    x[:, :3] *= 40
+    sinv = torch.rand(k, device="cuda", generator=g) + 0.5
+    l1 = (torch.randn(k, r, device="cuda", generator=g) * 0.05).to(torch.bfloat16)
+    l2 = (torch.randn(n, r, device="cuda", generator=g) * 0.05).to(torch.bfloat16)
+    strength = torch.rand(s, r, device="cuda", generator=g) * 2 - 0.5
+    qw, ws = ref.quantize_weight(torch.randn(n, k, device="cuda", generator=g), fmt)
+    bias = torch.randn(n, device="cuda", generator=g)
+    return x, sinv, l1, l2, strength, qw, ws, bias
+
+
+SHAPES = [  # (M, K, N, R): M off the tiles, K off 64 and 128, ranks 0..160
+    (1, 200, 72, 16),
+    (129, 320, 136, 48),
+    (300, 1000, 520, 0),
+    (1029, 448, 1100, 160),
+    (4608, 3072, 3072, 96),
+]
+
+
+@pytest.mark.parametrize("fmt", ["int4", "fp4"])
+@pytest.mark.parametrize("m,k,n,r", SHAPES)
+def test_kernels_match_reference(fmt: str, m: int, k: int, n: int, r: int) -> None:
+    x, sinv, l1, l2, strength, qw, ws, bias = _case(m, k, n, r, 3, fmt, seed=m + n)
+    rows = max(1, m // 3)
+    bound = rp.branch_bound(l1, sinv) if r else torch.zeros(1, device="cuda")
+    g, cs = rp.prefill_scales(l1, l2, sinv, ws, fmt, strength)
+    wq, cs_t, g_t = expand_weight_triton(qw, ws, fmt, l2, bound, rp.residual_max(ws, fmt), strength)
+    assert _rel(cs_t, cs) < 1e-6 and (r == 0 or _rel(g_t, g[:r]) < 1e-6)
+    assert _same_codes(wq, rp.expand_weight(qw, ws, fmt, l2, g, cs)) >= 0.999, (
+        _expand_weight_kernel.best_config
+    )
+    xq, sx = quantize_act_rowwise_triton(x, sinv, l1, strength, rows, g)
+    xq_r, sx_r = rp.quantize_act_rowwise(x, sinv, l1, strength, rows, g)
+    assert _rel(sx, sx_r) < 1e-6
+    assert _same_codes(xq, xq_r) >= 0.999, _rowwise_prepass_kernel.best_config
+    out = w4_linear_prefill_triton(x, sinv, qw, ws, fmt, l1, l2, strength, rows, bias)
+    expect = rp.w4_linear_prefill(x.float(), sinv, qw, ws, fmt, l1, l2, strength, rows, bias)
+    assert out.dtype == torch.bfloat16 and out.shape == (m, n) and torch.isfinite(out).all()
+    assert _rel(out, expect) < 1e-2
+
+
+@pytest.mark.parametrize("cfg", [c.all_kwargs() for c in _rowwise_prepass_kernel.configs], ids=str)
+def test_prepass_every_config(cfg: dict) -> None:
+    x, sinv, l1, _, strength, _, _, _ = _case(1029, 448, 64, 160, 3, "int4", seed=5)
+    g = torch.rand(160, device="cuda") + 0.5
+    xq, sx = quantize_act_rowwise_triton(x, sinv, l1, strength, 171, g, config=cfg)
+    xq_r, sx_r = rp.quantize_act_rowwise(x, sinv, l1, strength, 171, g)
+    assert _rel(sx, sx_r) < 1e-6 and _same_codes(xq, xq_r) >= 0.999
+
+
+@pytest.mark.parametrize("cfg", [c.all_kwargs() for c in _expand_weight_kernel.configs], ids=str)
+def test_expand_every_config(cfg: dict) -> None:
+    _, sinv, l1, l2, strength, qw, ws, _ = _case(8, 1000, 520, 48, 2, "fp4", seed=6)
+    g, cs = rp.prefill_scales(l1, l2, sinv, ws, "fp4", strength)
+    bound, wmax = rp.branch_bound(l1, sinv), rp.residual_max(ws, "fp4")
+    wq, _, _ = expand_weight_triton(qw, ws, "fp4", l2, bound, wmax, strength, config=cfg)
+    assert _same_codes(wq, rp.expand_weight(qw, ws, "fp4", l2, g, cs)) >= 0.999
+
+
+def test_module_takes_the_large_m_path_and_matches_dense() -> None:
+    from torch import nn
+
+    from adapters.base import inject, set_strength
+    from adapters.lora import LoraSpec
+    from adapters.svdquant import SVDQuantLinear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(320, 200).cuda()
+    calib = torch.randn(256, 320, device="cuda")
+    calib[:, 5] *= 30
+    q = SVDQuantLinear.from_linear(lin, calib, rank=32)
+    model = nn.Sequential(q)
+    inject(model, LoraSpec(targets=["0"], rank=8), "style")
+    branch = model[0].adapters["style"]
+    with torch.no_grad():
+        branch.lora_B.normal_(0, 0.1)
+        x = torch.randn(4, kernels.PREFILL_MIN_M, 320, device="cuda").bfloat16()
+        dense = x.double() @ q.dequantized_weight().double().t() + q.bias.double()
+        set_strength(model, "style", torch.tensor([0.0, 1.0, 0.5, -1.0]))
+        y = model(x)
+        for i, s in enumerate([0.0, 1.0, 0.5, -1.0]):
+            want = dense[i] + s * branch.delta(x[i].float(), x[i].float()).double()
+            assert _rel(y[i], want) < 2e-2
+        fused = kernels.w4_linear(
+            x.reshape(-1, 320), q.smooth_inv, q.qweight, q.wscale, q.fmt, q.l1, q.l2, q.strength,
+            kernels.PREFILL_MIN_M, q.bias.float(), path="fused",
+        )  # fmt: skip
+        assert _rel(y.reshape(-1, 200), fused) < 2e-2

@@ -1,0 +1,117 @@
+"""The large-M path of the 4-bit linear (reference_prefill.py) on CPU: accuracy and range."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from adapters.base import inject, set_strength
+from adapters.lora import LoraSpec
+from adapters.svdquant import SVDQuantLinear
+from studio import kernels
+from studio.kernels import reference as ref
+from studio.kernels import reference_prefill as rp
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _acts(rows: int, k: int) -> torch.Tensor:
+    x = torch.randn(rows, k)
+    x[:, 3] *= 40
+    x[:, 17] *= 25
+    return x
+
+
+def _quantized(fmt: str, k: int = 200, n: int = 72, rank: int = 16) -> tuple[nn.Linear, SVDQuantLinear]:
+    torch.manual_seed(0)
+    lin = nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight[:, :4] *= 5
+    return lin, SVDQuantLinear.from_linear(lin, _acts(256, k), rank=rank, fmt=fmt)
+
+
+def _args(q: SVDQuantLinear, x: torch.Tensor, rows_per_sample: int = 1) -> tuple:
+    q.rebuild_branch()
+    return (
+        x,
+        q.smooth_inv,
+        q.qweight,
+        q.wscale,
+        q.fmt,
+        q.l1,
+        q.l2,
+        q.strength,
+        rows_per_sample,
+        q.bias.float(),
+    )
+
+
+@pytest.mark.parametrize("fmt", ["int4", "fp4"])
+def test_prefill_is_as_accurate_as_the_fused_maths(fmt: str) -> None:
+    lin, q = _quantized(fmt)
+    x = _acts(300, 200)
+    dense = x.double() @ lin.weight.double().t() + lin.bias.double()
+    fused = _rel(ref.w4_linear(*_args(q, x)), dense)
+    prefill = _rel(rp.w4_linear_prefill(*_args(q, x)), dense)
+    # The branch carries most of the output; split into hi + lo FP8 parts it adds ~2**-8.
+    assert prefill < 1.15 * fused + 2e-3, (fused, prefill)
+
+
+def test_one_fp8_copy_of_the_branch_would_not_be_enough() -> None:
+    """The hi/lo split is what makes the appended branch accurate (one copy: 2**-4)."""
+    torch.manual_seed(0)
+    a, b = torch.randn(64, 32) * 3, torch.randn(40, 32) * 50
+    exact = a @ b.t()
+    one = a.to(torch.float8_e4m3fn).float() @ b.to(torch.float8_e4m3fn).float().t()
+    (ah, al), (bh, bl) = rp.split_fp8(a), rp.split_fp8(b)
+    ah, al, bh, bl = (t.float() for t in (ah, al, bh, bl))
+    split = ah @ bh.t() + ah @ bl.t() + al @ bh.t()
+    assert _rel(split, exact) < 0.1 * _rel(one, exact)
+    assert _rel(split, exact) < 2e-3
+
+
+def test_codes_stay_in_fp8_range_with_strong_loras_and_large_strengths() -> None:
+    lin, q = _quantized("int4")
+    model = nn.Sequential(q)
+    inject(model, LoraSpec(targets=["0"], rank=8, alpha=8), "big")
+    with torch.no_grad():
+        model[0].adapters["big"].lora_B.normal_(0, 30.0)  # a branch far larger than the residual
+    set_strength(model, "big", torch.tensor([5.0, -3.0]))
+    x = _acts(2 * 40, 200)
+    args = _args(q, x, rows_per_sample=40)
+    g, cs = rp.prefill_scales(q.l1, q.l2, q.smooth_inv, q.wscale, "int4", q.strength)
+    xq, _ = rp.quantize_act_rowwise(x, q.smooth_inv, q.l1, q.strength, 40, g)
+    wq = rp.expand_weight(q.qweight, q.wscale, "int4", q.l2, g, cs)
+    assert xq.float().isfinite().all() and wq.float().isfinite().all()
+    assert xq.float().abs().max() <= 448 and wq.float().abs().max() <= 448
+    assert _rel(rp.w4_linear_prefill(*args), ref.w4_linear(*args)) < 0.02
+
+
+def test_prefill_per_sample_strengths_equal_samples_alone() -> None:
+    _, q = _quantized("fp4")
+    model = nn.Sequential(q)
+    inject(model, LoraSpec(targets=["0"], rank=4, alpha=4), "a")
+    with torch.no_grad():
+        model[0].adapters["a"].lora_B.normal_(0, 0.2)
+    x = _acts(3 * 5, 200)
+    set_strength(model, "a", torch.tensor([0.0, 1.0, -0.5]))
+    batched = rp.w4_linear_prefill(*_args(q, x, rows_per_sample=5))
+    for i, s in enumerate([0.0, 1.0, -0.5]):
+        set_strength(model, "a", s)
+        alone = rp.w4_linear_prefill(*_args(q, x[5 * i : 5 * i + 5], rows_per_sample=5))
+        # Row scales are per token, so a sample's codes do not depend on its batch; the branch
+        # factor g does (it follows the largest strength), which moves FP8 roundings only.
+        assert _rel(batched[5 * i : 5 * i + 5], alone) < 3e-3
+
+
+def test_w4_linear_path_argument() -> None:
+    _, q = _quantized("int4")
+    x = _acts(8, 200)
+    args = _args(q, x)
+    assert torch.equal(kernels.w4_linear(*args, path="prefill"), rp.w4_linear_prefill(*args))
+    assert torch.equal(kernels.w4_linear(*args), ref.w4_linear(*args))  # CPU: the fused maths
+    with pytest.raises(ValueError, match="unknown path"):
+        kernels.w4_linear(*args, path="fast")
