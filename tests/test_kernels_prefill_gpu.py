@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
 
 from studio import kernels
 from studio.kernels import reference as ref
@@ -17,6 +18,7 @@ from studio.kernels.prefill_triton import (
     _expand_weight_kernel,
     _rowwise_prepass_kernel,
     expand_weight_triton,
+    fits_prepass,
     quantize_act_rowwise_triton,
     w4_linear_prefill_triton,
 )
@@ -79,6 +81,8 @@ def test_kernels_match_reference(fmt: str, m: int, k: int, n: int, r: int) -> No
 
 @pytest.mark.parametrize("cfg", [c.all_kwargs() for c in _rowwise_prepass_kernel.configs], ids=str)
 def test_prepass_every_config(cfg: dict) -> None:
+    if not fits_prepass(triton.Config(cfg), 256):
+        pytest.skip("pruned for R_PAD = 256 (shared memory); autotuning never runs it there")
     x, sinv, l1, _, strength, _, _, _ = _case(1029, 448, 64, 160, 3, "int4", seed=5)
     g = torch.rand(160, device="cuda") + 0.5
     xq, sx = quantize_act_rowwise_triton(x, sinv, l1, strength, 171, g, config=cfg)

@@ -31,8 +31,9 @@ __all__ = [
 ]
 
 #: Rows from which ``w4_linear`` takes the large-M path on the GPU (bench/bench_w4.py
-#: measures both paths at every M; this is where the large-M path starts to win).
-PREFILL_MIN_M = 128
+#: measures both paths at every M: on H100 the fused path won at M = 256, the large-M
+#: path at M = 1024 on all four FLUX shapes).
+PREFILL_MIN_M = 1024
 PATHS = ("auto", "fused", "prefill")
 
 
@@ -127,7 +128,9 @@ def w4_linear(
     """
     if path not in PATHS:
         raise ValueError(f"unknown path {path!r}; use one of {PATHS}")
-    prefill = path == "prefill" or (path == "auto" and use_triton(x) and x.shape[0] >= PREFILL_MIN_M)
+    # (cuBLAS FP8 needs N % 16 == 0; the path pads other N, which "auto" leaves to the fused kernel)
+    large = x.shape[0] >= PREFILL_MIN_M and qweight.shape[1] % 16 == 0
+    prefill = path == "prefill" or (path == "auto" and use_triton(x) and large)
     if prefill:
         args = (x, smooth_inv, qweight, wscale, fmt, l1, l2, strength, rows_per_sample, bias)
         if use_triton(x):

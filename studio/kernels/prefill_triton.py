@@ -5,8 +5,8 @@ The maths and the reasons are in ``reference_prefill.py`` (the oracle).  Three l
 1. ``_expand_weight_kernel``: every program first derives, for its ``BLOCK_N`` channels,
    the branch factors ``g[r]`` and the channel scale (the same few flops the reference
    does in torch), then unpacks ``GROUPS`` groups of 64 packed codes into FP8 codes
-   re-scaled per channel; the programs of the last grid column write the branch blocks
-   ``[l2_hi | l2_lo | l2_hi]``; column 0 stores the channel scales and ``g``.
+   re-scaled per channel; the programs of grid column 0 also write the branch blocks
+   ``[l2_hi | l2_lo | l2_hi]``, the zero tail, the channel scales and ``g``.
 2. ``_rowwise_prepass_kernel``: per ``BLOCK_M`` rows, one pass over X for the row maxima
    and ``lora_act = x @ l1`` (bf16 dot), a second pass (mostly L2 hits) writing the FP8
    codes, then ``[a_hi | a_hi | a_lo]`` of ``lora_act * strength / (row_scale * g)``.
@@ -22,7 +22,9 @@ import triton.language as tl
 
 from studio.kernels.quant_act import branch_dot_dtype
 from studio.kernels.reference import FP8_MAX
-from studio.kernels.reference_prefill import branch_block, branch_bound, residual_max
+from studio.kernels.reference_prefill import K_ALIGN, branch_block, branch_bound, residual_max, total_k
+
+_FP8_MAX = tl.constexpr(FP8_MAX)  # jit functions read only constexpr globals
 
 
 @triton.jit
@@ -32,6 +34,23 @@ def _decode(codes, FP4: tl.constexpr):
         byte = ((codes & 0x8) << 4) | ((codes & 0x7) << 2)
         return byte.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
     return codes.to(tl.float32) - 8.0
+
+
+@triton.jit
+def _split_e4m3(v):
+    """``(hi, lo)`` FP8 with ``hi + lo`` ~ ``v`` (|v| <= 448), as ``reference_prefill.split_fp8``.
+
+    ``hi`` is rounded in fp32 with integer/add tricks (ties to even, E4M3's 3 mantissa bits;
+    multiples of 2**-9 below 2**-6) instead of an fp8 -> fp32 round trip: in the weight
+    expansion that round trip came out wrong on H100 / Triton 3.6 (the lo block held values
+    of the size of ``v``, bench/diag_prefill.py).  Checked equal to torch's cast on 2e5 values.
+    """
+    bits = v.to(tl.int32, bitcast=True)
+    lsb = (bits >> 20) & 1
+    normal = ((bits + 0x7FFFF + lsb) & -1048576).to(tl.float32, bitcast=True)
+    subnormal = (v + 24576.0) - 24576.0
+    hi = tl.where(tl.abs(v) < 0.015625, subnormal, normal)
+    return hi.to(tl.float8e4nv), (v - hi).to(tl.float8e4nv)
 
 
 @triton.jit
@@ -58,9 +77,9 @@ def _branch_factors(bound_ptr, str_ptr, R, S, stride_sm, S_PAD: tl.constexpr, R_
 @triton.jit
 def _expand_weight_kernel(
     q_ptr, ws_ptr, wmax_ptr, l2_ptr, bound_ptr, str_ptr, out_ptr, cs_ptr, g_ptr,
-    N, KG, KP, R, RB, S,
+    N, KG, KP, KT, R, RB, S,
     stride_qg, stride_qn, stride_wsg, stride_l2n, stride_sm, stride_on,
-    FP4: tl.constexpr, S_PAD: tl.constexpr, R_PAD: tl.constexpr,
+    FP4: tl.constexpr, S_PAD: tl.constexpr, R_PAD: tl.constexpr, TAIL_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
@@ -75,48 +94,70 @@ def _expand_weight_kernel(
     ).to(tl.float32)
     need = tl.max(tl.abs(l2) * g[None, :], axis=1)
     wmax = tl.load(wmax_ptr + offs_n, n_mask, 0.0)
-    cs = tl.maximum(tl.maximum(wmax, need) / FP8_MAX, 1e-30)
+    cs = tl.maximum(tl.maximum(wmax, need) / _FP8_MAX, 1e-30)
     inv = 1.0 / cs
-    if pid_k == 0:
-        tl.store(cs_ptr + offs_n, cs, n_mask)
-        if pid_n == 0:
-            tl.store(g_ptr + offs_r, g, r_mask)
-    n_chunks = tl.cdiv(KG, GROUPS)
-    if pid_k < n_chunks:
-        offs_j = tl.arange(0, 32)
-        for grp in range(pid_k * GROUPS, tl.minimum(pid_k * GROUPS + GROUPS, KG)):
-            packed = tl.load(
-                q_ptr + grp * stride_qg + offs_n[:, None] * stride_qn + offs_j[None, :], n_mask[:, None], 0
-            )
-            ws = tl.load(ws_ptr + grp * stride_wsg + offs_n, n_mask, 0.0)
-            f = (ws * inv)[:, None]
-            dst = out_ptr + offs_n[:, None] * stride_on + grp * 64 + offs_j[None, :]
-            tl.store(dst, (_decode(packed & 0xF, FP4) * f).to(tl.float8e4nv), n_mask[:, None])
-            tl.store(dst + 32, (_decode(packed >> 4, FP4) * f).to(tl.float8e4nv), n_mask[:, None])
-    else:
-        b = l2 * g[None, :] * inv[:, None]
-        hi = b.to(tl.float8e4nv)
-        lo = (b - hi.to(tl.float32)).to(tl.float8e4nv)
-        dst = out_ptr + offs_n[:, None] * stride_on + KP + offs_r[None, :]
-        mask = n_mask[:, None] & (offs_r < RB)[None, :]
-        tl.store(dst, hi, mask)
-        tl.store(dst + RB, lo, mask)
-        tl.store(dst + 2 * RB, hi, mask)
+    # The branch blocks, the zero tail and the scales: written by the pid_k == 0 programs.
+    n_first = offs_n < tl.where(pid_k == 0, N, 0)  # rows this program writes the branch for
+    hi, lo = _split_e4m3(l2 * g[None, :] * inv[:, None])
+    dst = out_ptr + offs_n[:, None] * stride_on + KP + offs_r[None, :]
+    mask = n_first[:, None] & (offs_r < RB)[None, :]
+    tl.store(dst, hi, mask)
+    tl.store(dst + RB, lo, mask)
+    tl.store(dst + 2 * RB, hi, mask)
+    tail = KT - KP - 3 * RB  # zero columns up to the aligned K
+    offs_t = tl.arange(0, TAIL_PAD)
+    zeros = tl.zeros([BLOCK_N, TAIL_PAD], dtype=tl.float32).to(tl.float8e4nv)
+    tl.store(
+        out_ptr + offs_n[:, None] * stride_on + KP + 3 * RB + offs_t[None, :],
+        zeros,
+        n_first[:, None] & (offs_t < tail)[None, :],
+    )
+    tl.store(cs_ptr + offs_n, cs, n_first)
+    tl.store(g_ptr + offs_r, g, offs_r < tl.where((pid_k == 0) & (pid_n == 0), R, 0))
+    offs_j = tl.arange(0, 32)
+    for grp in range(pid_k * GROUPS, tl.minimum(pid_k * GROUPS + GROUPS, KG)):
+        packed = tl.load(
+            q_ptr + grp * stride_qg + offs_n[:, None] * stride_qn + offs_j[None, :], n_mask[:, None], 0
+        )
+        ws = tl.load(ws_ptr + grp * stride_wsg + offs_n, n_mask, 0.0)
+        f = (ws * inv)[:, None]
+        codes_dst = out_ptr + offs_n[:, None] * stride_on + grp * 64 + offs_j[None, :]
+        tl.store(codes_dst, (_decode(packed & 0xF, FP4) * f).to(tl.float8e4nv), n_mask[:, None])
+        tl.store(codes_dst + 32, (_decode(packed >> 4, FP4) * f).to(tl.float8e4nv), n_mask[:, None])
+
+
+def fits_prepass(config: triton.Config, r_pad: int) -> bool:
+    """The ``l1`` tile ``[BLOCK_K, R_PAD]`` (bf16) must leave shared memory for the rest."""
+    return config.kwargs["BLOCK_K"] * r_pad <= 64 * 1024
+
+
+def _prune_prepass(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
+    r_pad = int(kwargs.get("R_PAD", named_args.get("R_PAD", 16)))
+    keep = [c for c in configs if fits_prepass(c, r_pad)]
+    return keep or configs[:1]
 
 
 @triton.autotune(
+    prune_configs_by={"early_config_prune": _prune_prepass},
     configs=[
-        triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=1)
-        for bm, bk, w in [(16, 128, 4), (32, 128, 4), (32, 64, 4), (64, 64, 4), (64, 128, 8)]
+        triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+        for bm, bk, w, st in [
+            (16, 128, 4, 1),
+            (16, 256, 4, 1),
+            (16, 512, 4, 1),
+            (16, 512, 8, 1),
+            (32, 256, 8, 1),
+        ]
     ],
     key=["M_BUCKET", "K", "R_PAD"],
 )
 @triton.jit
 def _rowwise_prepass_kernel(
     x_ptr, sinv_ptr, l1_ptr, str_ptr, g_ptr, out_ptr, sx_ptr,
-    M, K, KP, R, RB, S, rows_per_sample, M_BUCKET,
+    M, K, KP, KT, R, RB, S, rows_per_sample, M_BUCKET,
     stride_xm, stride_l1k, stride_sm, stride_om,
-    R_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    R_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr, TAIL_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -135,7 +176,7 @@ def _rowwise_prepass_kernel(
             l1_ptr + kk[:, None] * stride_l1k + offs_r[None, :], k_mask[:, None] & r_mask[None, :], 0.0
         )
         la = tl.dot(x.to(DOT_DTYPE), l1.to(DOT_DTYPE), la)
-    scale = tl.maximum(amax / FP8_MAX, 1e-12)
+    scale = tl.maximum(amax / _FP8_MAX, 1e-12)
     for k0 in range(0, KP, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         k_mask = kk < K
@@ -144,15 +185,19 @@ def _rowwise_prepass_kernel(
         q = (x.to(tl.float32) * sinv[None, :] / scale[:, None]).to(tl.float8e4nv)
         tl.store(out_ptr + offs_m[:, None] * stride_om + kk[None, :], q, m_mask[:, None] & (kk < KP)[None, :])
     tl.store(sx_ptr + offs_m, scale, m_mask)
+    offs_t = tl.arange(0, TAIL_PAD)
+    tl.store(
+        out_ptr + offs_m[:, None] * stride_om + KP + 3 * RB + offs_t[None, :],
+        tl.zeros([BLOCK_M, TAIL_PAD], dtype=tl.float32).to(tl.float8e4nv),
+        m_mask[:, None] & (offs_t < KT - KP - 3 * RB)[None, :],
+    )
     if RB > 0:
         srow = (offs_m // rows_per_sample) % S
         st = tl.load(
             str_ptr + srow[:, None] * stride_sm + offs_r[None, :], m_mask[:, None] & r_mask[None, :], 0.0
         )
         g = tl.load(g_ptr + offs_r, r_mask, 1.0)
-        a = la * st / (scale[:, None] * g[None, :])
-        hi = a.to(tl.float8e4nv)
-        lo = (a - hi.to(tl.float32)).to(tl.float8e4nv)
+        hi, lo = _split_e4m3(la * st / (scale[:, None] * g[None, :]))
         dst = out_ptr + offs_m[:, None] * stride_om + KP + offs_r[None, :]
         mask = m_mask[:, None] & (offs_r < RB)[None, :]
         tl.store(dst, hi, mask)
@@ -170,7 +215,7 @@ def expand_weight_triton(
     strength: torch.Tensor,
     config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(``wq [N, Kp + 3 Rb]`` FP8, ``channel_scale [N]`` fp32, ``g [R]`` fp32); see the reference.
+    """(``wq [N, total_k]`` FP8, ``channel_scale [N]`` fp32, ``g [R]`` fp32); see the reference.
 
     ``config`` (BLOCK_N, GROUPS, num_warps) skips autotuning (tests, the interpreter).
     """
@@ -179,20 +224,21 @@ def expand_weight_triton(
     rb = branch_block(r)
     kp = kg * 64
     r_pad = max(16, triton.next_power_of_2(max(rb, 1)))
-    wq = torch.empty(n, kp + 3 * rb, device=qweight.device, dtype=torch.float8_e4m3fn)
+    kt = total_k(kp, r)
+    wq = torch.empty(n, kt, device=qweight.device, dtype=torch.float8_e4m3fn)
     cs = torch.empty(n, device=qweight.device, dtype=torch.float32)
     g = torch.empty(max(r, 1), device=qweight.device, dtype=torch.float32)
     l2 = l2 if r else l2.new_zeros(n, 1)
 
     def grid(meta: dict) -> tuple[int, int]:
-        return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(kg, meta["GROUPS"]) + (1 if rb else 0))
+        return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(kg, meta["GROUPS"]))
 
     kernel = _expand_weight_kernel if config is None else _expand_weight_kernel.fn
     kernel[grid](
         qweight, wscale, wmax, l2, bound, strength, wq, cs, g,
-        n, kg, kp, r, rb, strength.shape[0],
+        n, kg, kp, kt, r, rb, strength.shape[0],
         qweight.stride(0), qweight.stride(1), wscale.stride(0), l2.stride(0), strength.stride(0), wq.stride(0),
-        FP4=fmt == "fp4", S_PAD=max(2, triton.next_power_of_2(strength.shape[0])), R_PAD=r_pad,
+        FP4=fmt == "fp4", S_PAD=max(2, triton.next_power_of_2(strength.shape[0])), R_PAD=r_pad, TAIL_PAD=K_ALIGN,
         **(config or {}),
     )  # fmt: skip
     return wq, cs, g[:r]
@@ -207,7 +253,7 @@ def quantize_act_rowwise_triton(
     g: torch.Tensor,
     config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(``xq [M, Kp + 3 Rb]`` FP8, ``row_scale [M, 1]`` fp32); ``x`` row-major.
+    """(``xq [M, total_k]`` FP8, ``row_scale [M, 1]`` fp32); ``x`` row-major.
 
     ``config`` (BLOCK_M, BLOCK_K, num_warps, num_stages) skips autotuning.
     """
@@ -215,7 +261,8 @@ def quantize_act_rowwise_triton(
     r = l1.shape[1]
     rb = branch_block(r)
     kp = -(-k // 64) * 64
-    xq = torch.empty(m, kp + 3 * rb, device=x.device, dtype=torch.float8_e4m3fn)
+    kt = total_k(kp, r)
+    xq = torch.empty(m, kt, device=x.device, dtype=torch.float8_e4m3fn)
     sx = torch.empty(m, 1, device=x.device, dtype=torch.float32)
     l1 = l1 if r else l1.new_zeros(k, 1)
     g = g if r else torch.ones(1, device=x.device)
@@ -226,9 +273,10 @@ def quantize_act_rowwise_triton(
     kernel = _rowwise_prepass_kernel if config is None else _rowwise_prepass_kernel.fn
     kernel[grid](
         x, smooth_inv, l1, strength, g, xq, sx,
-        m, k, kp, r, rb, strength.shape[0], max(rows_per_sample, 1), min(triton.next_power_of_2(max(m, 16)), 8192),
+        m, k, kp, kt, r, rb, strength.shape[0], max(rows_per_sample, 1), min(triton.next_power_of_2(max(m, 16)), 8192),
         x.stride(0), l1.stride(0), strength.stride(0), xq.stride(0),
-        R_PAD=max(16, triton.next_power_of_2(max(rb, 1))), DOT_DTYPE=branch_dot_dtype(), **(config or {}),
+        R_PAD=max(16, triton.next_power_of_2(max(rb, 1))), DOT_DTYPE=branch_dot_dtype(), TAIL_PAD=K_ALIGN,
+        **(config or {}),
     )  # fmt: skip
     return xq, sx
 
@@ -258,8 +306,15 @@ def w4_linear_prefill_triton(
     wmax = residual_max(wscale, fmt) if wmax is None else wmax
     wq, cs, g = expand_weight_triton(qweight, wscale, fmt, l2, bound, wmax, strength)
     xq, sx = quantize_act_rowwise_triton(x, smooth_inv, l1, strength, rows_per_sample, g)
+    n = qweight.shape[1]
+    if n % 16:  # cuBLAS FP8 wants N % 16 == 0: zero codes and unit scales for the extra rows
+        pad = 16 - n % 16
+        wq = torch.cat([wq, wq.new_zeros(pad, wq.shape[1])])
+        cs = torch.cat([cs, cs.new_ones(pad)])
+        bias = None if bias is None else torch.cat([bias.float(), bias.new_zeros(pad).float()])
     bias16 = None if bias is None else bias.to(torch.bfloat16)
     out = torch._scaled_mm(
         xq, wq.t(), scale_a=sx, scale_b=cs.view(1, -1), bias=bias16, out_dtype=torch.bfloat16
     )
+    out = out if n % 16 == 0 else out[:, :n].contiguous()
     return out if x.dtype == torch.bfloat16 else out.to(x.dtype)
