@@ -30,10 +30,10 @@ __all__ = [
     "PREFILL_MIN_M",
 ]
 
-#: Rows from which ``w4_linear`` takes the large-M path on the GPU (bench/bench_w4.py
-#: measures both paths at every M: on H100 the fused path won at M = 256, the large-M
-#: path at M = 1024 on all four FLUX shapes).
-PREFILL_MIN_M = 1024
+#: Rows from which ``w4_linear`` takes the large-M path on the GPU: bench/bench_w4.py
+#: measures both paths at every M; on H100 (docs/results.md) the fused path won at M = 16
+#: and the large-M path at M = 256, 1024 and 4608 on all four FLUX shapes.
+PREFILL_MIN_M = 256
 PATHS = ("auto", "fused", "prefill")
 
 
