@@ -322,6 +322,8 @@ def inject(model: nn.Module, spec: AdapterSpec, name: str = "default") -> list[s
     """
     if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
         raise AdapterError(f"adapter name {name!r} must use letters, digits, '_' or '-'")
+    if hasattr(nn.ModuleDict(), name):  # the hosts keep adapters in ModuleDicts
+        raise AdapterError(f"adapter name {name!r} is reserved (an attribute of torch's ModuleDict)")
     if name in adapter_names(model):
         raise AdapterError(f"an adapter named {name!r} is already on the model")
     planned = plan_injection(model, spec)  # raises before any change

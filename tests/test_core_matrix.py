@@ -189,3 +189,12 @@ def test_per_sample_strengths_equal_running_each_sample_alone(method: str, case:
             base.set_strength(model, "b", float(strengths_b[i]))
             row = {k: (v[i : i + 1] if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in inputs.items()}
             torch.testing.assert_close(case.run(model, row), batched[i : i + 1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["keys", "update", "training", "forward"])
+def test_reserved_adapter_names_are_refused_and_change_nothing(name: str) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(AdapterError, match="reserved"):
+        base.inject(model, LoraSpec(targets=["0"], rank=2), name)
+    assert [type(m) for m in model.modules()] == before
