@@ -29,6 +29,7 @@ from studio.service_models import BaseModel, list_base_models
 from studio.service_strengths import StrengthPlan
 from studio.service_types import AdapterInfo, AdapterUse, GenerationSettings
 from studio.service_vision import VisionModel, classify, segment
+from studio.service_vision_load import vision_folders
 
 #: progress(done, total, message)
 Progress = Callable[[int, int, str], None]
@@ -139,7 +140,10 @@ class StudioService:
         with self.lock:
             out = [r.info().to_dict() for r in self._records.values()]
             loaded_paths = {r.path for r in self._records.values()}
+        vision = vision_folders(self.adapter_dirs)
         for path in scan_adapters(self.adapter_dirs):
+            if any(path == v or path.is_relative_to(v) for v in vision):
+                continue  # a trained vision model: the Vision tab loads it (load_vision_model)
             if str(path) not in loaded_paths:
                 out.append(AdapterInfo(name=path.stem, path=str(path), loaded=False).to_dict())
         return out
@@ -269,10 +273,45 @@ class StudioService:
             self._vision[vm.name] = vm.__class__(**{**vm.__dict__, "model": vm.model.to(self.device)})
 
     def list_vision_models(self) -> list[dict[str, Any]]:
-        return [
-            {"name": v.name, "task": v.task, "classes": v.classes, "source": v.source}
-            for v in self._vision.values()
-        ]
+        with self.lock:
+            return [
+                {
+                    "name": v.name,
+                    "task": v.task,
+                    "classes": v.classes,
+                    "size": v.size,
+                    "source": v.source,
+                    "path": v.path,
+                }
+                for v in self._vision.values()
+            ]
+
+    def vision_folders(self) -> list[str]:
+        """Trained vision outputs inside the adapter folders that are not loaded yet."""
+        with self.lock:
+            loaded = {v.path for v in self._vision.values()}
+        return [str(p) for p in vision_folders(self.adapter_dirs) if str(p) not in loaded]
+
+    def load_vision_model(
+        self, path: str | Path, name: str | None = None, replace: bool = False
+    ) -> list[dict[str, Any]]:
+        """Register the Vision-tab models of a trained vision output folder (inside the adapter folders).
+
+        adaptertune / lora give a classifier, salt a segmenter, endoarss both
+        (``NAME-classify``, ``NAME-segment``); ``replace`` swaps models of the same names.
+        """
+        from studio.service_vision_load import vision_models_from_folder
+
+        resolved = safe_path(path, self.adapter_dirs)
+        models = vision_models_from_folder(resolved, name and _clean_name(name))  # outside the lock
+        with self.lock:
+            taken = [vm.name for vm in models if vm.name in self._vision]
+            if taken and not replace:
+                raise AdapterError(f"a vision model named {taken[0]!r} is already loaded")
+            for vm in models:
+                self.add_vision_model(vm)
+        names = {vm.name for vm in models}
+        return [v for v in self.list_vision_models() if v["name"] in names]
 
     def _vision_model(self, name: str) -> VisionModel:
         if name not in self._vision:

@@ -3,8 +3,9 @@
 A vision model here is any ``nn.Module`` mapping images ``(B, 3, S, S)`` in [0, 1] to
 logits ``(B, C)`` (task "classify") or ``(B, C, S, S)`` (task "segment"), with class
 names.  Training pipelines (or their saved checkpoints) register theirs with
-``StudioService.add_vision_model``; ``demo_vision_models`` builds untrained stand-ins
-so the Vision tab works on a fresh install.
+``StudioService.add_vision_model`` (trained output folders load through
+``studio.service_vision_load``); ``demo_vision_models`` builds untrained stand-ins, the
+Vision tab's fallback when the shipped trained examples (``assets/examples``) are missing.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class VisionModel:
     size: int = 32
     #: Where it came from (shown in the UI).
     source: str = ""
+    #: The trained output folder it was loaded from ("" when built in memory).
+    path: str = ""
 
 
 def _to_tensor(image: Image.Image, size: int) -> torch.Tensor:
@@ -83,7 +86,7 @@ class _SegNet(nn.Module):
 
 
 def demo_vision_models() -> list[VisionModel]:
-    """Untrained tiny ViTs with a LoRA, so the Vision tab runs end to end (labelled as such)."""
+    """Untrained tiny ViTs with a LoRA: the fallback when assets/examples is missing (labelled so)."""
     from adapters.base import inject
     from adapters.lora import LoraSpec
     from pipelines.vision_common import SegDecoder, build_backbone
@@ -97,8 +100,8 @@ def demo_vision_models() -> list[VisionModel]:
         seg = _SegNet(seg_backbone, SegDecoder(seg_backbone.num_features, 4))
         inject(seg, LoraSpec(targets=["qkv"], rank=2), "demo-lora")
     shapes = ["circle", "square", "triangle", "cross"]
-    note = f"untrained demo ({desc})"
+    note = f"UNTRAINED fallback, random predictions ({desc}); assets/examples is missing"
     return [
-        VisionModel("demo-classifier", "classify", clf.eval(), shapes, 32, note),
-        VisionModel("demo-segmenter", "segment", seg.eval(), ["background", *shapes[:3]], 32, note),
+        VisionModel("untrained-classifier", "classify", clf.eval(), shapes, 32, note),
+        VisionModel("untrained-segmenter", "segment", seg.eval(), ["background", *shapes[:3]], 32, note),
     ]

@@ -19,7 +19,7 @@ def blocks(lang: str) -> list[str]:
 
 def test_python_examples_run():
     code = blocks("python")
-    assert len(code) == 2
+    assert len(code) == 3
     for block in code:
         exec(compile(block, str(DOC), "exec"), {})
 

@@ -146,7 +146,21 @@ def test_compress_and_train_and_vision(server):
     assert "ui-trained" in [a["name"] for a in service.list_adapters()]
     img = data / "shape.png"
     Image.new("RGB", (40, 40), "red").save(img)
-    label = client.predict("demo-classifier", handle_file(str(img)), api_name="/vision")[0]
-    assert {c["label"] for c in label["confidences"]} == {"circle", "square", "triangle", "cross"}
-    seg = client.predict("demo-segmenter", handle_file(str(img)), api_name="/vision")
+    label = client.predict("vision-adaptertune", handle_file(str(img)), api_name="/vision")[0]
+    assert {c["label"] for c in label["confidences"]} == {"circle", "square", "triangle", "star", "cross"}
+    seg = client.predict("vision-salt", handle_file(str(img)), api_name="/vision")
     assert Image.open(seg[1]).size == (40, 40)
+
+
+def test_train_tab_runs_a_vision_pipeline(server):
+    service, url, data = server
+    client = Client(url, verbose=False)
+    status = client.predict("pipeline:adaptertune", 2, "ui-shapes", "tiny-sd", api_name="/train")[0]
+    assert "done after 2 steps" in status and "ui-shapes" in status and "Vision tab" in status
+    assert (data / "adapters" / "trained" / "ui-shapes" / "vision_task.json").is_file()
+    img = data / "blue.png"
+    Image.new("RGB", (64, 64), "blue").save(img)
+    label = client.predict("ui-shapes", handle_file(str(img)), api_name="/vision")[0]
+    assert len(label["confidences"]) == 5
+    with pytest.raises(AppError, match="not a vision pipeline output"):
+        client.predict(str(data / "adapters"), api_name="/load_vision")

@@ -158,14 +158,28 @@ def build_app(service: StudioService, work_dir: str | Path | None = None) -> gr.
             with gr.Row():
                 with gr.Column():
                     vmodel = gr.Dropdown(
-                        vision_models, value=(vision_models or [None])[0], label="Vision model"
+                        vision_models,
+                        value=(vision_models or [None])[0],
+                        label="Vision model",
+                        allow_custom_value=True,  # a model loaded after the page was built
                     )
+                    vsource = gr.Markdown(h.vision_source((vision_models or [""])[0]))
                     vimage = gr.Image(type="pil", label="Image")
                     vrun = gr.Button("Run", variant="primary")
+                    with gr.Row():
+                        vfolder = gr.Dropdown(
+                            service.vision_folders(),
+                            label="Trained vision folder (inside the adapter folders)",
+                            allow_custom_value=True,
+                        )
+                        vload = gr.Button("Load folder")
                 with gr.Column():
                     scores = gr.Label(label="Class scores")
                     overlay = gr.Image(type="pil", format="png", label="Mask overlay")
         vrun.click(h.vision, [vmodel, vimage], [scores, overlay], api_name="vision", **GPU)
+        vmodel.change(h.vision_source, vmodel, vsource, api_name=False)
+        vision_listing = [vmodel, vfolder]
+        vload.click(h.load_vision, vfolder, [vsource, *vision_listing], api_name="load_vision")
 
         # ------------------------------------------------------------ Train
         with gr.Tab("Train", id="train"):
@@ -173,7 +187,11 @@ def build_app(service: StudioService, work_dir: str | Path | None = None) -> gr.
             with gr.Row():
                 trainer = gr.Dropdown(names_tr, value=names_tr[0], label="Pipeline")
                 tsteps = gr.Slider(1, 500, 20, step=1, label="Steps")
-                tname = gr.Textbox("trained-lora", label="Adapter name")
+                tname = gr.Textbox("", label="Result name", placeholder="trained-<pipeline>")
+            gr.Markdown(
+                "`pipeline:*` runs train on the tiny world through the shared loop and appear in the "
+                "Vision tab; `demo-lora` trains a diffusion LoRA that appears in the adapter list."
+            )
             with gr.Row():
                 start = gr.Button("Start", variant="primary")
                 cancel = gr.Button("Cancel")
@@ -181,13 +199,14 @@ def build_app(service: StudioService, work_dir: str | Path | None = None) -> gr.
             loss_plot = gr.LinePlot(x="step", y="loss", label="Loss")
             stop_flag = gr.State(None)
         train_event = start.click(
-            _train_stream(service, h),
+            _train_stream(service),
             [trainer, tsteps, tname, base, stop_flag],
             [status, loss_plot, stop_flag],
             api_name="train",
-            **GPU,
+            concurrency_limit=1,
+            concurrency_id="train",
         )
-        train_event.then(h.refresh, None, listing)
+        train_event.then(h.refresh, None, listing).then(h.refresh_vision, vmodel, vision_listing)
         cancel.click(_cancel, stop_flag, status, api_name=False)
     return app
 
@@ -198,8 +217,12 @@ def _cancel(flag: threading.Event | None) -> str:
     return "cancelling..."
 
 
-def _train_stream(service: StudioService, h: Handlers):
-    """A generator handler: runs the trainer in a thread and streams progress and loss."""
+def _train_stream(service: StudioService):
+    """A generator handler: runs the trainer in a thread and streams progress and loss.
+
+    Not in the GPU queue: pipeline runs do not hold the service lock, so generation stays
+    responsive while they train (``demo-lora`` holds it, as it trains the shared UNet).
+    """
 
     @user_errors
     def train(trainer: str, steps: float, name: str, base_model: str, _flag: Any):
@@ -211,13 +234,14 @@ def _train_stream(service: StudioService, h: Handlers):
 
         def work() -> None:
             try:
-                outcome["parts"] = run_trainer(
+                outcome["summary"] = run_trainer(
                     service,
                     trainer,
                     int(steps),
                     lambda s, t, loss: history.append((s, loss)),
                     stop.is_set,
                     base_model,
+                    name=(name or "").strip() or None,
                 )
             except Exception as err:  # noqa: BLE001 - reported in the page below
                 outcome["error"] = err
@@ -231,15 +255,25 @@ def _train_stream(service: StudioService, h: Handlers):
             yield f"training {trainer}: step {done}/{int(steps)}", frame, stop
         if "error" in outcome:
             raise outcome["error"]
-        frame = pd.DataFrame(history, columns=["step", "loss"])
-        adapter = name.strip() or "trained-lora"
-        if adapter in h.adapter_names():
-            service.unload_adapter(adapter)
-        service.add_adapter(adapter, outcome["parts"], metadata={"trainer": trainer, "steps": len(history)})
-        word = "cancelled" if stop.is_set() else "done"
-        yield f"{word} after {len(history)} steps; adapter **{adapter}** is in the adapter list", frame, None
+        yield train_message(outcome["summary"]), pd.DataFrame(history, columns=["step", "loss"]), None
 
     return train
+
+
+def train_message(summary: dict[str, Any]) -> str:
+    """The Train tab's closing line for a ``run_trainer`` summary."""
+    word = "cancelled" if summary["stopped"] else "done"
+    names = ", ".join(f"**{n}**" for n in summary["names"])
+    if not summary["names"]:
+        return f"{word} before training started"
+    where = "in the adapter list" if summary["kind"] == "adapter" else "in the Vision tab"
+    metrics = ", ".join(f"{k} {v:.3f}" for k, v in summary["metrics"].items() if k in METRICS_SHOWN)
+    return f"{word} after {summary['steps']} steps; {names} {where}" + (
+        f" (held-out {metrics})" if metrics else ""
+    )
+
+
+METRICS_SHOWN = ("accuracy", "miou", "dice")
 
 
 def launch(

@@ -238,11 +238,35 @@ class Handlers:
     def vision(self, model: str, image: Any):
         if image is None:
             raise AdapterError("upload an image first")
+        if not model:
+            raise AdapterError("pick a vision model")
         task = {v["name"]: v["task"] for v in self.service.list_vision_models()}.get(model)
         if task == "segment":
             overlay, shares = self.service.segment(model, image)
             return shares, overlay
         return self.service.classify(model, image), None
+
+    def vision_source(self, model: str | None) -> str:
+        info = {v["name"]: v for v in self.service.list_vision_models()}.get(model or "")
+        if info is None:
+            return ""
+        return f"{info['task']} · {info['size']} px · {info['source']}"
+
+    def refresh_vision(self, value: str | None = None):
+        names = [v["name"] for v in self.service.list_vision_models()]
+        return (
+            gr.Dropdown(choices=names, value=value if value in names else (names or [None])[0]),
+            gr.Dropdown(choices=self.service.vision_folders(), value=None),
+        )
+
+    @user_errors
+    def load_vision(self, path: str):
+        if not path:
+            raise AdapterError("pick or type a trained vision folder inside the adapter folders")
+        models = self.service.load_vision_model(path)
+        first = models[0]["name"]
+        loaded = ", ".join(m["name"] for m in models)
+        return (f"loaded {loaded}: {self.vision_source(first)}", *self.refresh_vision(first))
 
 
 __all__ = ["AXIS_KINDS", "Handlers", "SLOTS", "parse_blocks", "user_errors"]

@@ -16,7 +16,12 @@ def make_service(
     examples: bool = True,
     base_model: str | None = None,
 ):
-    """The service the app runs on: base models, adapter folders, example and vision models."""
+    """The service the app runs on: base models, adapter folders, example and vision models.
+
+    The first adapter folder (``<data>/adapters``) is the writable one: uploads and Train-tab
+    results go there.  The shipped vision examples (``assets/examples``) load into the
+    Vision tab; without them, untrained stand-ins labelled as such.
+    """
     from studio.service import StudioService
     from studio.service_vision import demo_vision_models
 
@@ -24,7 +29,9 @@ def make_service(
     uploads = data / "adapters"
     uploads.mkdir(parents=True, exist_ok=True)
     shipped = ROOT / "assets" / "adapters"
-    dirs = [uploads, *[Path(d) for d in adapter_dirs]] + ([shipped] if shipped.is_dir() else [])
+    vision_examples = ROOT / "assets" / "examples"
+    dirs = [uploads, *[Path(d) for d in adapter_dirs]]
+    dirs += [d for d in (shipped, vision_examples) if d.is_dir()]
     model_dirs = [Path(model).resolve().parent] if model else []
     service = StudioService(
         model_dirs=model_dirs, adapter_dirs=dirs, output_dir=data / "outputs", device=device
@@ -35,9 +42,21 @@ def make_service(
         loaded = _load_shipped(service, shipped, base) if shipped.is_dir() else []
         if not loaded:
             service.add_example_adapters(base)
-        for vm in demo_vision_models():
-            service.add_vision_model(vm)
+        if not (vision_examples.is_dir() and _load_vision_examples(service, vision_examples)):
+            for vm in demo_vision_models():
+                service.add_vision_model(vm)
     return service
+
+
+def _load_vision_examples(service, folder: Path) -> list[str]:
+    """The trained vision examples (assets/examples/vision-*) as Vision-tab models."""
+    names = []
+    for path in sorted(folder.glob("vision-*")):
+        try:
+            names += [m["name"] for m in service.load_vision_model(path)]
+        except Exception as err:  # noqa: BLE001 - one broken example must not stop the app
+            print(f"studio: skipped {path.name}: {str(err).splitlines()[0]}")
+    return names
 
 
 def _load_shipped(service, folder: Path, base: str) -> list[str]:

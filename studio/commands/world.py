@@ -66,7 +66,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("world", help="the tiny default world: rebuild or list its models")
     wsub = p.add_subparsers(dest="world_command", metavar="ACTION", required=True)
     b = wsub.add_parser("build", help="rebuild every world model from scratch (one GPU, minutes)")
-    b.add_argument("--only", default=None, help="comma-separated model names (default: all)")
+    b.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated model names (default: all); vision-examples: the Vision tab's trained examples",
+    )
     b.add_argument("--out", default="assets", help="assets folder to write (default: assets)")
     b.add_argument("--device", default="cuda", help="torch device (default: cuda)")
     b.add_argument("--seed", type=int, default=0, help="seed for data and training (default: 0)")

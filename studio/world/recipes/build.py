@@ -16,11 +16,13 @@ from typing import Any
 
 import torch
 
-from studio.world.recipes import backbones, clip, diffusion
+from studio.world.recipes import backbones, clip, diffusion, vision_examples
 from studio.world.recipes.common import BuildContext, folder_size_mb, make_world_data, write_card
 
 POINTMAP_NAME = "pointmap-tiny"
 MODELS = (backbones.VIT.name, backbones.DINOV2.name, clip.MODEL_NAME, diffusion.MODEL_NAME, POINTMAP_NAME)
+# Built only when named in --only (they train on the shipped backbones): the Vision tab's examples.
+EXTRAS = (vision_examples.NAME,)
 # Images rendered up front: (training, probe-training, held-out test); smoke sizes second.
 DATA_SIZES = {"full": (50_000, 3_000, 2_000), "smoke": (192, 96, 64)}
 POINTMAP_MINUTES = {"full": 1.0, "smoke": 0.05}
@@ -30,9 +32,9 @@ def parse_only(only: str | None) -> list[str]:
     if not only:
         return list(MODELS)
     names = [n.strip() for n in only.split(",") if n.strip()]
-    unknown = [n for n in names if n not in MODELS]
+    unknown = [n for n in names if n not in MODELS + EXTRAS]
     if unknown:
-        raise ValueError(f"unknown world model {unknown[0]!r}; choose from {', '.join(MODELS)}")
+        raise ValueError(f"unknown world model {unknown[0]!r}; choose from {', '.join(MODELS + EXTRAS)}")
     return names
 
 
@@ -52,6 +54,12 @@ def build(
 ) -> dict[str, Any]:
     """Build the selected world models into ``out``; returns (and writes) the build report."""
     names = parse_only(only)
+    if vision_examples.NAME in names:  # its own report (the examples' cards), not world_build.json
+        if len(names) > 1:
+            raise ValueError(f"build {vision_examples.NAME} on its own, after the backbones")
+        start = time.time()
+        models = vision_examples.build(out, device=device, seed=seed, smoke=smoke, log=log)
+        return {"seconds": {"total": round(time.time() - start, 1)}, "models": models}
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(
             "--device cuda asked for, but no CUDA device is available (use --device cpu --smoke)"
