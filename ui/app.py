@@ -185,12 +185,13 @@ def build_app(service: StudioService, work_dir: str | Path | None = None) -> gr.
         with gr.Tab("Train", id="train"):
             names_tr = list(trainers())
             with gr.Row():
-                trainer = gr.Dropdown(names_tr, value=names_tr[0], label="Pipeline")
+                first = "pipeline:adaptertune" if "pipeline:adaptertune" in names_tr else names_tr[0]
+                trainer = gr.Dropdown(names_tr, value=first, label="Pipeline")
                 tsteps = gr.Slider(1, 500, 20, step=1, label="Steps")
                 tname = gr.Textbox("", label="Result name", placeholder="trained-<pipeline>")
             gr.Markdown(
-                "`pipeline:*` runs train on the tiny world through the shared loop and appear in the "
-                "Vision tab; `demo-lora` trains a diffusion LoRA that appears in the adapter list."
+                "`pipeline:*` trains on the tiny world through the shared loop; the result appears in "
+                "the Vision tab. `demo-lora` trains a diffusion LoRA for the adapter list."
             )
             with gr.Row():
                 start = gr.Button("Start", variant="primary")
