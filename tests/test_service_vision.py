@@ -198,3 +198,28 @@ def test_train_tab_other_pipelines_become_vision_models(tmp_path, pipeline, opti
     restarted = StudioService(adapter_dirs=[tmp_path / "adapters"], device="cpu")
     assert restarted.vision_folders() == [summary["path"]] and restarted.list_adapters() == []
     assert [m["name"] for m in restarted.load_vision_model(summary["path"])] == summary["names"]
+
+
+def test_examples_recipe_smoke_through_the_cli(tmp_path):
+    from studio.cli import main
+
+    assert (
+        main(
+            [
+                "world",
+                "build",
+                "--only",
+                "vision-examples",
+                "--device",
+                "cpu",
+                "--smoke",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+    for method in ("adaptertune", "salt", "endoarss"):
+        folder = tmp_path / "examples" / f"vision-{method}"
+        assert "(--smoke run)" in (folder / "README.md").read_text() and (folder / "metrics.json").is_file()
+        assert vision_models_from_folder(folder)

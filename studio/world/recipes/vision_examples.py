@@ -42,6 +42,8 @@ RECIPES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     ),
 }  # fmt: skip
 SMOKE_STEPS = 3
+# --smoke: data sizes and SALT's source stage shrunk too (checks the recipe runs end to end).
+SMOKE_OPTIONS = dict(n_total=48, n_test=16, n_train=16, n_source=32, source_steps=2)
 TITLES = {
     "adaptertune": "AdapterTune on vit-tiny-world: world shapes classification",
     "salt": "SALT on vit-tiny-world: segmentation of the shifted (dark, textured) domain",
@@ -57,7 +59,9 @@ def build(out: Path, device: str = "cpu", seed: int = 0, smoke: bool = False, lo
 
     report = {}
     for method, (options, loop) in RECIPES.items():
-        loop = {**loop, "max_steps": SMOKE_STEPS} if smoke else loop
+        if smoke:
+            loop = {**loop, "max_steps": SMOKE_STEPS, "batch_size": 8, "warmup_steps": 1}
+            options = {**options, **{k: v for k, v in SMOKE_OPTIONS.items() if k in options}}
         start = time.time()
         task = get_pipeline(method)(dict(options))
         dest = out / "examples" / f"vision-{method}"
@@ -83,7 +87,7 @@ def build(out: Path, device: str = "cpu", seed: int = 0, smoke: bool = False, lo
             "steps": result.step,
             "size_kb": round(sum(p.stat().st_size for p in dest.rglob("*") if p.is_file()) / 1024, 1),
         }
-        write_card(dest, method, options, config, metrics, device)
+        write_card(dest, method, options, config, metrics, device + (" (--smoke run)" if smoke else ""))
         report[method] = metrics
         log(f"[{NAME}] {method}: {metrics['held_out']} in {seconds} s, {metrics['size_kb']} KB")
     return report
