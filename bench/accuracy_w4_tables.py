@@ -39,9 +39,12 @@ def tables(result: dict[str, Any]) -> str:
         ratios = [r["max_over_median"] for r in sel]
         shapes = sorted({f"{r['K']}x{r['N']}" for r in sel})
         rows.append([k, len(sel), ", ".join(shapes), f"{np.median(ratios):.1f}", f"{max(ratios):.1f}",
-                     f"{np.median([r['channels_over_5x'] for r in sel]):.0f}"])  # fmt: skip
+                     f"{np.median([r['channels_over_5x'] for r in sel]):.0f}",
+                     sum(r["smoothing_spread"]["int4"] > 1.0 for r in sel),
+                     f"{np.median([r['smoothing_spread']['int4'] for r in sel]):.1f}"])  # fmt: skip
     out.append(_md(["layer kind", "layers", "K x N", "max/median (median)", "max/median (max)",
-                    "channels > 5x median (median)"], rows))  # fmt: skip
+                    "channels > 5x median (median)", "SVDQuant INT4 picked smoothing (layers)",
+                    "smoothing max/min (median)"], rows))  # fmt: skip
     out += ["", "Relative error vs the float64 layer (mean over layers unless named)", ""]
     rows = []
     for key, label in LAYER_VARIANTS.items():
@@ -87,7 +90,7 @@ def tables(result: dict[str, Any]) -> str:
                 + [f"{r['same_labels_as_fp32']:.3f}", f"{r['generate_s']:.0f}"] for r in e2e["rows"]]  # fmt: skip
         out.append(_md(["UNet", f"UNet eps rel. error ({e2e['unet_calls']} calls)", "PSNR dB (all images)",
                         "PSNR dB (median image)", "mean abs diff (0-255)", "CLIP score", *attrs, "all three",
-                        "same CLIP labels as fp32", "generate s"], rows))  # fmt: skip
+                        "same CLIP labels as fp32", "CPU s (reference maths)"], rows))  # fmt: skip
     return "\n".join(out)
 
 

@@ -12,11 +12,12 @@
    (``path="prefill"``) maths of ``studio.kernels.w4_linear``.
 2. End to end: the fp32 pipeline (the honest CPU baseline) against the same pipeline with its
    UNet in bf16, FP8 row-wise (emulated), or quantized by ``adapters.svdquant.quantize_model``
-   (calibrated on the UNet calls of the calibration prompts; also once on the synthetic batches
-   ``studio quantize`` uses): PSNR and mean |pixel difference| against the fp32 images, CLIP
-   score and CLIP-judged prompt following (as the world build measures it).  SVDQuantLinear has
-   no path switch, so the end-to-end prefill rows swap ``studio.kernels.w4_linear`` for a copy
-   with ``path="prefill"`` while they run.
+   (rank 32 clamped to min(K, N); calibrated on the UNet calls of the calibration prompts, and
+   once on the synthetic batches ``studio quantize`` uses): the UNet's noise-prediction error on
+   fp32-trajectory inputs (no drift), PSNR (over all images and of the median image) and mean
+   |pixel difference| against the fp32 images, CLIP score and CLIP-judged prompt following (as
+   the world build measures it).  SVDQuantLinear has no path switch, so the end-to-end prefill
+   rows swap ``studio.kernels.w4_linear`` for a copy with ``path="prefill"`` while they run.
 """
 
 from __future__ import annotations
@@ -107,8 +108,9 @@ def record_unet_calls(pipe: Any, prompts: list[str], cfg: AccuracyConfig, seed: 
     calls: list[dict] = []
 
     def grab(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
-        sample, t = (list(args) + [kwargs.get("sample"), kwargs.get("timestep")])[:2]
-        ehs = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+        sample = args[0] if args else kwargs["sample"]
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        ehs = args[2] if len(args) > 2 else kwargs["encoder_hidden_states"]
         calls.append({"sample": sample.clone(), "timestep": t, "encoder_hidden_states": ehs.clone()})
 
     handle = pipe.unet.register_forward_pre_hook(grab, with_kwargs=True)
@@ -179,19 +181,25 @@ def naive_config(fmt: str) -> SVDQuantConfig:
 
 
 @torch.no_grad()
-def layer_errors(linear: nn.Linear, calib: torch.Tensor, test: torch.Tensor, rank: int) -> dict[str, float]:
-    """Relative error vs the float64 layer on ``test`` (rounded to bf16) for every variant."""
+def layer_errors(
+    linear: nn.Linear, calib: torch.Tensor, test: torch.Tensor, rank: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Relative error vs the float64 layer on ``test`` (rounded to bf16) for every variant, and
+    the spread max/min of the smoothing factors SVDQuant's search picked per format (1: none)."""
     x = test.to(torch.bfloat16)
     w, b = linear.weight.detach().float(), None if linear.bias is None else linear.bias.detach().float()
     y64 = x.double() @ w.double().t() + (b.double() if b is not None else 0.0)
     out = {"bf16": _rel(F.linear(x, w.bfloat16(), None if b is None else b.bfloat16()), y64)}
     out["fp8_rowwise"] = _rel(fp8_rowwise(x, w, b), y64)
+    spread: dict[str, float] = {}
     for fmt in kernels.FORMATS:
         for kind, cfg in (("naive", naive_config(fmt)), ("svdq", SVDQuantConfig(rank=rank, fmt=fmt))):
+            torch.manual_seed(0)  # the quantizer's randomized SVD draws from the global generator
             q = SVDQuantLinear.from_linear(linear, calib, config=cfg)
             for path in ("fused", "prefill"):
                 out[f"{fmt}_{kind}_{path}"] = _rel(w4_apply(q, x, path), y64)
-    return out
+            spread[fmt] = float(q.smooth_inv.max() / q.smooth_inv.min())
+    return out, spread
 
 
 def layer_kind(name: str) -> str:
@@ -217,7 +225,7 @@ def per_layer(pipe: Any, cfg: AccuracyConfig) -> dict[str, Any]:
         rank = min(cfg.rank, min(k, n) // 4)
         row = {"layer": name, "kind": layer_kind(name), "K": k, "N": n, "rank": rank, "rows": len(test[name])}
         row.update(outlier_stats(test[name]))
-        row["errors"] = layer_errors(lin, calib[name], test[name], rank)
+        row["errors"], row["smoothing_spread"] = layer_errors(lin, calib[name], test[name], rank)
         rows.append(row)
     gen = torch.Generator().manual_seed(0)
     gauss = outlier_stats(torch.randn(rows[0]["rows"], 128, generator=gen))["max_over_median"]
@@ -283,7 +291,8 @@ def forced_path(path: str) -> Iterator[None]:
         kernels.w4_linear = original
 
 
-# name -> (how the UNet is built, kernel path); quantized ones use rank 32 (clamped to min(K, N)).
+# name -> (how the UNet is built, kernel path); quantized ones use rank 32 (clamped to min(K, N)),
+# the same weights for both paths (global seed 0 before quantizing; "seed1": seed 1 instead).
 E2E_VARIANTS = {
     "fp32 (baseline)": ("fp32", "auto"),
     "bf16 UNet": ("bf16", "auto"),
@@ -294,6 +303,7 @@ E2E_VARIANTS = {
     "int4 SVDQuant r32 (prefill)": ("int4_svdq", "prefill"),
     "fp4 SVDQuant r32 (fused)": ("fp4_svdq", "fused"),
     "fp4 SVDQuant r32 (prefill)": ("fp4_svdq", "prefill"),
+    "int4 SVDQuant r32 (fused, quantizer seed 1)": ("int4_svdq_seed1", "fused"),
     "int4 SVDQuant r32, synthetic calib (fused)": ("int4_svdq_synth", "fused"),
 }
 
@@ -311,6 +321,7 @@ def build_unet(base: nn.Module, how: str, calib_calls: list[dict], cfg: Accuracy
     fmt, kind = how.split("_")[:2]
     qcfg = naive_config(fmt) if kind == "naive" else SVDQuantConfig(rank=cfg.rank, fmt=fmt)
     batches = calibration_batches(unet, 4, seed=0) if how.endswith("synth") else calib_calls
+    torch.manual_seed(1 if how.endswith("seed1") else 0)  # the randomized SVD draws from it
     quantize_model(unet, batches, qcfg)
     return unet
 
