@@ -351,8 +351,13 @@ def save_vision(task: VisionTask, model: nn.Module, folder: Path) -> None:
     (folder / TASK_FILE).write_text(json.dumps(info, indent=1, default=str))
 
 
-def load_vision(folder: str | Path) -> tuple[VisionTask, nn.Module]:
-    """(task, model in eval mode) from a folder written by ``save_vision``."""
+def load_vision(folder: str | Path, data_sizes: dict[str, int] | None = None) -> tuple[VisionTask, nn.Module]:
+    """(task, model in eval mode) from a folder written by ``save_vision``.
+
+    ``data_sizes`` replaces the saved data-set sizes (options the run set to non-zero values,
+    e.g. ``n_train``) when only the model is wanted: building the task generates its data sets,
+    which takes seconds at the training sizes and is not needed for inference.
+    """
     from safetensors.torch import load_file
 
     from adapters.formats import load_adapter
@@ -362,7 +367,9 @@ def load_vision(folder: str | Path) -> tuple[VisionTask, nn.Module]:
     if not (folder / TASK_FILE).is_file():
         raise AdapterError(f"{folder}: not a vision pipeline output (no {TASK_FILE})")
     info = json.loads((folder / TASK_FILE).read_text())
-    task = get_pipeline(info["pipeline"])(info["pipeline_options"])
+    options = dict(info["pipeline_options"])
+    options.update({k: v for k, v in (data_sizes or {}).items() if options.get(k)})
+    task = get_pipeline(info["pipeline"])(options)
     model = task.build_base()
     for name, sub in info["adapters"].items():
         load_adapter(model, folder / sub, name, base_model_id=task.backbone_info)

@@ -136,30 +136,14 @@ LIGHT_DATA = dict(n_total=16, n_test=8, n_train=8)
 
 
 def load_trained(folder: Path) -> tuple[object, nn.Module]:
-    """(task, model in eval mode) as ``pipelines.vision_common.load_vision``, without its data sets.
+    """(task, model in eval mode) as ``pipelines.vision_common.load_vision``, with tiny data sets.
 
-    Written here because ``load_vision`` generates the run's full training and test sets
-    (seconds per model) only to read their class counts.
+    ``load_vision`` would otherwise generate the run's full training and test sets (seconds
+    per model) only to read their class counts.
     """
-    from safetensors.torch import load_file
+    from pipelines.vision_common import load_vision
 
-    from adapters.formats import load_adapter
-    from pipelines import get_pipeline
-    from pipelines.vision_common import HEADS_FILE
-
-    info = json.loads((folder / TASK_FILE).read_text())
-    options = dict(info["pipeline_options"])
-    options.update({k: v for k, v in LIGHT_DATA.items() if k in options and options[k]})
-    task = get_pipeline(info["pipeline"])(options)
-    model = task.build_base()
-    for adapter, sub in info["adapters"].items():
-        load_adapter(model, folder / sub, adapter, base_model_id=task.backbone_info)
-    heads = load_file(str(folder / HEADS_FILE))
-    unknown = sorted(set(heads) - set(dict(model.named_parameters())))
-    if unknown:
-        raise AdapterError(f"{folder / HEADS_FILE}: tensors the model does not have: {unknown[:3]}")
-    model.load_state_dict(heads, strict=False)
-    return task, model.requires_grad_(False).eval()
+    return load_vision(folder, data_sizes=LIGHT_DATA)
 
 
 def _from_vision_task(folder: Path, name: str) -> list[VisionModel]:
