@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from studio import kernels
 from studio.kernels import reference as ref
 from studio.kernels.gemm_w4_triton import _WORKSPACE, _w4_gemm_kernel, gemm_w4_triton
 from studio.kernels.quant_act import _quant_act_kernel, quantize_act_triton
@@ -97,7 +98,8 @@ def test_split_k_paths_and_workspace_stays_clean(split: int) -> None:
     assert acc.abs().max().item() == 0 and cnt.abs().max().item() == 0
 
 
-def test_module_on_gpu_matches_dense_and_per_sample_strengths() -> None:
+@pytest.mark.parametrize("tokens", [9, kernels.PREFILL_MIN_M], ids=["fused-path", "large-m-path"])
+def test_module_on_gpu_matches_dense_and_per_sample_strengths(tokens: int) -> None:
     from torch import nn
 
     from adapters.base import inject, set_strength
@@ -114,10 +116,16 @@ def test_module_on_gpu_matches_dense_and_per_sample_strengths() -> None:
     branch = model[0].adapters["style"]
     with torch.no_grad():
         branch.lora_B.normal_(0, 0.1)
-        x = torch.randn(4, 9, 320, device="cuda").bfloat16()
+        x = torch.randn(4, tokens, 320, device="cuda").bfloat16()
         dense = x.double() @ q.dequantized_weight().double().t() + q.bias.double()
         set_strength(model, "style", torch.tensor([0.0, 1.0, 0.5, -1.0]))
         y = model(x)
         for i, s in enumerate([0.0, 1.0, 0.5, -1.0]):
             want = dense[i] + s * branch.delta(x[i].float(), x[i].float()).double()
             assert _rel(y[i], want) < 2e-2  # FP8 activations + bf16 output
+        if tokens >= kernels.PREFILL_MIN_M:  # the layer took the large-M path: agree with the fused one
+            fused = kernels.w4_linear(
+                x.reshape(-1, 320), q.smooth_inv, q.qweight, q.wscale, q.fmt, q.l1, q.l2, q.strength,
+                tokens, q.bias.float(), path="fused",
+            )  # fmt: skip
+            assert _rel(y.reshape(-1, 200), fused) < 2e-2

@@ -11,7 +11,6 @@ import pytest
 import torch
 import triton
 
-from studio import kernels
 from studio.kernels import reference as ref
 from studio.kernels import reference_prefill as rp
 from studio.kernels.prefill_triton import (
@@ -97,34 +96,3 @@ def test_expand_every_config(cfg: dict) -> None:
     bound, wmax = rp.branch_bound(l1, sinv), rp.residual_max(ws, "fp4")
     wq, _, _ = expand_weight_triton(qw, ws, "fp4", l2, bound, wmax, strength, config=cfg)
     assert _same_codes(wq, rp.expand_weight(qw, ws, "fp4", l2, g, cs)) >= 0.999
-
-
-def test_module_takes_the_large_m_path_and_matches_dense() -> None:
-    from torch import nn
-
-    from adapters.base import inject, set_strength
-    from adapters.lora import LoraSpec
-    from adapters.svdquant import SVDQuantLinear
-
-    torch.manual_seed(0)
-    lin = nn.Linear(320, 200).cuda()
-    calib = torch.randn(256, 320, device="cuda")
-    calib[:, 5] *= 30
-    q = SVDQuantLinear.from_linear(lin, calib, rank=32)
-    model = nn.Sequential(q)
-    inject(model, LoraSpec(targets=["0"], rank=8), "style")
-    branch = model[0].adapters["style"]
-    with torch.no_grad():
-        branch.lora_B.normal_(0, 0.1)
-        x = torch.randn(4, kernels.PREFILL_MIN_M, 320, device="cuda").bfloat16()
-        dense = x.double() @ q.dequantized_weight().double().t() + q.bias.double()
-        set_strength(model, "style", torch.tensor([0.0, 1.0, 0.5, -1.0]))
-        y = model(x)
-        for i, s in enumerate([0.0, 1.0, 0.5, -1.0]):
-            want = dense[i] + s * branch.delta(x[i].float(), x[i].float()).double()
-            assert _rel(y[i], want) < 2e-2
-        fused = kernels.w4_linear(
-            x.reshape(-1, 320), q.smooth_inv, q.qweight, q.wscale, q.fmt, q.l1, q.l2, q.strength,
-            kernels.PREFILL_MIN_M, q.bias.float(), path="fused",
-        )  # fmt: skip
-        assert _rel(y.reshape(-1, 200), fused) < 2e-2
