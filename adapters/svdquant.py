@@ -47,7 +47,10 @@ def _svd_rank(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     if rank == 0:
         return w.new_zeros(w.shape[0], 0), w.new_zeros(0, w.shape[1])
     if rank + 16 < min(w.shape) // 2:  # randomized SVD: a few matmuls instead of a full LAPACK SVD
-        u, s, v = torch.svd_lowrank(w, q=rank + 16, niter=4)
+        # Seeded on its own generator state: quantizing the same layer twice gives the same codes.
+        with torch.random.fork_rng(devices=[w.device] if w.is_cuda else []):
+            torch.manual_seed(0)
+            u, s, v = torch.svd_lowrank(w, q=rank + 16, niter=4)
         vh = v.t()
     else:
         u, s, vh = torch.linalg.svd(w, full_matrices=False)

@@ -8,9 +8,10 @@ side by side in one run: bf16 ``F.linear``; bf16 + unfused LoRA; FP8 ``_scaled_m
 bare (per-tensor scales, activations already FP8) and with row-wise activation
 quantization included; FP8 + unfused low-rank; ``torch._int_mm`` (INT8, quantization
 included); torchao int4 weight-only if importable; ours (INT4 and FP4 E2M1) as the layer
-runs it (``path="auto"``) and each of its two paths forced: ``fused`` (pre-pass + 4-bit
-GEMM, branch in the epilogue) and ``prefill`` (4-bit weights expanded to FP8, cuBLAS FP8
-with the branch appended along K); ours with the low-rank branch unfused; the time of a
+runs it (``path="auto"``) and each of its paths forced: ``fused`` (pre-pass + 4-bit
+GEMM, branch in the epilogue), ``prefill`` (4-bit weights expanded to FP8, cuBLAS FP8
+with the branch appended along K) and, up to 64 rows, ``small`` (bf16 activations,
+split-K over the 4-bit weights); ours with the low-rank branch unfused; the time of a
 strength change on a quantized layer.  Then an accuracy table: relative error
 against the float64 layer on synthetic activations with outlier channels.
 """
@@ -33,7 +34,7 @@ from studio.kernels.gemm_w4_triton import _w4_gemm_kernel  # noqa: E402
 from studio.kernels.reference_prefill import branch_bound, residual_max  # noqa: E402
 
 SHAPES = [(3072, 3072), (3072, 9216), (3072, 12288), (12288, 3072)]  # (K, N)
-MS = [16, 256, 1024, 4608]
+MS = [16, 64, 256, 1024, 4608]
 
 
 _FLUSH: list[torch.Tensor] = []
@@ -192,7 +193,7 @@ def speed(shapes: list[tuple[int, int]], ms: list[int], ranks: list[int]) -> lis
                 for fmt in ("int4", "fp4"):
                     p = packs[(fmt, r)]
                     row[f"{fmt}_r{r}"] = bench(lambda: ours(x, p, bias))
-                    for path in ("fused", "prefill"):
+                    for path in ("fused", "prefill") + (("small",) if m <= kernels.SMALL_M_MAX else ()):
                         row[f"{path}_{fmt}_r{r}"] = bench(lambda: ours(x, p, bias, path))
                     row[f"{fmt}_r{r}_cfg"] = str(_w4_gemm_kernel.best_config)
                     # Breakdown: the pre-pass alone and the GEMM alone.
@@ -216,7 +217,8 @@ def speed(shapes: list[tuple[int, int]], ms: list[int], ranks: list[int]) -> lis
 def print_table(rows: list[dict], ranks: list[int]) -> None:
     r0, r1 = ranks[0], ranks[-1]
     cols = ["bf16", f"bf16+lora{r0}", "fp8_bare", "fp8_q", f"fp8_q+lr{r0}", "int8_q", f"w4+lr{r0}_unfused"]
-    cols += [f"fused_int4_r{r0}", f"prefill_int4_r{r0}", f"fused_fp4_r{r0}", f"prefill_fp4_r{r0}"]
+    cols += [f"fused_int4_r{r0}", f"prefill_int4_r{r0}", f"small_int4_r{r0}"]
+    cols += [f"fused_fp4_r{r0}", f"prefill_fp4_r{r0}", f"small_fp4_r{r0}"]
     cols += [f"int4_r{r0}", f"fp4_r{r0}", f"int4_r{r1}", f"fp4_r{r1}"]
     print("\ntimes in us (CUDA-graph replay median, L2 flushed before each call)")
     print("| K x N | M | " + " | ".join(cols) + " |")

@@ -115,3 +115,37 @@ def test_w4_linear_path_argument() -> None:
     assert torch.equal(kernels.w4_linear(*args), ref.w4_linear(*args))  # CPU: the fused maths
     with pytest.raises(ValueError, match="unknown path"):
         kernels.w4_linear(*args, path="fast")
+
+
+def test_quantizing_twice_gives_the_same_codes() -> None:
+    torch.manual_seed(3)
+    lin = nn.Linear(320, 256)
+    calib = _acts(128, 320)
+    a = SVDQuantLinear.from_linear(lin, calib, rank=8)
+    torch.rand(5)  # move the global generator on
+    b = SVDQuantLinear.from_linear(lin, calib, rank=8)
+    assert torch.equal(a.qweight, b.qweight) and torch.equal(a.svd_up, b.svd_up)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "fp4"])
+def test_small_m_reference_is_more_accurate_than_the_fp8_paths(fmt: str) -> None:
+    """The small-M path keeps activations in bf16: closer to the 4-bit GEMM's exact value than FP8 codes."""
+    from studio.kernels.reference_small_m import w4_linear_small_m
+
+    lin, q = _quantized(fmt)
+    x = _acts(24, 200).bfloat16().float()  # bf16 values (the models run in bf16), fp32 output
+    args = list(_args(q, x))
+    no_branch = args[:5] + [q.l1[:, :0], q.l2[:, :0], q.strength[:, :0]] + args[8:]
+    w = ref.dequantize_weight(q.qweight, q.wscale, fmt, 200).double()
+    exact = (x.double() * q.smooth_inv.double()) @ w.t() + q.bias.double()
+    small = _rel(w4_linear_small_m(*no_branch), exact)
+    assert small < 0.2 * _rel(ref.w4_linear(*no_branch), exact), small
+    assert small < 0.2 * _rel(rp.w4_linear_prefill(*no_branch), exact), small
+    # With the branch: rounding each K split's branch input to bf16 changes little.
+    dense = x.double() @ q.dequantized_weight().double().t() + q.bias.double()
+    whole = _rel(w4_linear_small_m(*args), dense)
+    assert whole < 4e-3
+    for splits in (2, 3):
+        assert _rel(w4_linear_small_m(*args, splits=splits), dense) < 1.5 * whole + 1e-3
+    # path="small" on the CPU runs this reference
+    assert torch.equal(kernels.w4_linear(*args, path="small"), w4_linear_small_m(*args))

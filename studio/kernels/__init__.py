@@ -14,8 +14,9 @@ import os
 
 import torch
 
-from studio.kernels import reference, reference_prefill
+from studio.kernels import reference, reference_prefill, reference_small_m
 from studio.kernels.reference import FORMATS, GROUP, dequantize_weight, padded_k, quantize_weight
+from studio.kernels.reference_small_m import SMALL_M_MAX
 
 __all__ = [
     "FORMATS",
@@ -28,13 +29,14 @@ __all__ = [
     "use_triton",
     "w4_linear",
     "PREFILL_MIN_M",
+    "SMALL_M_MAX",
 ]
 
 #: Rows from which ``w4_linear`` takes the large-M path on the GPU: bench/bench_w4.py
 #: measures both paths at every M; on H100 (docs/results.md) the fused path won at M = 16
 #: and the large-M path at M = 256, 1024 and 4608 on all four FLUX shapes.
 PREFILL_MIN_M = 256
-PATHS = ("auto", "fused", "prefill")
+PATHS = ("auto", "fused", "prefill", "small")
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -121,9 +123,10 @@ def w4_linear(
     """The whole layer on ``x [M, K]``; returns ``[M, N]`` in ``x.dtype``.
 
     Argument shapes as in ``quantize_act`` and ``gemm_w4``.  ``path``: ``"fused"`` (pre-pass
-    then the fused GEMM), ``"prefill"`` (the large-M path), or ``"auto"``: the large-M path
-    on the GPU from ``PREFILL_MIN_M`` rows, the fused one otherwise (the CPU reference runs
-    the fused maths).  ``bound`` / ``wmax``: the large-M path's weight-only factors
+    then the fused GEMM), ``"prefill"`` (the large-M path), ``"small"`` (the small-M path:
+    bf16 activations, split-K), or ``"auto"``: on the GPU the small-M path up to
+    ``SMALL_M_MAX`` rows, the large-M path from ``PREFILL_MIN_M`` rows and the fused one in
+    between; the CPU reference runs the fused maths.  ``bound`` / ``wmax``: the large-M path's weight-only factors
     (``reference_prefill.branch_bound`` / ``residual_max``), cached by callers.
     """
     if path not in PATHS:
@@ -131,6 +134,13 @@ def w4_linear(
     # (cuBLAS FP8 needs N % 16 == 0; the path pads other N, which "auto" leaves to the fused kernel)
     large = x.shape[0] >= PREFILL_MIN_M and qweight.shape[1] % 16 == 0
     prefill = path == "prefill" or (path == "auto" and use_triton(x) and large)
+    if path == "small" or (path == "auto" and use_triton(x) and x.shape[0] <= SMALL_M_MAX):
+        args = (x, smooth_inv, qweight, wscale, fmt, l1, l2, strength, rows_per_sample, bias)
+        if use_triton(x):
+            from studio.kernels.small_m_triton import w4_linear_small_m_triton
+
+            return w4_linear_small_m_triton(*args)
+        return reference_small_m.w4_linear_small_m(*args)
     if prefill:
         args = (x, smooth_inv, qweight, wscale, fmt, l1, l2, strength, rows_per_sample, bias)
         if use_triton(x):

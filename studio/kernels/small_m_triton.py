@@ -1,0 +1,188 @@
+"""Triton kernels of the small-M path: split-K bf16 x 4-bit GEMM with the branch, then a sum.
+
+The maths and the reasons are in ``reference_small_m.py`` (the oracle).  Program
+``(pid_n, pid_k)`` owns ``BLOCK_N`` output channels and one run of groups along K; per
+group of 64 it loads the packed codes ``[BLOCK_N, 32]`` once (the bytes that bound this
+path), decodes both nibbles to bf16, takes two K = 32 dots with the bf16 activations and
+scales the partial sums by the group scale in fp32.  The same loop accumulates its share of
+``x @ l1``; at the end that share, times the strengths, meets ``l2`` in one more dot.
+``_sum_splits_kernel`` then adds the ``SPLIT_K`` partial outputs and the bias.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from studio.kernels.prefill_triton import _decode
+from studio.kernels.quant_act import branch_dot_dtype
+
+
+def _split_configs() -> list[triton.Config]:
+    return [
+        triton.Config({"BLOCK_N": bn, "SPLIT_K": sk}, num_warps=w, num_stages=st)
+        for bn, sk, w, st in [
+            (64, 4, 4, 4),
+            (64, 8, 4, 4),
+            (128, 4, 4, 4),
+            (128, 8, 4, 4),
+            (128, 8, 8, 3),
+            (128, 16, 4, 4),
+            (256, 8, 8, 3),
+            (128, 2, 4, 4),
+            (128, 1, 4, 4),
+        ]
+    ]
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
+    kg = int(named_args["KG"])
+    keep = [c for c in configs if c.kwargs["SPLIT_K"] <= max(1, kg // 2)]
+    return keep or configs[-1:]
+
+
+@triton.autotune(
+    configs=_split_configs(),
+    key=["M_BUCKET", "N", "KG", "R_PAD"],
+    prune_configs_by={"early_config_prune": _prune},
+)
+@triton.jit
+def _w4_small_m_kernel(
+    x_ptr, sinv_ptr, q_ptr, ws_ptr, l1_ptr, l2_ptr, str_ptr, bias_ptr, part_ptr, out_ptr,
+    M, K, N, KG, R, S, rows_per_sample, M_BUCKET,
+    stride_xm, stride_qg, stride_qn, stride_wsg, stride_l1k, stride_l2n, stride_sm, stride_om,
+    FP4: tl.constexpr, HAS_BRANCH: tl.constexpr, HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, 32)
+    offs_r = tl.arange(0, R_PAD)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    la = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
+    per_split = tl.cdiv(KG, SPLIT_K)
+    g_end = tl.minimum(pid_k * per_split + per_split, KG)
+    for grp in range(pid_k * per_split, g_end):
+        k_lo = grp * 64 + offs_j
+        xmask_lo = m_mask[:, None] & (k_lo < K)[None, :]
+        xmask_hi = m_mask[:, None] & (k_lo + 32 < K)[None, :]
+        x_lo = tl.load(x_ptr + offs_m[:, None] * stride_xm + k_lo[None, :], xmask_lo, 0.0).to(tl.float32)
+        x_hi = tl.load(x_ptr + offs_m[:, None] * stride_xm + k_lo[None, :] + 32, xmask_hi, 0.0).to(tl.float32)
+        s_lo = tl.load(sinv_ptr + k_lo, k_lo < K, 0.0)
+        s_hi = tl.load(sinv_ptr + k_lo + 32, k_lo + 32 < K, 0.0)
+        packed = tl.load(
+            q_ptr + grp * stride_qg + offs_n[:, None] * stride_qn + offs_j[None, :], n_mask[:, None], 0
+        )
+        w_lo = _decode(packed & 0xF, FP4).to(DOT_DTYPE)
+        w_hi = _decode(packed >> 4, FP4).to(DOT_DTYPE)
+        part = tl.dot((x_lo * s_lo[None, :]).to(DOT_DTYPE), tl.trans(w_lo))
+        part = tl.dot((x_hi * s_hi[None, :]).to(DOT_DTYPE), tl.trans(w_hi), part)
+        ws = tl.load(ws_ptr + grp * stride_wsg + offs_n, n_mask, 0.0)
+        acc += part * ws[None, :]
+        if HAS_BRANCH:
+            l1_lo = tl.load(
+                l1_ptr + k_lo[:, None] * stride_l1k + offs_r[None, :],
+                (k_lo < K)[:, None] & (offs_r < R)[None, :],
+                0.0,
+            )
+            l1_hi = tl.load(
+                l1_ptr + (k_lo[:, None] + 32) * stride_l1k + offs_r[None, :],
+                (k_lo + 32 < K)[:, None] & (offs_r < R)[None, :],
+                0.0,
+            )
+            la = tl.dot(x_lo.to(DOT_DTYPE), l1_lo.to(DOT_DTYPE), la)
+            la = tl.dot(x_hi.to(DOT_DTYPE), l1_hi.to(DOT_DTYPE), la)
+    if HAS_BRANCH:
+        srow = (offs_m // rows_per_sample) % S
+        st = tl.load(
+            str_ptr + srow[:, None] * stride_sm + offs_r[None, :],
+            m_mask[:, None] & (offs_r < R)[None, :],
+            0.0,
+        )
+        l2 = tl.load(
+            l2_ptr + offs_n[:, None] * stride_l2n + offs_r[None, :],
+            n_mask[:, None] & (offs_r < R)[None, :],
+            0.0,
+        )
+        acc = tl.dot((la * st).to(DOT_DTYPE), tl.trans(l2.to(DOT_DTYPE)), acc)
+    mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, n_mask, 0.0)[None, :]
+        tl.store(
+            out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask
+        )
+    else:
+        dst = part_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :]
+        tl.store(dst, acc, mask)
+
+
+@triton.jit
+def _sum_splits_kernel(
+    part_ptr, bias_ptr, out_ptr, M, N, stride_om,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * N
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        total += tl.load(part_ptr + s * M * N + offs, mask, 0.0)
+    if HAS_BIAS:
+        total += tl.load(bias_ptr + offs % N, mask, 0.0)
+    row, col = offs // N, offs % N
+    tl.store(out_ptr + row * stride_om + col, total.to(out_ptr.dtype.element_ty), mask)
+
+
+def w4_linear_small_m_triton(
+    x: torch.Tensor,
+    smooth_inv: torch.Tensor,
+    qweight: torch.Tensor,
+    wscale: torch.Tensor,
+    fmt: str,
+    l1: torch.Tensor,
+    l2: torch.Tensor,
+    strength: torch.Tensor,
+    rows_per_sample: int,
+    bias: torch.Tensor | None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """``[M, N]`` in ``x.dtype``; shapes as ``studio.kernels.w4_linear``, ``M <= 64`` expected.
+
+    ``config`` (BLOCK_N, SPLIT_K, num_warps, num_stages) skips autotuning (tests, the interpreter).
+    """
+    x = x.contiguous()
+    m, k = x.shape
+    kg, n, _ = qweight.shape
+    r = l1.shape[1]
+    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    max_split = max(c.kwargs["SPLIT_K"] for c in _split_configs()) if config is None else config["SPLIT_K"]
+    part = torch.empty(max_split, m, n, device=x.device, dtype=torch.float32)
+    l1 = l1 if r else l1.new_zeros(k, 1)
+    l2 = l2 if r else l2.new_zeros(n, 1)
+    bias_t = bias.float().contiguous() if bias is not None else out
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+
+    kernel = _w4_small_m_kernel if config is None else _w4_small_m_kernel.fn
+    kernel[grid](
+        x, smooth_inv, qweight, wscale, l1, l2, strength, bias_t, part, out,
+        m, k, n, kg, r, strength.shape[0], max(rows_per_sample, 1), triton.next_power_of_2(max(m, 16)),
+        x.stride(0), qweight.stride(0), qweight.stride(1), wscale.stride(0), l1.stride(0), l2.stride(0),
+        strength.stride(0), out.stride(0),
+        FP4=fmt == "fp4", HAS_BRANCH=r > 0, HAS_BIAS=bias is not None,
+        R_PAD=max(16, triton.next_power_of_2(max(r, 1))), DOT_DTYPE=branch_dot_dtype(),
+        BLOCK_M=max(16, triton.next_power_of_2(m)), **(config or {}),
+    )  # fmt: skip
+    split = config["SPLIT_K"] if config is not None else _w4_small_m_kernel.best_config.kwargs["SPLIT_K"]
+    if split > 1:
+        block = 1024
+        _sum_splits_kernel[(triton.cdiv(m * n, block),)](
+            part, bias_t, out, m, n, out.stride(0), SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=block
+        )
+    return out

@@ -1,0 +1,71 @@
+"""The small-M Triton kernel vs its reference on odd shapes (run on a GPU: ``pytest -m gpu``).
+
+Tolerance: the kernel and ``reference_small_m`` round the same operands to bf16 (activations
+times smoothing, the branch input of each K split); what is left is fp32 summation order and
+the bf16 output rounding (~2e-3), so 5e-3 relative (Frobenius).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from studio import kernels
+from studio.kernels import reference as ref
+from studio.kernels.reference_small_m import w4_linear_small_m
+from studio.kernels.small_m_triton import _split_configs, _w4_small_m_kernel, w4_linear_small_m_triton
+
+pytestmark = pytest.mark.gpu
+
+SHAPES = [  # (M, K, N, R): M 1..64, K off 128 and off 64, N off the tiles, ranks 0..160
+    (1, 200, 72, 16),
+    (7, 320, 136, 48),
+    (16, 3072, 3072, 32),
+    (33, 1000, 520, 96),
+    (64, 448, 1100, 160),
+    (16, 12288, 3072, 0),
+]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+def _case(m: int, k: int, n: int, r: int, fmt: str, seed: int = 0) -> tuple:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
+    x[:, :3] *= 40
+    sinv = torch.rand(k, device="cuda", generator=g) + 0.5
+    l1 = (torch.randn(k, r, device="cuda", generator=g) * 0.05).to(torch.bfloat16)
+    l2 = (torch.randn(n, r, device="cuda", generator=g) * 0.05).to(torch.bfloat16)
+    strength = torch.rand(2, r, device="cuda", generator=g)
+    qw, ws = ref.quantize_weight(torch.randn(n, k, device="cuda", generator=g), fmt)
+    bias = torch.randn(n, device="cuda", generator=g)
+    return x, sinv, qw, ws, fmt, l1, l2, strength, max(1, m // 2), bias
+
+
+@pytest.mark.parametrize("fmt", ["int4", "fp4"])
+@pytest.mark.parametrize("m,k,n,r", SHAPES)
+def test_small_m_matches_reference(m: int, k: int, n: int, r: int, fmt: str) -> None:
+    args = _case(m, k, n, r, fmt)
+    out = w4_linear_small_m_triton(*args)
+    split = _w4_small_m_kernel.best_config.kwargs["SPLIT_K"]
+    expect = w4_linear_small_m(*args, splits=split)
+    assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+    assert torch.isfinite(out).all() and _rel(out, expect) < 5e-3
+
+
+@pytest.mark.parametrize("cfg", [c.all_kwargs() for c in _split_configs()], ids=str)
+def test_small_m_every_config(cfg: dict) -> None:
+    args = _case(17, 1000, 520, 48, "int4", seed=1)
+    out = w4_linear_small_m_triton(*args, config=cfg)
+    assert _rel(out, w4_linear_small_m(*args, splits=cfg["SPLIT_K"])) < 5e-3
+
+
+def test_auto_takes_the_small_m_path_and_fp32_inputs_work() -> None:
+    args = _case(16, 448, 256, 32, "fp4", seed=2)
+    x32 = args[0].float()
+    out = kernels.w4_linear(x32, *args[1:])
+    assert out.dtype == torch.float32
+    split = _w4_small_m_kernel.best_config.kwargs["SPLIT_K"]
+    assert _rel(out, w4_linear_small_m(x32, *args[1:], splits=split)) < 5e-3
