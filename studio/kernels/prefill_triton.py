@@ -147,6 +147,11 @@ def _prune_prepass(configs: list[triton.Config], named_args: dict, **kwargs: obj
             (16, 512, 4, 1),
             (16, 512, 8, 1),
             (32, 256, 8, 1),
+            # Taller row blocks re-read l1 (K x R) from L2 fewer times; two stages overlap loads.
+            (64, 128, 8, 2),
+            (64, 256, 8, 1),
+            (128, 64, 8, 2),
+            (128, 128, 8, 1),
         ]
     ],
     key=["M_BUCKET", "K", "R_PAD"],
