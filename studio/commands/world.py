@@ -1,4 +1,4 @@
-"""`studio world build | info`: rebuild the tiny world's models, or list what is shipped."""
+"""`studio world build | info | compare`: rebuild the tiny world's models, list them, compare two builds."""
 
 from __future__ import annotations
 
@@ -16,8 +16,21 @@ def run_build(args: argparse.Namespace) -> int:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    report = build(Path(args.out), only=args.only, device=device, seed=args.seed, smoke=args.smoke)
+    steps_from = Path(args.steps_from) if args.steps_from else None
+    if steps_from is not None and not steps_from.is_file():
+        raise FileNotFoundError(f"--steps-from {steps_from}: no such file")
+    report = build(
+        Path(args.out), only=args.only, device=device, seed=args.seed, smoke=args.smoke, steps_from=steps_from
+    )
     print(json.dumps({"seconds": report["seconds"], "sizes_mb": report.get("sizes_mb", {})}, indent=2))
+    return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from studio.world.compare import compare_reports
+
+    a, b = (json.loads(Path(p).read_text()) for p in (args.a, args.b))
+    print(compare_reports(a, b, names=(args.a, args.b)))
     return 0
 
 
@@ -75,7 +88,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--device", default="cuda", help="torch device (default: cuda)")
     b.add_argument("--seed", type=int, default=0, help="seed for data and training (default: 0)")
     b.add_argument("--smoke", action="store_true", help="a few steps on tiny data: check the recipes run")
+    b.add_argument(
+        "--steps-from",
+        default=None,
+        metavar="PATH",
+        help="a world_build.json: run exactly its recorded step counts, with no wall-clock caps",
+    )
     b.set_defaults(func=run_build)
+    c = wsub.add_parser("compare", help="markdown table of two world_build.json reports' metrics, with noise")
+    c.add_argument("a", help="first world_build.json (e.g. the shipped assets/world_build.json)")
+    c.add_argument("b", help="second world_build.json (e.g. a rebuild's)")
+    c.set_defaults(func=run_compare)
     i = wsub.add_parser("info", help="list the shipped world models, their sizes and measured quality")
     i.add_argument("--out", default=None, help="assets folder (default: the shipped one)")
     i.set_defaults(func=run_info)

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -173,16 +173,20 @@ def train_pointmap(
     minutes_budget: float = 3.0,
     recipe: PointmapRecipe | None = None,
     log: Callable[[str], None] = print,
+    steps: int | None = None,
 ) -> dict[str, Any]:
     """Train, evaluate and save the pointmap model into ``out_dir``; returns its metrics.
 
     ``recipe`` defaults to :class:`PointmapRecipe` on CUDA with a budget of at least a minute,
     else to the tiny ``SMOKE`` recipe (a CPU check that the recipe runs end to end).
+    ``steps`` sets the recipe's ``fixed_steps``: exactly that many steps, no time budget.
     """
     start = time.time()
     deadline = start + minutes_budget * 60.0
     if recipe is None:
         recipe = PointmapRecipe() if device.startswith("cuda") and minutes_budget >= 1.0 else SMOKE
+    if steps is not None:
+        recipe = replace(recipe, fixed_steps=steps)
     torch.manual_seed(seed)
     gen = torch.Generator(device=device).manual_seed(seed)
     cuda = device.startswith("cuda")
@@ -305,7 +309,7 @@ swaps and horizontal flips. Held out: {recipe.n_eval} pairs per condition from o
 `studio.world.pointmap_train.train_pointmap(out_dir, seed={metrics["seed"]}, device="{device}",
 minutes_budget={minutes})`: DUSt3R's confidence-weighted scale-normalised regression loss
 (alpha = {recipe.alpha}), AdamW, warmup + cosine, {metrics["steps"]} steps of batch {recipe.batch_size}
-fitted to the time budget ({metrics["train_seconds"]} s of training, {metrics["seconds"]} s in all).
+{"(fixed step count)" if recipe.fixed_steps else "fitted to the time budget"} ({metrics["train_seconds"]} s of training, {metrics["seconds"]} s in all).
 
 <details><summary>recipe fields</summary>
 

@@ -246,6 +246,8 @@ def build(
 
     if ctx.smoke:
         cfg = smoke(cfg)
+    steps, cap = ctx.step_plan(cfg.name, cfg.steps, cfg.max_seconds)
+    cfg = replace(cfg, steps=steps, max_seconds=cap)
     model, facts = train(cfg, data, ctx)
     folder = ctx.out / cfg.name
     save(model, cfg, folder)

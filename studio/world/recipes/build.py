@@ -3,7 +3,8 @@
 Data is rendered once up front (training set, probe set, held-out test set, each from its own
 seed), then each recipe trains its model, saves it in its library's format, reloads it through
 the standard loader, measures it and writes its model card. ``--smoke`` runs every recipe for a
-few steps on tiny data (CPU check that nothing crashes before a GPU run).
+few steps on tiny data (CPU check that nothing crashes before a GPU run). ``--steps-from`` replays
+the step counts of an earlier build's world_build.json exactly, with no wall-clock caps.
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ from typing import Any
 import torch
 
 from studio.world.recipes import backbones, clip, diffusion, vision_examples
-from studio.world.recipes.common import BuildContext, folder_size_mb, make_world_data, write_card
+from studio.world.recipes.common import (
+    BuildContext,
+    folder_size_mb,
+    load_fixed_steps,
+    make_world_data,
+    write_card,
+)
 
 POINTMAP_NAME = "pointmap-tiny"
 MODELS = (backbones.VIT.name, backbones.DINOV2.name, clip.MODEL_NAME, diffusion.MODEL_NAME, POINTMAP_NAME)
@@ -51,12 +58,19 @@ def build(
     seed: int = 0,
     smoke: bool = False,
     log: Any = print,
+    steps_from: Path | None = None,
 ) -> dict[str, Any]:
-    """Build the selected world models into ``out``; returns (and writes) the build report."""
+    """Build the selected world models into ``out``; returns (and writes) the build report.
+
+    ``steps_from``: a world_build.json whose recorded step counts every loop runs exactly (no caps).
+    """
     names = parse_only(only)
+    fixed_steps = load_fixed_steps(steps_from, names) if steps_from is not None else None
     if vision_examples.NAME in names:  # its own report (the examples' cards), not world_build.json
         if len(names) > 1:
             raise ValueError(f"build {vision_examples.NAME} on its own, after the backbones")
+        if steps_from is not None:
+            raise ValueError(f"--steps-from does not apply to {vision_examples.NAME} (fixed-step already)")
         start = time.time()
         models = vision_examples.build(out, device=device, seed=seed, smoke=smoke, log=log)
         return {"seconds": {"total": round(time.time() - start, 1)}, "models": models}
@@ -67,11 +81,12 @@ def build(
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     out.mkdir(parents=True, exist_ok=True)
-    ctx = BuildContext(out=out, device=device, seed=seed, smoke=smoke, log=log)
+    ctx = BuildContext(out=out, device=device, seed=seed, smoke=smoke, log=log, fixed_steps=fixed_steps)
     mode = "smoke" if smoke else "full"
     report: dict[str, Any] = {
         "command": f"studio world build{' --only ' + only if only else ''} --device {device} --seed {seed}"
-        + (" --smoke" if smoke else ""),
+        + (" --smoke" if smoke else "")
+        + (f" --steps-from {steps_from}" if steps_from is not None else ""),
         "device": device_name(device),
         "date": time.strftime("%Y-%m-%d"),
         "torch": torch.__version__,
@@ -79,6 +94,8 @@ def build(
         "seconds": {},
         "models": {},
     }
+    if fixed_steps is not None:  # a replay: say so, and from which file (wall-clock caps were off)
+        report["fixed_steps"] = {"from": str(steps_from), "steps": fixed_steps}
     needs_images = [n for n in names if n != POINTMAP_NAME]
     if needs_images:
         n_train, n_probe, n_test = DATA_SIZES[mode]
@@ -103,7 +120,7 @@ def build(
             report["models"][name] = diffusion.build(train, test, clip_model, ctx)
         elif name == POINTMAP_NAME:
             report["models"][name] = build_pointmap(
-                out / POINTMAP_NAME, seed, device, POINTMAP_MINUTES[mode], ctx
+                out / POINTMAP_NAME, seed, device, POINTMAP_MINUTES[mode], ctx, (fixed_steps or {}).get(name)
             )
         report["seconds"][name] = round(time.time() - start, 1)
         ctx.say(f"{name} done in {report['seconds'][name]} s")
@@ -139,15 +156,21 @@ def load_built_clip(out: Path, device: str) -> torch.nn.Module:
     return model.to(device).eval()
 
 
-def build_pointmap(folder: Path, seed: int, device: str, minutes: float, ctx: BuildContext) -> dict[str, Any]:
-    """The two-view pointmap model's own recipe (studio.world.pointmap_model); a card if it wrote none."""
+def build_pointmap(
+    folder: Path, seed: int, device: str, minutes: float, ctx: BuildContext, steps: int | None = None
+) -> dict[str, Any]:
+    """The two-view pointmap model's own recipe (studio.world.pointmap_model); a card if it wrote none.
+
+    ``steps``: exactly that many training steps (no time budget), else the budget fits them.
+    """
     try:
         from studio.world.pointmap_model import train_pointmap
     except ImportError as err:
         ctx.say(f"pointmap: SKIPPED, studio.world.pointmap_model is not importable ({err})")
         return {"skipped": f"studio.world.pointmap_model not importable: {err}"}
     folder.mkdir(parents=True, exist_ok=True)
-    metrics = train_pointmap(str(folder), seed=seed, device=device, minutes_budget=minutes)
+    kwargs = {"steps": steps} if steps is not None else {}
+    metrics = train_pointmap(str(folder), seed=seed, device=device, minutes_budget=minutes, **kwargs)
     metrics = dict(metrics or {})
     metrics["size_mb"] = folder_size_mb(folder)
     if not (folder / "README.md").exists():

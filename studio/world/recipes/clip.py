@@ -286,6 +286,8 @@ def build(
     cfg = cfg or ClipConfig()
     if ctx.smoke:
         cfg = replace(cfg, steps=3, batch=16, warmup=1)
+    steps, cap = ctx.step_plan(MODEL_NAME, cfg.steps, cfg.max_seconds)
+    cfg = replace(cfg, steps=steps, max_seconds=cap)
     model, facts = train(cfg, data, ctx)
     folder = ctx.out / MODEL_NAME
     save(model, folder)

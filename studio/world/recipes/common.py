@@ -37,6 +37,19 @@ class BuildContext:
     smoke: bool = False  # a few steps on tiny data: checks that the recipe runs end to end
     log: Callable[[str], None] = print  # progress lines
     started: float = field(default_factory=time.time)  # for elapsed-time lines
+    # Replay (--steps-from): exact step count per loop key (see FIXED_STEP_KEYS), no wall-clock cap.
+    fixed_steps: dict[str, int] | None = None
+
+    def step_plan(self, key: str, steps: int, max_seconds: float) -> tuple[int, float]:
+        """(steps, wall-clock cap) of one training loop: the recipe's, or the replayed count uncapped.
+
+        Uncapped, :meth:`StepBudget.progress` is ``step / steps``: the LR schedule follows steps only.
+        """
+        if self.fixed_steps is None:
+            return steps, max_seconds
+        if key not in self.fixed_steps:
+            raise ValueError(f"no fixed step count for {key} (have: {', '.join(sorted(self.fixed_steps))})")
+        return self.fixed_steps[key], math.inf
 
     def autocast(self) -> Any:
         """bf16 autocast on CUDA; plain fp32 elsewhere (CPU smoke runs)."""
@@ -49,6 +62,34 @@ class BuildContext:
 
     def say(self, msg: str) -> None:
         self.log(f"[world {time.time() - self.started:6.1f}s] {msg}")
+
+
+# Training loops a build can replay with --steps-from: loop key -> where world_build.json records
+# its step count (under "models").
+FIXED_STEP_KEYS = {
+    "vit-tiny-world": ("vit-tiny-world", "train", "steps"),
+    "dinov2-tiny-world": ("dinov2-tiny-world", "train", "steps"),
+    "clip-tiny-world": ("clip-tiny-world", "train", "steps"),
+    "diffusion-tiny/vae": ("diffusion-tiny", "vae", "steps"),
+    "diffusion-tiny/unet": ("diffusion-tiny", "unet", "steps"),
+    "pointmap-tiny": ("pointmap-tiny", "steps"),
+}
+
+
+def load_fixed_steps(path: Path, names: Sequence[str]) -> dict[str, int]:
+    """The step counts a world_build.json recorded for the loops of ``names`` (a clear error if absent)."""
+    report = json.loads(Path(path).read_text())
+    out = {}
+    for key, where in FIXED_STEP_KEYS.items():
+        if where[0] not in names:
+            continue
+        value: Any = report.get("models", {})
+        for part in where:
+            value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{path} records no step count for {key} (models/{'/'.join(where)})")
+        out[key] = value
+    return out
 
 
 def vocab(field_name: str) -> list[str]:

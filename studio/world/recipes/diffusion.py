@@ -307,6 +307,11 @@ def build(
             eval_steps=2,
             guidance_scales=(1.0, 5.0),
         )
+    vae_steps, vae_cap = ctx.step_plan(f"{MODEL_NAME}/vae", cfg.vae_steps, cfg.vae_max_seconds)
+    unet_steps, unet_cap = ctx.step_plan(f"{MODEL_NAME}/unet", cfg.unet_steps, cfg.unet_max_seconds)
+    cfg = replace(
+        cfg, vae_steps=vae_steps, vae_max_seconds=vae_cap, unet_steps=unet_steps, unet_max_seconds=unet_cap
+    )
     images = torch.from_numpy(data.images).to(ctx.device)
     vae, vae_facts = train_vae(cfg, images, ctx)
     means, stds = encode_all(vae, images, ctx)
