@@ -37,6 +37,7 @@ from pipelines.vision_common import (
     patch_grid,
 )
 from studio.config import dataclass_from_dict
+from studio.stages import stage
 
 MODES = ("salt", "lora", "svd", "decoder", "full")
 ADAPTER = "salt"
@@ -100,19 +101,25 @@ def seg_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 
 
 class _SourceStage:
-    """Decoder training on the source domain (backbone frozen), cached per process."""
+    """Decoder training on the source domain (backbone frozen), cached per process.
+
+    Under ``studio.loop.train`` it reports as stage "source" (progress, loss, cancel).
+    """
 
     cache: dict[tuple, dict[str, torch.Tensor]] = {}
 
     def __init__(self, cfg: SaltConfig) -> None:
         self.cfg = cfg
+        self.data: TensorDataset | None = None
 
     def train_dataloader(self) -> DataLoader:
-        data = vision_data.segmentation_domain(
-            self.cfg.n_source, self.cfg.data_seed, self.cfg.image_size, "source"
-        )
+        if self.data is None:  # rendered once; every epoch re-seeds the same order, as before
+            data = vision_data.segmentation_domain(
+                self.cfg.n_source, self.cfg.data_seed, self.cfg.image_size, "source"
+            )
+            self.data = TensorDataset(*data.tensors())
         g = torch.Generator().manual_seed(self.cfg.data_seed)
-        return DataLoader(TensorDataset(*data.tensors()), batch_size=32, shuffle=True, generator=g)
+        return DataLoader(self.data, batch_size=32, shuffle=True, generator=g)
 
     def loss(self, model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
         return seg_loss(model(batch[0]), batch[1])
@@ -121,7 +128,8 @@ class _SourceStage:
         if key not in self.cache:
             model.requires_grad_(False)
             model.decoder.requires_grad_(True)
-            with torch.random.fork_rng(devices=[]):  # the run's own RNG stream stays untouched
+            # fork_rng: the run's own RNG stream stays untouched.
+            with torch.random.fork_rng(devices=[]), stage("source", self.cfg.source_steps) as report:
                 fit(
                     self,
                     model,
@@ -130,6 +138,7 @@ class _SourceStage:
                     weight_decay=0.01,
                     warmup=20,
                     seed=self.cfg.data_seed,
+                    on_step=report,
                 )
             self.cache[key] = copy.deepcopy(model.decoder.state_dict())
         model.decoder.load_state_dict(self.cache[key])

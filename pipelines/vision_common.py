@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -215,8 +216,11 @@ def fit(
     warmup: int = 0,
     max_grad_norm: float = 1.0,
     seed: int = 0,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Train ``task.loss`` on ``task.train_dataloader()`` for ``steps`` steps: AdamW, cosine, clipping.
+
+    ``on_step(step, loss)`` is called after each step (e.g. a ``studio.stages`` report).
 
     The benchmark sweeps run hundreds of short fits in one process, so they use this
     dozen-line loop instead of the full Accelerate loop (no checkpoints, no trackers);
@@ -239,6 +243,8 @@ def fit(
             opt.step()
             sched.step()
             losses.append(loss.item())
+            if on_step is not None:
+                on_step(len(losses), losses[-1])
             if len(losses) >= steps:
                 break
     model.eval()

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from studio import checkpoints as ckpt
 from studio.config import ConfigError, TrainConfig
+from studio.stages import StageControl, StageProgress, TrainingStopped, controlled
 
 
 @runtime_checkable
@@ -55,6 +56,9 @@ class Task(Protocol):
       is an absolute value and follows the same schedule).
     - ``configure_optimizers(model, config) -> (optimizer, scheduler | None)``: replace
       AdamW and the built-in schedule entirely (the scheduler steps once per optimizer step).
+
+    Work of the task's own before the first step (e.g. SALT's source-domain training in
+    ``build_model``) reports progress and honours a cancel through ``studio.stages.stage``.
     """
 
     def build_model(self) -> nn.Module: ...
@@ -82,7 +86,8 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)
     #: Folder of the saved adapter (None on non-main processes).
     adapter_dir: Path | None = None
-    #: True when ``should_stop`` ended the run early.
+    #: True when ``should_stop`` ended the run early (with ``adapter_dir`` None when that
+    #: happened in a stage before the first step: nothing was trained or saved).
     stopped: bool = False
 
 
@@ -251,12 +256,16 @@ def train(
     *,
     on_progress: Callable[[int, int, float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_stage: StageProgress | None = None,
 ) -> TrainResult:
     """Train ``task`` as ``config`` says; see the module docstring and docs/training.md.
 
     ``on_progress(step, max_steps, loss)`` is called on the main process after every
     optimizer step; ``should_stop()`` is polled there too, and a True ends the run after
-    that step with a checkpoint and the adapter saved.
+    that step with a checkpoint and the adapter saved.  ``on_stage(stage, step, total,
+    loss)`` reports the task's own stages before the first step (``studio.stages``), where
+    a True from ``should_stop`` ends the run at once with nothing saved, and the final
+    held-out evaluation (stage "evaluate", steps 0 and 1 of 1, loss nan).
     """
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -275,14 +284,21 @@ def train(
             )
 
         set_seed(config.seed)
-        model = task.build_model()
-        trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-        if not trainable:
-            raise ConfigError("the task's model has no trainable parameters")
-        for p in trainable.values():
-            p.data = p.data.float()
-        optimizer, scheduler = _optimizer(task, model, config)
-        dataloader = task.train_dataloader(batch_size=per_device, seed=config.seed)
+        control = StageControl(accelerator, config.pipeline, on_stage, should_stop, config.progress)
+        try:
+            with controlled(control):
+                model = task.build_model()
+                trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+                if not trainable:
+                    raise ConfigError("the task's model has no trainable parameters")
+                for p in trainable.values():
+                    p.data = p.data.float()
+                optimizer, scheduler = _optimizer(task, model, config)
+                dataloader = task.train_dataloader(batch_size=per_device, seed=config.seed)
+        except TrainingStopped:
+            step = ckpt.read_state(resume_from)["step"] if resume_from is not None else 0
+            accelerator.wait_for_everyone()
+            return TrainResult(step, [], step, stopped=True)
         model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, dataloader, scheduler)
         _adapter_state_hooks(accelerator, trainable)
 
@@ -365,7 +381,9 @@ def train(
         if stopped and last_saved != step:
             save_checkpoint()
 
+        control.notify("evaluate", 0, 1, math.nan)
         metrics = _evaluate(task, accelerator, model)
+        control.notify("evaluate", 1, 1, math.nan)
         _log(accelerator, output_dir, {"step": step, **_prefixed(metrics)})
         adapter_dir = None
         if is_main:

@@ -7,7 +7,10 @@ with the service.  ``pipeline:adaptertune | salt | endoarss | lora`` train throu
 output is published to ``<first adapter folder>/trained/<name>/``, from where it loads as
 Vision-tab model(s).  ``demo-lora`` is a LoRA on the base UNet (denoising flat colour
 images) that becomes a diffusion adapter.  Every trainer reports ``on_progress(step,
-total, loss)`` and stops after the step where ``should_stop()`` turns true.
+total, loss)`` and stops after the step where ``should_stop()`` turns true.  Pipeline runs
+also report ``on_stage(stage, step, total, loss)`` for work outside the optimizer steps:
+SALT's source-domain training before the first step ("source"; a cancel there ends the run
+with nothing published) and the final held-out evaluation ("evaluate").
 
 Locking: a pipeline run never touches the service's models, so it runs without the
 service lock (generation stays responsive) and takes it only to register its result;
@@ -43,6 +46,8 @@ from adapters.base import (
 from adapters.lora import LoraSpec
 
 OnProgress = Callable[[int, int, float], None]
+#: on_stage(stage, step, total, loss), as ``studio.stages.StageProgress``.
+OnStage = Callable[[str, int, int, float], None]
 
 
 def trainers() -> dict[str, str]:
@@ -122,13 +127,15 @@ def run_trainer(
     base_model: str = "tiny-sd",
     name: str | None = None,
     options: dict[str, Any] | None = None,
+    on_stage: OnStage | None = None,
 ) -> dict[str, Any]:
     """Run ``trainer`` and register its result; returns a summary.
 
     Summary keys: ``kind`` ("adapter" for a diffusion adapter, "vision" for Vision-tab
-    models), ``names`` (what was registered), ``steps`` done, ``stopped`` (cancelled),
-    ``metrics`` (held-out evaluation of pipeline runs) and ``path`` (the published folder).
-    ``options`` override ``TAB_OPTIONS`` for pipeline runs.
+    models), ``names`` (what was registered; empty when cancelled before the first step),
+    ``steps`` done, ``stopped`` (cancelled), ``metrics`` (held-out evaluation of pipeline
+    runs) and ``path`` (the published folder).  ``options`` override ``TAB_OPTIONS`` for
+    pipeline runs; ``on_stage`` gets their stages (see the module docstring).
     """
     steps = int(steps)
     if steps < 1:
@@ -136,7 +143,7 @@ def run_trainer(
     if trainer == "demo-lora":
         return _run_demo_lora(service, steps, on_progress, should_stop, base_model, name or "trained-lora")
     if trainer.startswith("pipeline:"):
-        return run_pipeline(service, trainer[9:], steps, on_progress, should_stop, name, options)
+        return run_pipeline(service, trainer[9:], steps, on_progress, should_stop, name, options, on_stage)
     raise AdapterError(f"unknown trainer {trainer!r}; available: {', '.join(trainers())}")
 
 
@@ -182,6 +189,7 @@ def run_pipeline(
     should_stop: Callable[[], bool],
     name: str | None = None,
     options: dict[str, Any] | None = None,
+    on_stage: OnStage | None = None,
 ) -> dict[str, Any]:
     """One ``studio.loop.train`` run of a vision pipeline; its output becomes Vision-tab model(s)."""
     from pipelines import get_pipeline
@@ -198,9 +206,11 @@ def run_pipeline(
     run_dir = runs_dir(service) / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{uuid.uuid4().hex[:6]}"
     opts = {**TAB_OPTIONS[pipeline], **(options or {})}
     if not _acquire(should_stop):
-        return {"kind": "vision", "names": [], "steps": 0, "stopped": True, "metrics": {}, "path": ""}
+        return _nothing_trained()
     try:
-        task = get_pipeline(pipeline)(opts)
+        task = get_pipeline(pipeline)(opts)  # generates the data sets
+        if should_stop():
+            return _nothing_trained()
         config = TrainConfig(
             pipeline=pipeline,
             output_dir=str(run_dir),
@@ -211,7 +221,10 @@ def run_pipeline(
             **TAB_LOOP,
         )
         with torch.enable_grad():
-            result = train(task, config, on_progress=on_progress, should_stop=should_stop)
+            result = train(task, config, on_progress=on_progress, should_stop=should_stop, on_stage=on_stage)
+        if result.adapter_dir is None:  # cancelled in a stage before the first step
+            shutil.rmtree(run_dir, ignore_errors=True)
+            return _nothing_trained()
         dest = _publish(result.adapter_dir, results / name, result, run_dir)
         models = service.load_vision_model(dest, name, replace=True)
     finally:
@@ -224,6 +237,11 @@ def run_pipeline(
         "metrics": {k: round(v, 4) for k, v in result.metrics.items()},
         "path": str(dest),
     }
+
+
+def _nothing_trained() -> dict[str, Any]:
+    """The summary of a pipeline run cancelled before its first optimizer step."""
+    return {"kind": "vision", "names": [], "steps": 0, "stopped": True, "metrics": {}, "path": ""}
 
 
 def results_dir(service: Any) -> Path:

@@ -6,6 +6,7 @@ work shares one queue (``concurrency_id="gpu"``, ``concurrency_limit=1``).
 
 from __future__ import annotations
 
+import math
 import tempfile
 import threading
 from pathlib import Path
@@ -197,7 +198,7 @@ def build_app(service: StudioService, work_dir: str | Path | None = None) -> gr.
                 start = gr.Button("Start", variant="primary")
                 cancel = gr.Button("Cancel")
             status = gr.Markdown("idle")
-            loss_plot = gr.LinePlot(x="step", y="loss", label="Loss")
+            loss_plot = gr.LinePlot(x="step", y="loss", color="stage", label="Loss")
             stop_flag = gr.State(None)
         train_event = start.click(
             _train_stream(service),
@@ -221,8 +222,10 @@ def _cancel(flag: threading.Event | None) -> str:
 def _train_stream(service: StudioService):
     """A generator handler: runs the trainer in a thread and streams progress and loss.
 
-    Not in the GPU queue: pipeline runs do not hold the service lock, so generation stays
-    responsive while they train (``demo-lora`` holds it, as it trains the shared UNet).
+    Stages outside the optimizer steps (SALT's source training, the final evaluation) show
+    in the status line, and a stage's loss as its own curve.  Not in the GPU queue:
+    pipeline runs do not hold the service lock, so generation stays responsive while they
+    train (``demo-lora`` holds it, as it trains the shared UNet).
     """
 
     @user_errors
@@ -230,8 +233,25 @@ def _train_stream(service: StudioService):
         import pandas as pd
 
         stop = threading.Event()
-        history: list[tuple[int, float]] = []
+        history: list[tuple[str, int, float]] = []  # (stage, step, loss); "train" for the optimizer steps
+        now = {"line": f"step 0/{int(steps)}"}
         outcome: dict[str, Any] = {}
+
+        def frame() -> pd.DataFrame:
+            return pd.DataFrame(list(history), columns=["stage", "step", "loss"])
+
+        def on_progress(step: int, total: int, loss: float) -> None:
+            history.append(("train", step, loss))
+            now["line"] = f"step {step}/{total}"
+
+        def on_stage(stage: str, step: int, total: int, loss: float) -> None:
+            if math.isfinite(loss):
+                history.append((stage, step, loss))
+            now["line"] = (
+                "evaluating on the held-out images"
+                if stage == "evaluate"
+                else f"{stage} stage {step}/{total}, loss {loss:.4f}"
+            )
 
         def work() -> None:
             try:
@@ -239,10 +259,11 @@ def _train_stream(service: StudioService):
                     service,
                     trainer,
                     int(steps),
-                    lambda s, t, loss: history.append((s, loss)),
+                    on_progress,
                     stop.is_set,
                     base_model,
                     name=(name or "").strip() or None,
+                    on_stage=on_stage,
                 )
             except Exception as err:  # noqa: BLE001 - reported in the page below
                 outcome["error"] = err
@@ -251,12 +272,10 @@ def _train_stream(service: StudioService):
         thread.start()
         while thread.is_alive():
             thread.join(0.5)
-            done = history[-1][0] if history else 0
-            frame = pd.DataFrame(history, columns=["step", "loss"])
-            yield f"training {trainer}: step {done}/{int(steps)}", frame, stop
+            yield f"training {trainer}: {now['line']}", frame(), stop
         if "error" in outcome:
             raise outcome["error"]
-        yield train_message(outcome["summary"]), pd.DataFrame(history, columns=["step", "loss"]), None
+        yield train_message(outcome["summary"]), frame(), None
 
     return train
 
