@@ -111,7 +111,7 @@ def test_module_on_gpu_matches_dense_and_per_sample_strengths(tokens: int) -> No
     from studio.kernels import reference_prefill, reference_small_m
 
     torch.manual_seed(0)
-    lin = nn.Linear(320, 200).cuda()
+    lin = nn.Linear(320, 208).cuda()  # N % 16 == 0: large M takes the large-M path
     calib = torch.randn(256, 320, device="cuda")
     calib[:, 5] *= 30
     q = SVDQuantLinear.from_linear(lin, calib, rank=32)
@@ -127,21 +127,21 @@ def test_module_on_gpu_matches_dense_and_per_sample_strengths(tokens: int) -> No
         m = 4 * tokens
         args = (x.reshape(m, 320), q.smooth_inv, q.qweight, q.wscale, q.fmt, q.l1, q.l2, q.strength, tokens)
         bias = q.bias.float()
-        if m <= kernels.SMALL_M_MAX:
-            oracle = reference_small_m.w4_linear_small_m(*args, bias)  # (any split: same error level)
-        elif m >= kernels.PREFILL_MIN_M:
-            oracle = reference_prefill.w4_linear_prefill(*args, bias)
-        else:
-            oracle = ref.w4_linear(*args, bias)
-        oracle = oracle.view(4, tokens, 200)
+        chosen = kernels.pick_path(m, 208, True)
+        assert chosen == {9: "small", 20: "fused"}.get(tokens, "prefill")
+        oracle = {
+            "small": reference_small_m.w4_linear_small_m,
+            "prefill": reference_prefill.w4_linear_prefill,
+            "fused": ref.w4_linear,
+        }[chosen](*args, bias).view(4, tokens, 208)
         for i, s in enumerate([0.0, 1.0, 0.5, -1.0]):
             want = dense[i] + s * branch.delta(x[i].float(), x[i].float()).double()
             # The path's own maths (its activation rounding: FP8 or bf16) sets the error level;
             # the GPU adds bf16 output rounding and summation order on top.
             assert _rel(y[i], want) < 1.1 * _rel(oracle[i], want) + 4e-3
             assert _rel(y[i], oracle[i]) < 1e-2
-        if m <= kernels.SMALL_M_MAX:  # bf16 activations: more precise than the FP8 paths
+        if chosen == "small":  # bf16 activations: more precise than the FP8 paths
             assert _rel(y[1], dense[1] + branch.delta(x[1].float(), x[1].float()).double()) < 5e-3
-        if m > kernels.SMALL_M_MAX:  # every other path agrees with the fused one
+        if chosen != "fused":  # every other path agrees with the fused one
             fused = kernels.w4_linear(*args, bias, path="fused")
-            assert _rel(y.reshape(-1, 200), fused) < 2e-2
+            assert _rel(y.reshape(-1, 208), fused) < 2e-2

@@ -141,11 +141,8 @@ def test_small_m_reference_is_more_accurate_than_the_fp8_paths(fmt: str) -> None
     small = _rel(w4_linear_small_m(*no_branch), exact)
     assert small < 0.2 * _rel(ref.w4_linear(*no_branch), exact), small
     assert small < 0.2 * _rel(rp.w4_linear_prefill(*no_branch), exact), small
-    # With the branch: rounding each K split's branch input to bf16 changes little.
+    # With the branch (in bf16, as the fused path runs it)
     dense = x.double() @ q.dequantized_weight().double().t() + q.bias.double()
-    whole = _rel(w4_linear_small_m(*args), dense)
-    assert whole < 4e-3
-    for splits in (2, 3):
-        assert _rel(w4_linear_small_m(*args, splits=splits), dense) < 1.5 * whole + 1e-3
+    assert _rel(w4_linear_small_m(*args), dense) < 4e-3
     # path="small" on the CPU runs this reference
     assert torch.equal(kernels.w4_linear(*args, path="small"), w4_linear_small_m(*args))

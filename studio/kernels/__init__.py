@@ -30,6 +30,7 @@ __all__ = [
     "w4_linear",
     "PREFILL_MIN_M",
     "SMALL_M_MAX",
+    "pick_path",
 ]
 
 #: Rows from which ``w4_linear`` takes the large-M path on the GPU: bench/bench_w4.py
@@ -105,6 +106,20 @@ def gemm_w4(
     return reference.gemm_w4(xq, xscale, qweight, wscale, fmt, lora_act, l2, bias, out_dtype)
 
 
+def pick_path(m: int, n: int, on_gpu: bool, path: str = "auto") -> str:
+    """The path ``w4_linear`` takes for ``m`` rows and ``n`` output features (``path`` if forced)."""
+    if path not in PATHS:
+        raise ValueError(f"unknown path {path!r}; use one of {PATHS}")
+    if path != "auto":
+        return path
+    if not on_gpu:
+        return "fused"  # the CPU reference runs the fused maths
+    if m <= SMALL_M_MAX:
+        return "small"
+    # (cuBLAS FP8 needs N % 16 == 0: the large-M path would pad other N; the fused kernel does not)
+    return "prefill" if m >= PREFILL_MIN_M and n % 16 == 0 else "fused"
+
+
 def w4_linear(
     x: torch.Tensor,
     smooth_inv: torch.Tensor,
@@ -129,20 +144,15 @@ def w4_linear(
     between; the CPU reference runs the fused maths.  ``bound`` / ``wmax``: the large-M path's weight-only factors
     (``reference_prefill.branch_bound`` / ``residual_max``), cached by callers.
     """
-    if path not in PATHS:
-        raise ValueError(f"unknown path {path!r}; use one of {PATHS}")
-    # (cuBLAS FP8 needs N % 16 == 0; the path pads other N, which "auto" leaves to the fused kernel)
-    large = x.shape[0] >= PREFILL_MIN_M and qweight.shape[1] % 16 == 0
-    prefill = path == "prefill" or (path == "auto" and use_triton(x) and large)
-    if path == "small" or (path == "auto" and use_triton(x) and x.shape[0] <= SMALL_M_MAX):
-        args = (x, smooth_inv, qweight, wscale, fmt, l1, l2, strength, rows_per_sample, bias)
+    chosen = pick_path(x.shape[0], qweight.shape[1], use_triton(x), path)
+    args = (x, smooth_inv, qweight, wscale, fmt, l1, l2, strength, rows_per_sample, bias)
+    if chosen == "small":
         if use_triton(x):
             from studio.kernels.small_m_triton import w4_linear_small_m_triton
 
             return w4_linear_small_m_triton(*args)
         return reference_small_m.w4_linear_small_m(*args)
-    if prefill:
-        args = (x, smooth_inv, qweight, wscale, fmt, l1, l2, strength, rows_per_sample, bias)
+    if chosen == "prefill":
         if use_triton(x):
             from studio.kernels.prefill_triton import w4_linear_prefill_triton
 

@@ -8,9 +8,9 @@ channels to keep the memory system busy.  This path keeps the activations in bf1
 the 4-bit codes to bf16 (exact: both formats' codes are small integers or FP8 values, which
 bf16 holds exactly) and applies each group's scale in fp32 on the partial dot, as the fused
 path does.  K is split across programs so that even N = 3072 gives the GPU enough parallel
-weight streams; each split also computes its share of ``x @ l1`` and multiplies it by
-``l2`` (the branch is linear, so the split sums are the whole branch), and a small second
-kernel adds the splits and the bias.
+weight streams, and a small second kernel adds the splits and the bias.  The branch input
+``x @ l1`` is one bf16 GEMM before (rounded to bf16), times the strengths, rounded again,
+then a bf16 dot with ``l2``.
 """
 
 from __future__ import annotations
@@ -34,13 +34,8 @@ def w4_linear_small_m(
     strength: torch.Tensor,
     rows_per_sample: int,
     bias: torch.Tensor | None,
-    splits: int = 1,
 ) -> torch.Tensor:
-    """The small-M layer in float32 with the kernel's roundings; shapes as ``studio.kernels.w4_linear``.
-
-    ``splits``: how many contiguous runs of groups along K the kernel sums separately; the
-    branch input of each run is rounded to bf16 before its dot with ``l2``, as on the GPU.
-    """
+    """The small-M layer in float32 with the kernel's roundings; shapes as ``studio.kernels.w4_linear``."""
     m, k = x.shape
     kp = padded_k(k)
     n, kg = qweight.shape[1], qweight.shape[0]
@@ -48,16 +43,11 @@ def w4_linear_small_m(
     codes = unpack_weight(qweight, fmt).view(n, kg, GROUP)  # exact in bf16
     per_group = torch.einsum("mgj,ngj->mgn", xs.view(m, kg, GROUP), codes)
     out = (per_group * wscale.float()[None]).sum(1)
-    r = l1.shape[1]
-    if r:
+    if l1.shape[1]:
         rows = strength_rows(m, rows_per_sample, strength.shape[0]).to(x.device)
-        xb = torch.nn.functional.pad(x.to(torch.bfloat16).float(), (0, kp - k))
-        l1b = torch.nn.functional.pad(l1.to(torch.bfloat16).float(), (0, 0, 0, kp - k))
-        per_split = -(-kg // splits) * GROUP
-        for k0 in range(0, kp, per_split):
-            la = xb[:, k0 : k0 + per_split] @ l1b[k0 : k0 + per_split]
-            la = (la * strength.float()[rows]).to(torch.bfloat16).float()
-            out = out + la @ l2.to(torch.bfloat16).float().t()
+        la = (x.to(torch.bfloat16).float() @ l1.to(torch.bfloat16).float()).to(torch.bfloat16).float()
+        la = (la * strength.float()[rows]).to(torch.bfloat16).float()
+        out = out + la @ l2.to(torch.bfloat16).float().t()
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype)

@@ -4,9 +4,12 @@ The maths and the reasons are in ``reference_small_m.py`` (the oracle).  Program
 ``(pid_n, pid_k)`` owns ``BLOCK_N`` output channels and one run of groups along K; per
 group of 64 it loads the packed codes ``[BLOCK_N, 32]`` once (the bytes that bound this
 path), decodes both nibbles to bf16, takes two K = 32 dots with the bf16 activations and
-scales the partial sums by the group scale in fp32.  The same loop accumulates its share of
-``x @ l1``; at the end that share, times the strengths, meets ``l2`` in one more dot.
-``_sum_splits_kernel`` then adds the ``SPLIT_K`` partial outputs and the bias.
+scales the partial sums by the group scale in fp32.  The branch input ``x @ l1`` comes from
+one cuBLAS call before (``[M, R]``, a few KB); the programs of the first K split multiply
+it by the strengths and meet ``l2`` in one more dot.  (Computing ``x @ l1`` inside the
+split loop instead made every column block re-read ``l1`` from L2: with 96 ranks that was
+three times the 4-bit weight bytes, +17-48 % time on H100.)  ``_sum_splits_kernel`` then
+adds the ``SPLIT_K`` partial outputs and the bias.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ def _split_configs() -> list[triton.Config]:
     return [
         triton.Config({"BLOCK_N": bn, "SPLIT_K": sk}, num_warps=w, num_stages=st)
         for bn, sk, w, st in [
+            (32, 4, 4, 3),
+            (64, 2, 4, 3),
             (64, 4, 4, 4),
             (64, 8, 4, 4),
             (128, 4, 4, 4),
@@ -49,9 +54,9 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> 
 )
 @triton.jit
 def _w4_small_m_kernel(
-    x_ptr, sinv_ptr, q_ptr, ws_ptr, l1_ptr, l2_ptr, str_ptr, bias_ptr, part_ptr, out_ptr,
+    x_ptr, sinv_ptr, q_ptr, ws_ptr, la_ptr, l2_ptr, str_ptr, bias_ptr, part_ptr, out_ptr,
     M, K, N, KG, R, S, rows_per_sample, M_BUCKET,
-    stride_xm, stride_qg, stride_qn, stride_wsg, stride_l1k, stride_l2n, stride_sm, stride_om,
+    stride_xm, stride_qg, stride_qn, stride_wsg, stride_lam, stride_l2n, stride_sm, stride_om,
     FP4: tl.constexpr, HAS_BRANCH: tl.constexpr, HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr,
     DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
 ):  # fmt: skip
@@ -64,7 +69,6 @@ def _w4_small_m_kernel(
     m_mask = offs_m < M
     n_mask = offs_n < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    la = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
     per_split = tl.cdiv(KG, SPLIT_K)
     g_end = tl.minimum(pid_k * per_split + per_split, KG)
     for grp in range(pid_k * per_split, g_end):
@@ -84,32 +88,19 @@ def _w4_small_m_kernel(
         part = tl.dot((x_hi * s_hi[None, :]).to(DOT_DTYPE), tl.trans(w_hi), part)
         ws = tl.load(ws_ptr + grp * stride_wsg + offs_n, n_mask, 0.0)
         acc += part * ws[None, :]
-        if HAS_BRANCH:
-            l1_lo = tl.load(
-                l1_ptr + k_lo[:, None] * stride_l1k + offs_r[None, :],
-                (k_lo < K)[:, None] & (offs_r < R)[None, :],
-                0.0,
-            )
-            l1_hi = tl.load(
-                l1_ptr + (k_lo[:, None] + 32) * stride_l1k + offs_r[None, :],
-                (k_lo + 32 < K)[:, None] & (offs_r < R)[None, :],
-                0.0,
-            )
-            la = tl.dot(x_lo.to(DOT_DTYPE), l1_lo.to(DOT_DTYPE), la)
-            la = tl.dot(x_hi.to(DOT_DTYPE), l1_hi.to(DOT_DTYPE), la)
-    if HAS_BRANCH:
+    if HAS_BRANCH and pid_k == 0:
+        r_mask = offs_r < R
         srow = (offs_m // rows_per_sample) % S
         st = tl.load(
-            str_ptr + srow[:, None] * stride_sm + offs_r[None, :],
-            m_mask[:, None] & (offs_r < R)[None, :],
-            0.0,
+            str_ptr + srow[:, None] * stride_sm + offs_r[None, :], m_mask[:, None] & r_mask[None, :], 0.0
+        )
+        la = tl.load(
+            la_ptr + offs_m[:, None] * stride_lam + offs_r[None, :], m_mask[:, None] & r_mask[None, :], 0.0
         )
         l2 = tl.load(
-            l2_ptr + offs_n[:, None] * stride_l2n + offs_r[None, :],
-            n_mask[:, None] & (offs_r < R)[None, :],
-            0.0,
+            l2_ptr + offs_n[:, None] * stride_l2n + offs_r[None, :], n_mask[:, None] & r_mask[None, :], 0.0
         )
-        acc = tl.dot((la * st).to(DOT_DTYPE), tl.trans(l2.to(DOT_DTYPE)), acc)
+        acc = tl.dot((la.to(tl.float32) * st).to(DOT_DTYPE), tl.trans(l2.to(DOT_DTYPE)), acc)
     mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K == 1:
         if HAS_BIAS:
@@ -160,9 +151,10 @@ def w4_linear_small_m_triton(
     kg, n, _ = qweight.shape
     r = l1.shape[1]
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    # The branch input: one bf16 GEMM (fp32 accumulation), rounded to bf16 as the reference does.
+    la = x.to(torch.bfloat16) @ l1.to(torch.bfloat16) if r else x.new_zeros(m, 1, dtype=torch.bfloat16)
     max_split = max(c.kwargs["SPLIT_K"] for c in _split_configs()) if config is None else config["SPLIT_K"]
     part = torch.empty(max_split, m, n, device=x.device, dtype=torch.float32)
-    l1 = l1 if r else l1.new_zeros(k, 1)
     l2 = l2 if r else l2.new_zeros(n, 1)
     bias_t = bias.float().contiguous() if bias is not None else out
 
@@ -171,9 +163,9 @@ def w4_linear_small_m_triton(
 
     kernel = _w4_small_m_kernel if config is None else _w4_small_m_kernel.fn
     kernel[grid](
-        x, smooth_inv, qweight, wscale, l1, l2, strength, bias_t, part, out,
+        x, smooth_inv, qweight, wscale, la, l2, strength, bias_t, part, out,
         m, k, n, kg, r, strength.shape[0], max(rows_per_sample, 1), triton.next_power_of_2(max(m, 16)),
-        x.stride(0), qweight.stride(0), qweight.stride(1), wscale.stride(0), l1.stride(0), l2.stride(0),
+        x.stride(0), qweight.stride(0), qweight.stride(1), wscale.stride(0), la.stride(0), l2.stride(0),
         strength.stride(0), out.stride(0),
         FP4=fmt == "fp4", HAS_BRANCH=r > 0, HAS_BIAS=bias is not None,
         R_PAD=max(16, triton.next_power_of_2(max(r, 1))), DOT_DTYPE=branch_dot_dtype(),
