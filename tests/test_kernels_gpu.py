@@ -98,7 +98,8 @@ def test_split_k_paths_and_workspace_stays_clean(split: int) -> None:
     assert acc.abs().max().item() == 0 and cnt.abs().max().item() == 0
 
 
-# 4 samples of `tokens` rows: 36 rows take the small-M path, 80 the fused one, 4 * 256 the large-M one.
+# 4 samples of `tokens` rows: 36 rows take the small-M path (N <= K), 80 the fused one, 4 * 256 the
+# large-M one.
 @pytest.mark.parametrize(
     "tokens", [9, 20, kernels.PREFILL_MIN_M], ids=["small-m-path", "fused-path", "large-m-path"]
 )
@@ -127,7 +128,7 @@ def test_module_on_gpu_matches_dense_and_per_sample_strengths(tokens: int) -> No
         m = 4 * tokens
         args = (x.reshape(m, 320), q.smooth_inv, q.qweight, q.wscale, q.fmt, q.l1, q.l2, q.strength, tokens)
         bias = q.bias.float()
-        chosen = kernels.pick_path(m, 208, True)
+        chosen = kernels.pick_path(m, 320, 208, True)
         assert chosen == {9: "small", 20: "fused"}.get(tokens, "prefill")
         oracle = {
             "small": reference_small_m.w4_linear_small_m,
@@ -142,6 +143,8 @@ def test_module_on_gpu_matches_dense_and_per_sample_strengths(tokens: int) -> No
             assert _rel(y[i], oracle[i]) < 1e-2
         if chosen == "small":  # bf16 activations: more precise than the FP8 paths
             assert _rel(y[1], dense[1] + branch.delta(x[1].float(), x[1].float()).double()) < 5e-3
-        if chosen != "fused":  # every other path agrees with the fused one
-            fused = kernels.w4_linear(*args, bias, path="fused")
-            assert _rel(y.reshape(-1, 208), fused) < 2e-2
+        if chosen != "fused":  # no path is much less accurate than the fused one (FP8 errors differ)
+            fused = kernels.w4_linear(*args, bias, path="fused").view(4, tokens, 208)
+            for i, s in enumerate([0.0, 1.0, 0.5, -1.0]):
+                want = dense[i] + s * branch.delta(x[i].float(), x[i].float()).double()
+                assert _rel(y[i], want) < 1.5 * _rel(fused[i], want)  # measured 6-14 % apart on average

@@ -146,3 +146,15 @@ def test_small_m_reference_is_more_accurate_than_the_fp8_paths(fmt: str) -> None
     assert _rel(w4_linear_small_m(*args), dense) < 4e-3
     # path="small" on the CPU runs this reference
     assert torch.equal(kernels.w4_linear(*args, path="small"), w4_linear_small_m(*args))
+
+
+def test_path_choice() -> None:
+    assert kernels.pick_path(16, 3072, 3072, on_gpu=True) == "small"
+    assert kernels.pick_path(64, 3072, 12288, on_gpu=True) == "fused"  # N > K: the fused kernel won
+    assert kernels.pick_path(100, 3072, 3072, on_gpu=True) == "fused"
+    assert kernels.pick_path(kernels.PREFILL_MIN_M, 3072, 3072, on_gpu=True) == "prefill"
+    assert kernels.pick_path(4608, 3072, 200, on_gpu=True) == "fused"  # cuBLAS FP8 wants N % 16 == 0
+    assert kernels.pick_path(4608, 3072, 3072, on_gpu=False) == "fused"  # the CPU runs the fused maths
+    assert kernels.pick_path(4608, 3072, 3072, on_gpu=False, path="small") == "small"
+    with pytest.raises(ValueError, match="unknown path"):
+        kernels.pick_path(1, 1, 1, on_gpu=True, path="fast")

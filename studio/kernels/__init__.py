@@ -34,8 +34,8 @@ __all__ = [
 ]
 
 #: Rows from which ``w4_linear`` takes the large-M path on the GPU: bench/bench_w4.py
-#: measures both paths at every M; on H100 (docs/results.md) the fused path won at M = 16
-#: and the large-M path at M = 256, 1024 and 4608 on all four FLUX shapes.
+#: measures every path at every M; on H100 (docs/results.md) the large-M path won at
+#: M = 256, 1024 and 4608 on all four FLUX shapes.
 PREFILL_MIN_M = 256
 PATHS = ("auto", "fused", "prefill", "small")
 
@@ -106,8 +106,8 @@ def gemm_w4(
     return reference.gemm_w4(xq, xscale, qweight, wscale, fmt, lora_act, l2, bias, out_dtype)
 
 
-def pick_path(m: int, n: int, on_gpu: bool, path: str = "auto") -> str:
-    """The path ``w4_linear`` takes for ``m`` rows and ``n`` output features (``path`` if forced)."""
+def pick_path(m: int, k: int, n: int, on_gpu: bool, path: str = "auto") -> str:
+    """The path ``w4_linear`` takes for ``m`` rows, ``k`` inputs, ``n`` outputs (``path`` if forced)."""
     if path not in PATHS:
         raise ValueError(f"unknown path {path!r}; use one of {PATHS}")
     if path != "auto":
@@ -115,7 +115,9 @@ def pick_path(m: int, n: int, on_gpu: bool, path: str = "auto") -> str:
     if not on_gpu:
         return "fused"  # the CPU reference runs the fused maths
     if m <= SMALL_M_MAX:
-        return "small"
+        # Measured on H100 (docs/results.md): at M <= 64 the small-M path won where N <= K
+        # (3072x3072, 12288x3072) and the fused one where N > K (3072x9216, 3072x12288).
+        return "small" if n <= k else "fused"
     # (cuBLAS FP8 needs N % 16 == 0: the large-M path would pad other N; the fused kernel does not)
     return "prefill" if m >= PREFILL_MIN_M and n % 16 == 0 else "fused"
 
@@ -144,7 +146,7 @@ def w4_linear(
     between; the CPU reference runs the fused maths.  ``bound`` / ``wmax``: the large-M path's weight-only factors
     (``reference_prefill.branch_bound`` / ``residual_max``), cached by callers.
     """
-    chosen = pick_path(x.shape[0], qweight.shape[1], use_triton(x), path)
+    chosen = pick_path(x.shape[0], x.shape[1], qweight.shape[1], use_triton(x), path)
     args = (x, smooth_inv, qweight, wscale, fmt, l1, l2, strength, rows_per_sample, bias)
     if chosen == "small":
         if use_triton(x):
