@@ -1,7 +1,7 @@
 """EndoARSS in miniature: single-task LoRA x2 vs one shared LoRA vs TESLA, with/without the attention block.
 
-    python bench/repro_endoarss.py            # full: GPU, ~10 min (tiny world DINOv2)
-    python bench/repro_endoarss.py --quick    # CPU smoke version (tiny random backbone)
+    python bench/repro_endoarss.py --workers 3  # full: one GPU, 3 processes (~5 min, tiny world DINOv2)
+    python bench/repro_endoarss.py --quick      # CPU smoke version (tiny random backbone)
 
 Datasets: the world's tool scenes (activity + tool mask) and digits (class + stroke mask).
 Reports activity accuracy, mIoU, trainable share (the two single-task models together
@@ -15,6 +15,8 @@ import argparse
 import json
 import math
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -69,10 +71,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--quick", action="store_true", help="tiny CPU version (tests)")
     p.add_argument("--backbone-source", default="auto", choices=["auto", "world", "random"])
     p.add_argument("--out", default="bench/out/endoarss")
+    p.add_argument(
+        "--workers", type=int, default=1, help="processes sharing the GPU, one seed each (the runs are tiny)"
+    )
+    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     plan = QUICK if args.quick else FULL
     global MEMO
     MEMO = RunMemo(Path(args.out) / "runs.json")
+    seeds = plan["seeds"]
+    if args.worker is not None:  # a worker: its own memo file (no write races), its share of the seeds
+        main_runs = MEMO.data
+        MEMO = RunMemo(Path(args.out) / f"runs.w{args.worker}.json")
+        MEMO.data.update(main_runs)
+        seeds = seeds[args.worker :: args.workers]
+    elif args.workers > 1:
+        base = ["--out", args.out, "--backbone-source", args.backbone_source, "--workers", str(args.workers)]
+        base += ["--quick"] if args.quick else []
+        procs = [
+            subprocess.Popen([sys.executable, __file__, *base, "--worker", str(i)])
+            for i in range(args.workers)
+        ]
+        if any(proc.wait() for proc in procs):
+            raise SystemExit("a worker failed; finished runs are kept, run again to resume")
+        MEMO.absorb(sorted(Path(args.out).glob("runs.w*.json")))
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
     common = dict(
         backbone_source=args.backbone_source,
@@ -87,7 +109,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for sma in plan["sma"]:
             for variant in VARIANTS:
                 opts = dict(common, dataset=dataset, sma=sma)
-                ms = [run_variant(variant, opts, s, plan["steps"]) for s in plan["seeds"]]
+                ms = [run_variant(variant, opts, s, plan["steps"]) for s in seeds]
+                if args.worker is not None:
+                    continue
                 row = dict(dataset=dataset, sma=sma, variant=variant, backbone=ms[0]["backbone"])
                 row.update(
                     {k: [m[k] for m in ms] for k in ("accuracy", "miou", "cosine")}, share=ms[0]["share"]
@@ -96,6 +120,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     f"  {dataset} sma={sma} {variant}: acc={row['accuracy']} miou={row['miou']}", flush=True
                 )
                 rows.append(row)
+    if args.worker is not None:
+        return rows
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"plan": plan, "rows": rows}, indent=1))

@@ -25,8 +25,19 @@ class RunMemo:
         text = json.dumps(key, sort_keys=True)
         if text not in self.data:
             self.data[text] = run()
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.data, indent=1))
-            os.replace(tmp, self.path)
+            self._save()
         return self.data[text]
+
+    def absorb(self, paths: list[Path]) -> int:
+        """Merge the runs recorded in other memo files (parallel workers' own); returns how many."""
+        before = len(self.data)
+        for path in paths:
+            self.data.update(json.loads(Path(path).read_text()))
+        self._save()
+        return len(self.data) - before
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        os.replace(tmp, self.path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from tiny_models import tiny_vit
@@ -170,3 +172,16 @@ def test_repro_endoarss_quick(tmp_path) -> None:
     rows = _repro("repro_endoarss").main(["--quick", "--out", str(tmp_path)])
     assert {r["variant"] for r in rows} == {"single x2", "shared LoRA", "TESLA"}
     assert all(-1.0 <= r["cosine"][0] <= 1.0 for r in rows if r["variant"] != "single x2")
+
+
+@pytest.mark.slow
+def test_repro_endoarss_workers_share_the_runs(tmp_path) -> None:
+    """--workers: processes with their own memo files; the parent merges them and prints the table."""
+    rows = _repro("repro_endoarss").main(["--quick", "--out", str(tmp_path), "--workers", "2"])
+    # the quick plan has one seed: worker 0 ran everything, worker 1 had nothing to do
+    assert sorted(p.name for p in tmp_path.glob("runs.w*.json")) == ["runs.w0.json"]
+    assert {r["variant"] for r in rows} == {"single x2", "shared LoRA", "TESLA"}
+    merged = json.loads((tmp_path / "runs.json").read_text())
+    assert len(merged) == 4  # single x2 (two runs), shared, TESLA: one seed in the quick plan
+    again = _repro("repro_endoarss").main(["--quick", "--out", str(tmp_path)])  # all from the memo
+    assert [r["accuracy"] for r in again] == [r["accuracy"] for r in rows]
