@@ -15,14 +15,12 @@ import argparse
 import json
 import math
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
 from pipelines.vision_common import train_once
-from studio.run_memo import RunMemo
+from studio.run_memo import RunMemo, add_worker_args, memo_for_workers
 
 FULL = dict(datasets=["scenes", "digits"], seeds=[0, 1, 2], steps=400, tiny=False, sma=[True, False])
 QUICK = dict(datasets=["scenes"], seeds=[0], steps=3, tiny=True, sma=[True])
@@ -71,30 +69,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--quick", action="store_true", help="tiny CPU version (tests)")
     p.add_argument("--backbone-source", default="auto", choices=["auto", "world", "random"])
     p.add_argument("--out", default="bench/out/endoarss")
-    p.add_argument(
-        "--workers", type=int, default=1, help="processes sharing the GPU, one seed each (the runs are tiny)"
-    )
-    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    add_worker_args(p)
     args = p.parse_args(argv)
     plan = QUICK if args.quick else FULL
     global MEMO
-    MEMO = RunMemo(Path(args.out) / "runs.json")
-    seeds = plan["seeds"]
-    if args.worker is not None:  # a worker: its own memo file (no write races), its share of the seeds
-        main_runs = MEMO.data
-        MEMO = RunMemo(Path(args.out) / f"runs.w{args.worker}.json")
-        MEMO.data.update(main_runs)
-        seeds = seeds[args.worker :: args.workers]
-    elif args.workers > 1:
-        base = ["--out", args.out, "--backbone-source", args.backbone_source, "--workers", str(args.workers)]
-        base += ["--quick"] if args.quick else []
-        procs = [
-            subprocess.Popen([sys.executable, __file__, *base, "--worker", str(i)])
-            for i in range(args.workers)
-        ]
-        if any(proc.wait() for proc in procs):
-            raise SystemExit("a worker failed; finished runs are kept, run again to resume")
-        MEMO.absorb(sorted(Path(args.out).glob("runs.w*.json")))
+    child = ["--out", args.out, "--backbone-source", args.backbone_source] + (
+        ["--quick"] if args.quick else []
+    )
+    MEMO, seeds = memo_for_workers(args, Path(args.out), plan["seeds"], __file__, child)
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
     common = dict(
         backbone_source=args.backbone_source,

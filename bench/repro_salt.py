@@ -1,7 +1,7 @@
 """SALT in miniature: few-shot adaptation of a ViT segmenter to a shifted domain.
 
-    python bench/repro_salt.py            # full: GPU, ~10 min (tiny world ViT)
-    python bench/repro_salt.py --quick    # CPU smoke version (tiny random backbone)
+    python bench/repro_salt.py --workers 3  # full: one GPU, 3 processes (tiny world ViT)
+    python bench/repro_salt.py --quick      # CPU smoke version (tiny random backbone)
 
 The segmenter (backbone + light decoder, decoder trained on the source domain) is adapted
 with n target images (20..1000) by SALT, LoRA at a matched parameter count, SVD-only
@@ -20,7 +20,7 @@ import torch
 
 from adapters.salt import SaltSpec, parameter_count
 from pipelines.vision_common import train_once
-from studio.run_memo import RunMemo
+from studio.run_memo import add_worker_args, memo_for_workers
 
 FULL = dict(sizes=[20, 100, 300, 1000], seeds=[0, 1, 2], steps=300, tiny=False, n_test=300)
 QUICK = dict(sizes=[20], seeds=[0], steps=10, tiny=True, n_test=24)
@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rank-ratio", type=float, default=0.5)
     p.add_argument("--salt-lora-rank", type=int, default=4)
     p.add_argument("--out", default="bench/out/salt")
+    add_worker_args(p)
     args = p.parse_args(argv)
     plan = QUICK if args.quick else FULL
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
@@ -67,12 +68,21 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if args.quick:
         common.update(n_source=64, source_steps=5)
-    memo = RunMemo(Path(args.out) / "runs.json")
+    child = [
+        "--out",
+        args.out,
+        "--backbone-source",
+        args.backbone_source,
+        "--rank-ratio",
+        str(args.rank_ratio),
+    ]
+    child += ["--salt-lora-rank", str(args.salt_lora_rank)] + (["--quick"] if args.quick else [])
+    memo, seeds = memo_for_workers(args, Path(args.out), plan["seeds"], __file__, child)
     rows = []
     for n in plan["sizes"]:
         for mode in ("salt", "lora", "svd", "decoder"):
             ms = []
-            for seed in plan["seeds"]:
+            for seed in seeds:
                 train = dict(
                     max_steps=plan["steps"],
                     batch_size=32,
@@ -86,6 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
                 m = memo({**opts, **train}, lambda o=opts, t=train: train_once("salt", o, **t))
                 print(f"  n={n} {mode} seed={seed}: dice={m['dice']:.3f} hd95={m['hd95']:.2f}", flush=True)
                 ms.append(m)
+            if args.worker is not None:  # a worker only runs its seeds; the parent builds the table
+                continue
             rows.append(
                 dict(
                     n=n,
@@ -97,6 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
                     backbone=ms[0]["backbone"],
                 )
             )
+    if args.worker is not None:
+        return {}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(
