@@ -158,3 +158,12 @@ def test_path_choice() -> None:
     assert kernels.pick_path(4608, 3072, 3072, on_gpu=False, path="small") == "small"
     with pytest.raises(ValueError, match="unknown path"):
         kernels.pick_path(1, 1, 1, on_gpu=True, path="fast")
+
+
+@pytest.mark.parametrize("path", ["fused", "prefill", "small"])
+def test_an_empty_batch_gives_an_empty_output(path: str) -> None:
+    qweight, wscale = ref.quantize_weight(torch.randn(32, 128), "int4")
+    x = torch.zeros(0, 128)
+    args = (x, torch.ones(128), qweight, wscale, "int4", torch.zeros(128, 16), torch.zeros(32, 16))
+    out = kernels.w4_linear(*args, torch.ones(1, 16), 1, None, path=path)
+    assert out.shape == (0, 32) and out.dtype == x.dtype

@@ -147,6 +147,8 @@ def w4_linear(
     (``reference_prefill.branch_bound`` / ``residual_max``), cached by callers.
     """
     chosen = pick_path(x.shape[0], x.shape[1], qweight.shape[1], use_triton(x), path)
+    if x.shape[0] == 0:  # an empty batch (no kernel launches a zero-size grid)
+        return x.new_zeros(0, qweight.shape[1])
     args = (x, smooth_inv, qweight, wscale, fmt, l1, l2, strength, rows_per_sample, bias)
     if chosen == "small":
         if use_triton(x):
