@@ -204,6 +204,8 @@ class SVDQuantLinear(nn.Module):
             self.rebuild_branch()  # first call, or a LoRA's factors were edited in place
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] == 0:  # an empty batch
+            return x.new_zeros(*shape[:-1], self.out_features)
         rows_per_sample = max(x2.shape[0] // shape[0], 1) if x.dim() > 1 else 1
         samples = x2.shape[0] // rows_per_sample
         if samples % self.strength.shape[0]:

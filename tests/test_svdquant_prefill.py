@@ -167,3 +167,9 @@ def test_an_empty_batch_gives_an_empty_output(path: str) -> None:
     args = (x, torch.ones(128), qweight, wscale, "int4", torch.zeros(128, 16), torch.zeros(32, 16))
     out = kernels.w4_linear(*args, torch.ones(1, 16), 1, None, path=path)
     assert out.shape == (0, 32) and out.dtype == x.dtype
+
+
+def test_the_layer_takes_empty_batches() -> None:
+    _, q = _quantized("int4")
+    for shape in [(0, 200), (0, 5, 200), (2, 0, 200)]:
+        assert q(torch.zeros(shape)).shape == (*shape[:-1], 72)
