@@ -106,7 +106,15 @@ class SVDQuantLinear(nn.Module):
         cfg = config or SVDQuantConfig(rank=rank, fmt=fmt)
         w = linear.weight.detach().float()
         n, k = w.shape
+        if calib.shape[-1] != k:
+            raise ValueError(f"calibration activations have {calib.shape[-1]} features; the layer takes {k}")
         x = calib.detach().reshape(-1, k).float().to(w.device)
+        if x.shape[0] == 0:
+            raise ValueError("no calibration activations: quantizing needs at least one row")
+        for what, t in (("weight", w), ("calibration activations", x)):
+            if not torch.isfinite(t).all():
+                bad = int((~torch.isfinite(t)).sum())
+                raise ValueError(f"the layer's {what} hold {bad} NaN/inf values; nothing was quantized")
         if x.shape[0] > cfg.calib_rows:
             x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[: cfg.calib_rows]]
         r = min(cfg.rank, n, k)

@@ -173,3 +173,19 @@ def test_the_layer_takes_empty_batches() -> None:
     _, q = _quantized("int4")
     for shape in [(0, 200), (0, 5, 200), (2, 0, 200)]:
         assert q(torch.zeros(shape)).shape == (*shape[:-1], 72)
+
+
+def test_bad_calibration_or_weights_get_a_clear_error() -> None:
+    lin = nn.Linear(64, 16)
+    calib = torch.randn(32, 64)
+    calib[3, 5] = float("nan")
+    with pytest.raises(ValueError, match="calibration activations hold 1 NaN/inf"):
+        SVDQuantLinear.from_linear(lin, calib, rank=8)
+    with pytest.raises(ValueError, match="have 65 features; the layer takes 64"):
+        SVDQuantLinear.from_linear(lin, torch.randn(32, 65), rank=8)
+    with pytest.raises(ValueError, match="no calibration activations"):
+        SVDQuantLinear.from_linear(lin, torch.randn(0, 64), rank=8)
+    with torch.no_grad():
+        lin.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="weight hold 1 NaN/inf"):
+        SVDQuantLinear.from_linear(lin, torch.randn(32, 64), rank=8)
