@@ -160,3 +160,20 @@ def test_docs_example_runs(tmp_path, capsys):
     assert excerpt and all(line in out for line in excerpt)
     assert "1 of 43 proportions differ" in out
     assert compare_reports(changed, changed).count("| yes |") == 0
+
+
+def test_a_corrupt_or_foreign_report_is_refused_with_its_name(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    other = tmp_path / "other.json"
+    other.write_text('{"hello": 1}')
+    for path, why in ((bad, "not JSON"), (other, "no 'models' table")):
+        done = subprocess.run(
+            [sys.executable, "-m", "studio.cli", "world", "compare", str(path), "assets/world_build.json"],
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 1 and str(path) in done.stderr and why in done.stderr, done.stderr

@@ -28,8 +28,9 @@ def run_build(args: argparse.Namespace) -> int:
 
 def run_compare(args: argparse.Namespace) -> int:
     from studio.world.compare import compare_reports
+    from studio.world.recipes.common import read_report
 
-    a, b = (json.loads(Path(p).read_text()) for p in (args.a, args.b))
+    a, b = (read_report(p) for p in (args.a, args.b))
     print(compare_reports(a, b, names=(args.a, args.b)))
     return 0
 

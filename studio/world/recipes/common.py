@@ -76,9 +76,22 @@ FIXED_STEP_KEYS = {
 }
 
 
+def read_report(path: str | Path) -> dict[str, Any]:
+    """A world_build.json, with an error that names the file when it is missing or not a report."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such build report") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not a world_build.json report (not JSON: {err})") from None
+    if not isinstance(report, dict) or not isinstance(report.get("models"), dict):
+        raise ValueError(f"{path} is not a world_build.json report (no 'models' table)")
+    return report
+
+
 def load_fixed_steps(path: Path, names: Sequence[str]) -> dict[str, int]:
     """The step counts a world_build.json recorded for the loops of ``names`` (a clear error if absent)."""
-    report = json.loads(Path(path).read_text())
+    report = read_report(path)
     out = {}
     for key, where in FIXED_STEP_KEYS.items():
         if where[0] not in names:
