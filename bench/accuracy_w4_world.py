@@ -105,20 +105,9 @@ def generate(pipe: Any, prompts: list[str], cfg: AccuracyConfig, seed: int) -> n
 
 def record_unet_calls(pipe: Any, prompts: list[str], cfg: AccuracyConfig, seed: int) -> list[dict]:
     """The UNet's inputs at every sampling step, as ``quantize_model`` calibration batches."""
-    calls: list[dict] = []
+    from studio.calibration import record_denoiser_calls
 
-    def grab(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
-        sample = args[0] if args else kwargs["sample"]
-        t = args[1] if len(args) > 1 else kwargs["timestep"]
-        ehs = args[2] if len(args) > 2 else kwargs["encoder_hidden_states"]
-        calls.append({"sample": sample.clone(), "timestep": t, "encoder_hidden_states": ehs.clone()})
-
-    handle = pipe.unet.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        generate(pipe, prompts, cfg, seed)
-    finally:
-        handle.remove()
-    return calls
+    return record_denoiser_calls(pipe, prompts, cfg.steps, seed, guidance=cfg.guidance, chunk=None)
 
 
 @torch.no_grad()
