@@ -6,11 +6,12 @@ The fp32 pipeline ``assets/diffusion-tiny`` samples held-out prompts (the world'
 data seed 2, image seed 500, 20 DPM-Solver++ steps, the pipeline's default guidance) and
 its UNet calls (every step, the CFG batch) are recorded.  The UNet is then quantized by
 ``adapters.svdquant.quantize_model`` (rank 32, INT4 and FP4, global seed 0) calibrated
-either on ``studio quantize``'s synthetic batches (4 batches, seed 0) or on the UNet calls
-of other prompts (world data seed 10, image seed 0, ``--calib-steps`` steps each, what
-``studio quantize --calib-prompts`` records), and the relative error of its noise prediction
+either on ``studio quantize``'s synthetic batches (4 batches, seed 0 as the CLI, and seeds 1,
+2) or on the UNet calls of other prompts (world data seed 10, image seeds 0, 1, 2;
+``--prompt-sets`` of prompts x steps, 4 x 4 being ``studio quantize --calib-prompts``'s
+default steps, what that command records), and the relative error of its noise prediction
 ``|eps_q - eps| / |eps|`` on the held-out calls is printed (all calls pooled, and the worst
-call).  "naive" (rank 0, no smoothing) needs no calibration and is the floor to beat.
+call).  The spread over calibration seeds is the noise floor of the comparison.  "naive" (rank 0, no smoothing) needs no calibration and is the floor to beat.
 """
 
 from __future__ import annotations
@@ -37,20 +38,21 @@ from studio.commands.quantize import calibration_batches  # noqa: E402
 
 @dataclass
 class CalibBenchConfig:
-    #: World prompts recorded for calibration (world data seed ``calib_data_seed``), and their steps.
-    calib_prompts: int = 4
-    calib_steps: int = 4
+    #: Real-prompt calibration sets: (world prompts, sampling steps each); the first is the CLI default.
+    prompt_sets: tuple[tuple[int, int], ...] = ((4, 4), (4, 20), (16, 4))
+    #: World data seed of the calibration prompts (other prompts than the held-out ones).
     calib_data_seed: int = 10
-    #: Image seed of the calibration prompts (prompt i samples from seed + i).
-    calib_seed: int = 0
+    #: Image seeds of the calibration prompts (prompt i samples from seed + i); all of them for the
+    #: first prompt set, the first one for the others (the spread over seeds is the noise floor).
+    calib_seeds: tuple[int, ...] = (0, 1, 2)
     #: Held-out prompts (world test set, data seed ``test_data_seed``), their steps and image seed.
     test_prompts: int = 4
     test_steps: int = 20
     test_data_seed: int = 2
     test_seed: int = 500
-    #: Synthetic batches (``studio quantize``'s default calibration) and their seed.
+    #: Synthetic batches (``studio quantize``'s default calibration) and their seeds (0: the CLI's).
     synthetic_batches: int = 4
-    synthetic_seed: int = 0
+    synthetic_seeds: tuple[int, ...] = (0, 1, 2)
     #: Low-rank branch rank and the 4-bit formats measured.
     rank: int = 32
     formats: tuple[str, ...] = ("int4", "fp4")
@@ -88,18 +90,21 @@ def run(cfg: CalibBenchConfig, pipe: Any = None) -> dict[str, Any]:
     with torch.no_grad():
         refs = [base(**c, return_dict=False)[0].double() for c in test_calls]
     calib_sets = {
-        "synthetic": calibration_batches(base, cfg.synthetic_batches, cfg.synthetic_seed),
-        "prompts": record_denoiser_calls(
-            pipe, world_prompts(cfg.calib_prompts, cfg.calib_data_seed), cfg.calib_steps, cfg.calib_seed
-        ),
+        f"synthetic, seed {seed}": calibration_batches(base, cfg.synthetic_batches, seed)
+        for seed in cfg.synthetic_seeds
     }
+    for i, (n, steps) in enumerate(cfg.prompt_sets):
+        prompts = world_prompts(n, cfg.calib_data_seed)
+        for seed in cfg.calib_seeds if i == 0 else cfg.calib_seeds[:1]:
+            calls = record_denoiser_calls(pipe, prompts, steps, seed)
+            calib_sets[f"{n} prompts x {steps} steps, seed {seed}"] = calls
     targets = list(cfg.targets) if cfg.targets else None
     rows = []
     for fmt in cfg.formats:
         variants = [
             (
                 "naive (rank 0, no smoothing)",
-                "synthetic",
+                next(iter(calib_sets)),
                 SVDQuantConfig(rank=0, fmt=fmt, alphas=(None,), refine_iters=0),
             )
         ]
@@ -146,19 +151,17 @@ def table(result: dict[str, Any]) -> str:
             f"| {r['mean_calib_err']:.4f} | {r['eps_rel_err']:.4f} | {r['eps_rel_err_worst_call']:.4f} "
             f"| {r['quantize_s']:.1f} |"
         )
-    calls = result["calib_calls"]
-    lines.append(
-        f"\nheld-out UNet calls: {result['test_calls']}; calibration calls: synthetic {calls['synthetic']}, "
-        f"prompts {calls['prompts']}"
-    )
+    calls = ", ".join(f"{k} {v}" for k, v in result["calib_calls"].items())
+    lines.append(f"\nheld-out UNet calls: {result['test_calls']}; calibration calls: {calls}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--calib-prompts", type=int, default=4)
-    p.add_argument("--calib-steps", type=int, default=4)
+    p.add_argument(
+        "--prompt-sets", default="4x4,4x20,16x4", help="real-prompt calibration sets: PROMPTSxSTEPS,..."
+    )
     p.add_argument("--test-prompts", type=int, default=4)
     p.add_argument("--test-steps", type=int, default=20)
     p.add_argument("--targets", nargs="*", default=None, help="module names/patterns (default: all)")
@@ -166,8 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = CalibBenchConfig(
-        calib_prompts=args.calib_prompts,
-        calib_steps=args.calib_steps,
+        prompt_sets=tuple(tuple(int(v) for v in s.split("x")) for s in args.prompt_sets.split(",")),
         test_prompts=args.test_prompts,
         test_steps=args.test_steps,
         targets=tuple(args.targets) if args.targets else None,
