@@ -311,14 +311,19 @@ def quantize_model(
     finally:
         for h in handles:
             h.remove()
-    errors: dict[str, float] = {}
+    done: dict[str, SVDQuantLinear] = {}
     for name, linear in linears.items():
         if not seen[name]:
             continue  # the layer never ran on the calibration data: leave it in high precision
-        q = SVDQuantLinear.from_linear(linear, torch.cat(seen[name]).to(linear.weight.device), config=cfg)
+        try:
+            done[name] = SVDQuantLinear.from_linear(
+                linear, torch.cat(seen[name]).to(linear.weight.device), config=cfg
+            )
+        except ValueError as err:  # name the layer; no layer is swapped, the model stays as it was
+            raise ValueError(f"{name}: {err}") from None
+    for name, q in done.items():
         _replace(model, name, q)
-        errors[name] = float(q.calib_error or 0.0)
-    return errors
+    return {name: float(q.calib_error or 0.0) for name, q in done.items()}
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

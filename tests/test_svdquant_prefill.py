@@ -189,3 +189,15 @@ def test_bad_calibration_or_weights_get_a_clear_error() -> None:
         lin.weight[0, 0] = float("inf")
     with pytest.raises(ValueError, match="weight hold 1 NaN/inf"):
         SVDQuantLinear.from_linear(lin, torch.randn(32, 64), rank=8)
+
+
+def test_quantize_model_names_the_bad_layer_and_changes_nothing() -> None:
+    from adapters.svdquant import SVDQuantConfig, quantize_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 16))
+    with torch.no_grad():
+        model[2].weight[1, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"^2: the layer's weight hold 1 NaN/inf"):
+        quantize_model(model, [torch.randn(8, 64)], SVDQuantConfig(rank=8))
+    assert isinstance(model[0], nn.Linear) and isinstance(model[2], nn.Linear)  # the good layer too
