@@ -7,7 +7,7 @@ Times (medians of CUDA-graph replays, L2 flushed before every call, see ``bench`
 side by side in one run: bf16 ``F.linear``; bf16 + unfused LoRA; FP8 ``_scaled_mm``
 bare (per-tensor scales, activations already FP8) and with row-wise activation
 quantization included; FP8 + unfused low-rank; ``torch._int_mm`` (INT8, quantization
-included); torchao int4 weight-only if importable; ours (INT4 and FP4 E2M1) as the layer
+included); int4 weight-only (torchao's tinygemm, ``int4_baselines.py``); ours (INT4 and FP4 E2M1) as the layer
 runs it (``path="auto"``) and each of its paths forced: ``fused`` (pre-pass + 4-bit
 GEMM, branch in the epilogue), ``prefill`` (4-bit weights expanded to FP8, cuBLAS FP8
 with the branch appended along K) and, up to 64 rows, ``small`` (bf16 activations,
@@ -28,6 +28,8 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from int4_baselines import int4_weight_only  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
 from studio import kernels  # noqa: E402
 from studio.kernels.gemm_w4_triton import _w4_gemm_kernel  # noqa: E402
@@ -151,6 +153,8 @@ def speed(shapes: list[tuple[int, int]], ms: list[int], ranks: list[int]) -> lis
         one = torch.ones((), device=dev)
         wscale_row = torch.full((1, n), 1.0, device=dev)
         wi8t = torch.randint(-127, 127, (n, k), device=dev, dtype=torch.int8).t()
+        int4_fn, int4_label = int4_weight_only(w, bias)
+        print(f"int4 weight-only baseline at {k}x{n}: {int4_label}", flush=True)
         packs = {
             (fmt, r): cache_factors(make_w4(k, n, r, fmt, dev)) for fmt in ("int4", "fp4") for r in ranks
         }
@@ -184,6 +188,8 @@ def speed(shapes: list[tuple[int, int]], ms: list[int], ranks: list[int]) -> lis
                 return (torch._int_mm(xi, wi8t).float() * s).to(torch.bfloat16) + bias16
 
             row["int8_q"] = bench(int8_q)
+            row["int4_wo"] = bench(lambda: int4_fn(x)) if int4_fn is not None else math.nan
+            row["int4_wo_label"] = int4_label
             for r in ranks:
                 a = torch.randn(r, k, device=dev, dtype=torch.bfloat16) * 0.02
                 b = torch.randn(n, r, device=dev, dtype=torch.bfloat16) * 0.02
@@ -216,7 +222,8 @@ def speed(shapes: list[tuple[int, int]], ms: list[int], ranks: list[int]) -> lis
 
 def print_table(rows: list[dict], ranks: list[int]) -> None:
     r0, r1 = ranks[0], ranks[-1]
-    cols = ["bf16", f"bf16+lora{r0}", "fp8_bare", "fp8_q", f"fp8_q+lr{r0}", "int8_q", f"w4+lr{r0}_unfused"]
+    cols = ["bf16", f"bf16+lora{r0}", "fp8_bare", "fp8_q", f"fp8_q+lr{r0}", "int8_q", "int4_wo"]
+    cols += [f"w4+lr{r0}_unfused"]
     cols += [f"fused_int4_r{r0}", f"prefill_int4_r{r0}", f"small_int4_r{r0}"]
     cols += [f"fused_fp4_r{r0}", f"prefill_fp4_r{r0}", f"small_fp4_r{r0}"]
     cols += [f"int4_r{r0}", f"fp4_r{r0}", f"int4_r{r1}", f"fp4_r{r1}"]
@@ -227,14 +234,16 @@ def print_table(rows: list[dict], ranks: list[int]) -> None:
         vals = " | ".join(f"{row.get(c, math.nan):.1f}" for c in cols)
         print(f"| {row['K']}x{row['N']} | {row['M']} | {vals} |")
     print("\nratios (best of int4/fp4 at rank r0 unless named)")
-    print("| K x N | M | bf16/ours | ours/fp8_bare | ours/fp8_q | unfused/ours | +64 ranks | fmt |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| K x N | M | bf16/ours | ours/fp8_bare | ours/fp8_q | int4_wo/ours | unfused/ours | +64 ranks | fmt |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         fmt = "int4" if row[f"int4_r{r0}"] <= row[f"fp4_r{r0}"] else "fp4"
         t = row[f"{fmt}_r{r0}"]
         print(
             f"| {row['K']}x{row['N']} | {row['M']} | {row['bf16'] / t:.2f}x | {t / row['fp8_bare']:.2f} | "
-            f"{t / row['fp8_q']:.2f} | {row[f'w4+lr{r0}_unfused'] / t:.2f}x | "
+            f"{t / row['fp8_q']:.2f} | {row['int4_wo'] / t:.2f}x | {row[f'w4+lr{r0}_unfused'] / t:.2f}x | "
             f"{row[f'{fmt}_r{r1}'] / t - 1:+.1%} | {fmt} |"
         )
 
@@ -303,12 +312,6 @@ def main() -> None:
     ranks = [int(r) for r in args.ranks.split(",")]
     shapes, ms = (SHAPES[:1], [16, 4608]) if args.quick else (SHAPES, MS)
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
-    try:
-        import torchao  # noqa: F401
-
-        print("torchao is importable but its int4 path is not wired into this bench")
-    except ImportError:
-        print("note: torchao is not installed on this machine; int4 weight-only baseline skipped")
     rows = speed(shapes, ms, ranks)
     change = strength_change_us()
     print(
