@@ -29,8 +29,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from int4_baselines import int4_weight_only  # noqa: E402  (bench/ is sys.path[0] when run as a script)
-
+from bench.int4_baselines import int4_weight_only  # noqa: E402
 from studio import kernels  # noqa: E402
 from studio.kernels.gemm_w4_triton import _w4_gemm_kernel  # noqa: E402
 from studio.kernels.reference_prefill import branch_bound, residual_max  # noqa: E402

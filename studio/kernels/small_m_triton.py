@@ -9,7 +9,11 @@ one cuBLAS call before (``[M, R]``, a few KB); the programs of the first K split
 it by the strengths and meet ``l2`` in one more dot.  (Computing ``x @ l1`` inside the
 split loop instead made every column block re-read ``l1`` from L2: with 96 ranks that was
 three times the 4-bit weight bytes, +17-48 % time on H100.)  ``_sum_splits_kernel`` then
-adds the ``SPLIT_K`` partial outputs and the bias.
+adds the ``SPLIT_K`` partial outputs and the bias.  ``reduce="atomic"`` instead adds each
+split's partial into the fused path's zeroed fp32 workspace with atomics and lets the split
+that arrives last (per column-block counter) add the bias and write the output: one launch
+fewer and no ``SPLIT_K x M x N`` partials in memory (at M = 64, N = 3072, 16 splits, those are
+12.6 MB against 4.7 MB of 4-bit weights); ``bench/diag_small_m.py`` times both.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from studio.kernels.gemm_w4_triton import _workspace
 from studio.kernels.prefill_triton import _decode
 from studio.kernels.quant_act import branch_dot_dtype
 
@@ -55,16 +60,17 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> 
 
 @triton.autotune(
     configs=_split_configs(),
-    key=["M_BUCKET", "N", "KG", "R_PAD"],
+    key=["M_BUCKET", "N", "KG", "R_PAD", "ATOMIC_SUM"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
 def _w4_small_m_kernel(
-    x_ptr, sinv_ptr, q_ptr, ws_ptr, la_ptr, l2_ptr, str_ptr, bias_ptr, part_ptr, out_ptr,
+    x_ptr, sinv_ptr, q_ptr, ws_ptr, la_ptr, l2_ptr, str_ptr, bias_ptr, part_ptr, cnt_ptr, out_ptr,
     M, K, N, KG, R, S, rows_per_sample, M_BUCKET,
     stride_xm, stride_qg, stride_qn, stride_wsg, stride_lam, stride_l2n, stride_sm, stride_om,
     FP4: tl.constexpr, HAS_BRANCH: tl.constexpr, HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ATOMIC_SUM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -114,6 +120,22 @@ def _w4_small_m_kernel(
         tl.store(
             out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask
         )
+    elif ATOMIC_SUM:  # the workspace is zero between launches; the last split leaves it so
+        ws_tile = part_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.atomic_add(ws_tile, acc, mask=mask, sem="relaxed")
+        tl.debug_barrier()
+        if tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel") == SPLIT_K - 1:
+            tl.debug_barrier()
+            total = tl.load(ws_tile, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(ws_tile, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), mask=mask)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0)
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + offs_n, n_mask, 0.0)[None, :]
+            tl.store(
+                out_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
+                total.to(out_ptr.dtype.element_ty),
+                mask,
+            )
     else:
         dst = part_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :]
         tl.store(dst, acc, mask)
@@ -147,11 +169,16 @@ def w4_linear_small_m_triton(
     rows_per_sample: int,
     bias: torch.Tensor | None,
     config: dict | None = None,
+    reduce: str = "splits",
 ) -> torch.Tensor:
     """``[M, N]`` in ``x.dtype``; shapes as ``studio.kernels.w4_linear``, ``M <= 64`` expected.
 
     ``config`` (BLOCK_N, SPLIT_K, num_warps, num_stages) skips autotuning (tests, the interpreter).
+    ``reduce``: how the K splits are added: ``"splits"`` (partials, then ``_sum_splits_kernel``)
+    or ``"atomic"`` (in the kernel, see the module docstring).
     """
+    if reduce not in ("splits", "atomic"):
+        raise ValueError(f"reduce must be 'splits' or 'atomic', not {reduce!r}")
     x = x.contiguous()
     m, k = x.shape
     kg, n, _ = qweight.shape
@@ -160,7 +187,10 @@ def w4_linear_small_m_triton(
     # The branch input: one bf16 GEMM (fp32 accumulation), rounded to bf16 as the reference does.
     la = x.to(torch.bfloat16) @ l1.to(torch.bfloat16) if r else x.new_zeros(m, 1, dtype=torch.bfloat16)
     max_split = max(c.kwargs["SPLIT_K"] for c in _split_configs()) if config is None else config["SPLIT_K"]
-    part = torch.empty(max_split, m, n, device=x.device, dtype=torch.float32)
+    if reduce == "atomic":
+        part, cnt = _workspace(x.device, m, n, tiles=triton.cdiv(n, 16))
+    else:
+        part, cnt = torch.empty(max_split, m, n, device=x.device, dtype=torch.float32), out
     l2 = l2 if r else l2.new_zeros(n, 1)
     bias_t = bias.float().contiguous() if bias is not None else out
 
@@ -170,16 +200,16 @@ def w4_linear_small_m_triton(
     kernel = _w4_small_m_kernel if config is None else _w4_small_m_kernel.fn
     with _LAUNCH_LOCK:
         kernel[grid](
-            x, smooth_inv, qweight, wscale, la, l2, strength, bias_t, part, out,
+            x, smooth_inv, qweight, wscale, la, l2, strength, bias_t, part, cnt, out,
             m, k, n, kg, r, strength.shape[0], max(rows_per_sample, 1), triton.next_power_of_2(max(m, 16)),
             x.stride(0), qweight.stride(0), qweight.stride(1), wscale.stride(0), la.stride(0), l2.stride(0),
             strength.stride(0), out.stride(0),
             FP4=fmt == "fp4", HAS_BRANCH=r > 0, HAS_BIAS=bias is not None,
-            R_PAD=max(16, triton.next_power_of_2(max(r, 1))), DOT_DTYPE=branch_dot_dtype(),
+            R_PAD=max(16, triton.next_power_of_2(max(r, 1))), DOT_DTYPE=branch_dot_dtype(), ATOMIC_SUM=reduce == "atomic",
             BLOCK_M=max(16, triton.next_power_of_2(m)), **(config or {}),
         )  # fmt: skip
         split = config["SPLIT_K"] if config is not None else _w4_small_m_kernel.best_config.kwargs["SPLIT_K"]
-    if split > 1:
+    if split > 1 and reduce == "splits":
         block = 1024
         _sum_splits_kernel[(triton.cdiv(m * n, block),)](
             part, bias_t, out, m, n, out.stride(0), SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=block
