@@ -21,6 +21,12 @@ from studio.kernels.prefill_triton import (  # noqa: E402
     _rowwise_prepass_kernel,
     expand_weight_triton,
     quantize_act_rowwise_triton,
+    w4_linear_prefill_triton,
+)
+from studio.kernels.prepass_split_triton import (  # noqa: E402
+    _row_codes_kernel,
+    _row_stats_kernel,
+    quantize_act_rowwise_split_triton,
 )
 
 
@@ -107,10 +113,20 @@ def timings(k: int, n: int, m: int, r: int) -> None:
         c = cfg.all_kwargs()
         t = bench(lambda: quantize_act_rowwise_triton(x, sinv, l1, st, 1, g, config=c))
         print(f"   prepass {c}: {t:.1f} us")
+    t_split = bench(lambda: quantize_act_rowwise_split_triton(x, sinv, l1, st, 1, g))
+    print(
+        f"   prepass split (stats then codes): {t_split:.1f} us "
+        f"({_row_stats_kernel.best_config} / {_row_codes_kernel.best_config})"
+    )
+    layer = (x, sinv, qw, ws, "int4", l1, l2, st, 1, None)
+    for prepass in ("rows", "split"):
+        t = bench(lambda: w4_linear_prefill_triton(*layer, bound=bound, wmax=wmax, prepass=prepass))
+        print(f"   whole layer, prepass={prepass}: {t:.1f} us")
 
 
 if __name__ == "__main__":
     for case in [(64, 200, 72, 16, "int4"), (129, 320, 136, 48, "fp4"), (256, 3072, 3072, 32, "int4")]:
         stages(*case)
-    for k, n in [(3072, 3072), (3072, 12288), (12288, 3072)]:
-        timings(k, n, 4608, 32)
+    for r in (32, 96):
+        for k, n in [(3072, 3072), (3072, 12288), (12288, 3072)]:
+            timings(k, n, 4608, r)

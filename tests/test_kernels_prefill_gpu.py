@@ -21,6 +21,11 @@ from studio.kernels.prefill_triton import (
     quantize_act_rowwise_triton,
     w4_linear_prefill_triton,
 )
+from studio.kernels.prepass_split_triton import (
+    _row_codes_kernel,
+    _row_stats_kernel,
+    quantize_act_rowwise_split_triton,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -96,3 +101,34 @@ def test_expand_every_config(cfg: dict) -> None:
     bound, wmax = rp.branch_bound(l1, sinv), rp.residual_max(ws, "fp4")
     wq, _, _ = expand_weight_triton(qw, ws, "fp4", l2, bound, wmax, strength, config=cfg)
     assert _same_codes(wq, rp.expand_weight(qw, ws, "fp4", l2, g, cs)) >= 0.999
+
+
+@pytest.mark.parametrize("m,k,n,r", SHAPES)
+def test_split_prepass_matches_reference(m: int, k: int, n: int, r: int) -> None:
+    x, sinv, l1, l2, strength, qw, ws, bias = _case(m, k, n, r, 3, "fp4", seed=m + 1)
+    rows = max(1, m // 3)
+    g, _ = rp.prefill_scales(l1, l2, sinv, ws, "fp4", strength)
+    xq, sx = quantize_act_rowwise_split_triton(x, sinv, l1, strength, rows, g)
+    xq_r, sx_r = rp.quantize_act_rowwise(x, sinv, l1, strength, rows, g)
+    assert _rel(sx, sx_r) < 1e-6
+    assert _same_codes(xq, xq_r) >= 0.999, (_row_stats_kernel.best_config, _row_codes_kernel.best_config)
+    out = w4_linear_prefill_triton(x, sinv, qw, ws, "fp4", l1, l2, strength, rows, bias, prepass="split")
+    expect = rp.w4_linear_prefill(x.float(), sinv, qw, ws, "fp4", l1, l2, strength, rows, bias)
+    assert out.shape == (m, n) and _rel(out, expect) < 1e-2
+
+
+_STATS = [c.all_kwargs() for c in _row_stats_kernel.configs]
+_CODES = [c.all_kwargs() for c in _row_codes_kernel.configs]
+
+
+@pytest.mark.parametrize(  # every config of each kernel, beside the other's first
+    "cfg",
+    [{"stats": c, "codes": _CODES[0]} for c in _STATS]
+    + [{"stats": _STATS[0], "codes": c} for c in _CODES[1:]],
+)
+def test_split_prepass_every_config(cfg: dict) -> None:
+    x, sinv, l1, _, strength, _, _, _ = _case(1029, 448, 64, 48, 3, "int4", seed=7)
+    g = torch.rand(48, device="cuda") + 0.5
+    xq, sx = quantize_act_rowwise_split_triton(x, sinv, l1, strength, 171, g, config=cfg)
+    xq_r, sx_r = rp.quantize_act_rowwise(x, sinv, l1, strength, 171, g)
+    assert _rel(sx, sx_r) < 1e-6 and _same_codes(xq, xq_r) >= 0.999

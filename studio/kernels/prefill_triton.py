@@ -299,18 +299,27 @@ def w4_linear_prefill_triton(
     bias: torch.Tensor | None,
     bound: torch.Tensor | None = None,
     wmax: torch.Tensor | None = None,
+    prepass: str = "rows",
 ) -> torch.Tensor:
     """The large-M layer on the GPU; shapes as ``studio.kernels.w4_linear``.
 
     ``bound`` (``branch_bound(l1, smooth_inv)``) and ``wmax`` (``residual_max(wscale, fmt)``)
     depend on the weights only; callers that run the layer many times pass them cached.
+    ``prepass``: ``"rows"`` (one launch, 16-row blocks) or ``"split"`` (statistics split along
+    K, then the codes: ``prepass_split_triton.py``); both give the reference's codes.
     """
+    if prepass not in ("rows", "split"):
+        raise ValueError(f"prepass must be 'rows' or 'split', not {prepass!r}")
     x = x.contiguous()
     if bound is None:
         bound = branch_bound(l1, smooth_inv) if l1.shape[1] else torch.zeros(1, device=x.device)
     wmax = residual_max(wscale, fmt) if wmax is None else wmax
     wq, cs, g = expand_weight_triton(qweight, wscale, fmt, l2, bound, wmax, strength)
-    xq, sx = quantize_act_rowwise_triton(x, smooth_inv, l1, strength, rows_per_sample, g)
+    if prepass == "split":
+        from studio.kernels.prepass_split_triton import quantize_act_rowwise_split_triton as quantize_rows
+    else:
+        quantize_rows = quantize_act_rowwise_triton
+    xq, sx = quantize_rows(x, smooth_inv, l1, strength, rows_per_sample, g)
     n = qweight.shape[1]
     if n % 16:  # cuBLAS FP8 wants N % 16 == 0: zero codes and unit scales for the extra rows
         pad = 16 - n % 16

@@ -1,0 +1,204 @@
+"""The large-M pre-pass in two launches: row statistics split along K, then the codes.
+
+Same outputs as ``reference_prefill.quantize_act_rowwise`` and as the one-launch
+``prefill_triton._rowwise_prepass_kernel``.  Why a second design: that kernel takes 16-row
+blocks so that M = 4608 still makes 288 programs, and each program reads the whole
+``l1 [K, R]`` from L2 for its ``x @ l1`` dot.  At K = 12288 that is 226 MB of L2 reads at
+R = 32 and 680 MB at R = 96, against 113 MB of X; the measured pre-pass (183 us at
+12288x3072, M = 4608, rank 32) is twice its memory floor, and 64 more ranks cost the layer
++18 % there (docs/results.md).  Taller row blocks alone left too few programs.  Here:
+
+1. ``_row_stats_kernel``, grid (row blocks of up to 128 rows, ``SPLITS`` slices of K): the
+   row maxima of ``|x * smooth_inv|`` and the partial ``x @ l1`` of its slice, written as
+   per-slice partials (no atomics: the summation order is fixed).  Tall blocks read ``l1``
+   4-8x less often; the K slices keep the program count up.
+2. ``_row_codes_kernel``, grid (row blocks, column blocks over the GEMM's K): reduces the
+   partial maxima of its rows, writes its tile of FP8 codes (a streaming pass over X);
+   column block 0 also writes the row scales, the branch blocks ``[a_hi | a_hi | a_lo]``
+   (from the summed partials, 32 ranks at a time) and the zero tail.
+
+``w4_linear_prefill_triton(prepass="split")`` uses it; ``bench/diag_prefill.py`` times both.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+import triton
+import triton.language as tl
+
+from studio.kernels.prefill_triton import _FP8_MAX, _split_e4m3
+from studio.kernels.quant_act import branch_dot_dtype
+from studio.kernels.reference_prefill import K_ALIGN, branch_block, total_k
+
+#: Largest ``SPLITS`` among the statistics configs: the partial buffers are sized for it.
+MAX_SPLITS = 8
+#: The split count a launch used is read back from the autotuner: see small_m_triton.py.
+_LAUNCH_LOCK = threading.Lock()
+
+
+def _prune_stats(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
+    """The fp32 ``x @ l1`` accumulator ``[BLOCK_M, R_PAD]`` must stay in registers."""
+    r_pad = int(kwargs.get("R_PAD", named_args.get("R_PAD", 16)))
+    keep = [c for c in configs if c.kwargs["BLOCK_M"] * r_pad <= 8192]
+    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
+
+
+@triton.autotune(
+    configs=[
+        triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "SPLITS": sp}, num_warps=w, num_stages=st)
+        for bm, bk, sp, w, st in [
+            (32, 128, 2, 4, 3),
+            (32, 256, 4, 4, 2),
+            (64, 128, 2, 8, 2),
+            (64, 128, 4, 8, 2),
+            (64, 64, 8, 4, 3),
+            (128, 64, 4, 8, 2),
+            (128, 64, 8, 8, 2),
+        ]
+    ],
+    key=["M_BUCKET", "K", "R_PAD"],
+    prune_configs_by={"early_config_prune": _prune_stats},
+)
+@triton.jit
+def _row_stats_kernel(
+    x_ptr, sinv_ptr, l1_ptr, amax_ptr, la_ptr,
+    M, K, R, M_BUCKET, stride_xm, stride_l1k,
+    R_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, R_PAD)
+    m_mask = offs_m < M
+    r_mask = offs_r < R
+    per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLITS) * BLOCK_K
+    k_start = pid_s * per_split
+    k_stop = tl.minimum(k_start + per_split, K)
+    amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+    la = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
+    for k0 in range(k_start, k_stop, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_mask = kk < k_stop
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], m_mask[:, None] & k_mask[None, :], 0.0)
+        sinv = tl.load(sinv_ptr + kk, k_mask, 0.0)
+        amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32) * sinv[None, :]), axis=1))
+        l1 = tl.load(
+            l1_ptr + kk[:, None] * stride_l1k + offs_r[None, :], k_mask[:, None] & r_mask[None, :], 0.0
+        )
+        la = tl.dot(x.to(DOT_DTYPE), l1.to(DOT_DTYPE), la)
+    tl.store(amax_ptr + pid_s * M + offs_m, amax, m_mask)
+    tl.store(
+        la_ptr + (pid_s * M + offs_m[:, None]) * R + offs_r[None, :], la, m_mask[:, None] & r_mask[None, :]
+    )
+
+
+@triton.autotune(
+    configs=[
+        triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w)
+        for bm, bk, w in [(16, 512, 4), (32, 256, 4), (64, 128, 4), (64, 256, 8), (128, 128, 8)]
+    ],
+    key=["M_BUCKET", "KP", "R"],
+)
+@triton.jit
+def _row_codes_kernel(
+    x_ptr, sinv_ptr, amax_ptr, la_ptr, str_ptr, g_ptr, out_ptr, sx_ptr,
+    M, K, KP, KT, R, RB, S, rows_per_sample, M_BUCKET, n_splits,
+    stride_xm, stride_sm, stride_om,
+    TAIL_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for s in range(n_splits):
+        amax = tl.maximum(amax, tl.load(amax_ptr + s * M + offs_m, m_mask, 0.0))
+    scale = tl.maximum(amax / _FP8_MAX, 1e-12)
+    kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = kk < K
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], m_mask[:, None] & k_mask[None, :], 0.0)
+    sinv = tl.load(sinv_ptr + kk, k_mask, 0.0)
+    q = (x.to(tl.float32) * sinv[None, :] / scale[:, None]).to(tl.float8e4nv)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + kk[None, :], q, m_mask[:, None] & (kk < KP)[None, :])
+    if pid_k == 0:
+        tl.store(sx_ptr + offs_m, scale, m_mask)
+        offs_t = tl.arange(0, TAIL_PAD)
+        tl.store(
+            out_ptr + offs_m[:, None] * stride_om + KP + 3 * RB + offs_t[None, :],
+            tl.zeros([BLOCK_M, TAIL_PAD], dtype=tl.float32).to(tl.float8e4nv),
+            m_mask[:, None] & (offs_t < KT - KP - 3 * RB)[None, :],
+        )
+        srow = (offs_m // rows_per_sample) % S
+        offs_c = tl.arange(0, 32)
+        for r0 in range(0, RB, 32):  # 32 ranks at a time keeps the tile in registers at any rank
+            rr = r0 + offs_c
+            tile_mask = m_mask[:, None] & (rr < R)[None, :]
+            la = tl.zeros([BLOCK_M, 32], dtype=tl.float32)
+            for s in range(n_splits):
+                la += tl.load(la_ptr + (s * M + offs_m[:, None]) * R + rr[None, :], tile_mask, 0.0)
+            st = tl.load(str_ptr + srow[:, None] * stride_sm + rr[None, :], tile_mask, 0.0)
+            g = tl.load(g_ptr + rr, rr < R, 1.0)
+            hi, lo = _split_e4m3(la * st / (scale[:, None] * g[None, :]))
+            dst = out_ptr + offs_m[:, None] * stride_om + KP + rr[None, :]
+            mask = m_mask[:, None] & (rr < RB)[None, :]
+            tl.store(dst, hi, mask)
+            tl.store(dst + RB, hi, mask)
+            tl.store(dst + 2 * RB, lo, mask)
+
+
+def quantize_act_rowwise_split_triton(
+    x: torch.Tensor,
+    smooth_inv: torch.Tensor,
+    l1: torch.Tensor,
+    strength: torch.Tensor,
+    rows_per_sample: int,
+    g: torch.Tensor,
+    config: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``xq [M, total_k]`` FP8, ``row_scale [M, 1]`` fp32); ``x [M, K]`` row-major, as the reference.
+
+    ``l1 [K, R]`` bf16, ``strength [S, R]`` fp32, ``g [R]`` fp32 (``prefill_scales``).  ``config``:
+    ``{"stats": {...}, "codes": {...}}`` with each kernel's meta-parameters and ``num_warps`` (and
+    ``num_stages`` for the statistics) skips autotuning (tests, the interpreter).
+    """
+    m, k = x.shape
+    r = l1.shape[1]
+    rb = branch_block(r)
+    kp = -(-k // 64) * 64
+    kt = total_k(kp, r)
+    dev = x.device
+    xq = torch.empty(m, kt, device=dev, dtype=torch.float8_e4m3fn)
+    sx = torch.empty(m, 1, device=dev, dtype=torch.float32)
+    l1 = l1 if r else l1.new_zeros(k, 1)
+    g = g if r else torch.ones(1, device=dev)
+    splits = MAX_SPLITS if config is None else config["stats"]["SPLITS"]
+    amax = torch.empty(splits, m, device=dev, dtype=torch.float32)
+    la = torch.empty(splits, m, max(r, 1), device=dev, dtype=torch.float32)
+    bucket = min(triton.next_power_of_2(max(m, 16)), 8192)
+
+    def stats_grid(meta: dict) -> tuple[int, int]:
+        return (triton.cdiv(m, meta["BLOCK_M"]), meta["SPLITS"])
+
+    stats = _row_stats_kernel if config is None else _row_stats_kernel.fn
+    with _LAUNCH_LOCK:
+        stats[stats_grid](
+            x, smooth_inv, l1, amax, la, m, k, max(r, 1), bucket, x.stride(0), l1.stride(0),
+            R_PAD=max(16, triton.next_power_of_2(max(r, 1))), DOT_DTYPE=branch_dot_dtype(),
+            **(config["stats"] if config else {}),
+        )  # fmt: skip
+        used = config["stats"]["SPLITS"] if config else _row_stats_kernel.best_config.kwargs["SPLITS"]
+
+    def codes_grid(meta: dict) -> tuple[int, int]:
+        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(kp, meta["BLOCK_K"]))
+
+    codes = _row_codes_kernel if config is None else _row_codes_kernel.fn
+    codes[codes_grid](
+        x, smooth_inv, amax, la, strength, g, xq, sx,
+        m, k, kp, kt, r, rb, strength.shape[0], max(rows_per_sample, 1), bucket, used,
+        x.stride(0), strength.stride(0), xq.stride(0),
+        TAIL_PAD=K_ALIGN, **(config["codes"] if config else {}),
+    )  # fmt: skip
+    return xq, sx
