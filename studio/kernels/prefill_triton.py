@@ -54,6 +54,55 @@ def _split_e4m3(v):
 
 
 @triton.jit
+def _stats_step(x_ptr, sinv_ptr, l1_ptr, offs_m, m_mask, kk, k_mask, offs_r, r_mask, stride_xm, stride_l1k,
+                amax, la, DOT_DTYPE: tl.constexpr):  # fmt: skip
+    """One K tile of the row statistics: the running max of ``|x * smooth_inv|`` and ``la += x @ l1``."""
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], m_mask[:, None] & k_mask[None, :], 0.0)
+    sinv = tl.load(sinv_ptr + kk, k_mask, 0.0)
+    amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32) * sinv[None, :]), axis=1))
+    l1 = tl.load(l1_ptr + kk[:, None] * stride_l1k + offs_r[None, :], k_mask[:, None] & r_mask[None, :], 0.0)
+    return amax, tl.dot(x.to(DOT_DTYPE), l1.to(DOT_DTYPE), la)
+
+
+@triton.jit
+def _write_codes(x_ptr, sinv_ptr, out_ptr, offs_m, m_mask, kk, K, KP, scale, stride_xm, stride_om):
+    """FP8 codes of ``x * smooth_inv / scale`` at columns ``kk`` (zero from K up to KP)."""
+    k_mask = kk < K
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], m_mask[:, None] & k_mask[None, :], 0.0)
+    sinv = tl.load(sinv_ptr + kk, k_mask, 0.0)
+    q = (x.to(tl.float32) * sinv[None, :] / scale[:, None]).to(tl.float8e4nv)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + kk[None, :], q, m_mask[:, None] & (kk < KP)[None, :])
+
+
+@triton.jit
+def _write_scale_and_tail(sx_ptr, out_ptr, offs_m, m_mask, scale, KP, KT, RB, stride_om,
+                          BLOCK_M: tl.constexpr, TAIL_PAD: tl.constexpr):  # fmt: skip
+    """The row scales, and zeros in the columns past the branch blocks up to the aligned K."""
+    tl.store(sx_ptr + offs_m, scale, m_mask)
+    offs_t = tl.arange(0, TAIL_PAD)
+    tl.store(
+        out_ptr + offs_m[:, None] * stride_om + KP + 3 * RB + offs_t[None, :],
+        tl.zeros([BLOCK_M, TAIL_PAD], dtype=tl.float32).to(tl.float8e4nv),
+        m_mask[:, None] & (offs_t < KT - KP - 3 * RB)[None, :],
+    )
+
+
+@triton.jit
+def _write_branch(out_ptr, str_ptr, g_ptr, offs_m, m_mask, rr, la, scale,
+                  KP, R, RB, S, rows_per_sample, stride_sm, stride_om):  # fmt: skip
+    """``[a_hi | a_hi | a_lo]`` of ``la * strength[row] / (scale * g)`` for the ranks ``rr``."""
+    srow = (offs_m // rows_per_sample) % S
+    st = tl.load(str_ptr + srow[:, None] * stride_sm + rr[None, :], m_mask[:, None] & (rr < R)[None, :], 0.0)
+    g = tl.load(g_ptr + rr, rr < R, 1.0)
+    hi, lo = _split_e4m3(la * st / (scale[:, None] * g[None, :]))
+    dst = out_ptr + offs_m[:, None] * stride_om + KP + rr[None, :]
+    mask = m_mask[:, None] & (rr < RB)[None, :]
+    tl.store(dst, hi, mask)
+    tl.store(dst + RB, hi, mask)
+    tl.store(dst + 2 * RB, lo, mask)
+
+
+@triton.jit
 def _branch_factors(bound_ptr, str_ptr, R, S, stride_sm, S_PAD: tl.constexpr, R_PAD: tl.constexpr):
     """``g[r] = bound[r] * max_s |strength[s, r]|`` (>= 1e-30), zero past R is harmless."""
     offs_r = tl.arange(0, R_PAD)
@@ -173,41 +222,16 @@ def _rowwise_prepass_kernel(
     la = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
-        k_mask = kk < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], m_mask[:, None] & k_mask[None, :], 0.0)
-        sinv = tl.load(sinv_ptr + kk, k_mask, 0.0)
-        amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32) * sinv[None, :]), axis=1))
-        l1 = tl.load(
-            l1_ptr + kk[:, None] * stride_l1k + offs_r[None, :], k_mask[:, None] & r_mask[None, :], 0.0
-        )
-        la = tl.dot(x.to(DOT_DTYPE), l1.to(DOT_DTYPE), la)
+        amax, la = _stats_step(x_ptr, sinv_ptr, l1_ptr, offs_m, m_mask, kk, kk < K, offs_r, r_mask,
+                               stride_xm, stride_l1k, amax, la, DOT_DTYPE)  # fmt: skip
     scale = tl.maximum(amax / _FP8_MAX, 1e-12)
     for k0 in range(0, KP, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        k_mask = kk < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], m_mask[:, None] & k_mask[None, :], 0.0)
-        sinv = tl.load(sinv_ptr + kk, k_mask, 0.0)
-        q = (x.to(tl.float32) * sinv[None, :] / scale[:, None]).to(tl.float8e4nv)
-        tl.store(out_ptr + offs_m[:, None] * stride_om + kk[None, :], q, m_mask[:, None] & (kk < KP)[None, :])
-    tl.store(sx_ptr + offs_m, scale, m_mask)
-    offs_t = tl.arange(0, TAIL_PAD)
-    tl.store(
-        out_ptr + offs_m[:, None] * stride_om + KP + 3 * RB + offs_t[None, :],
-        tl.zeros([BLOCK_M, TAIL_PAD], dtype=tl.float32).to(tl.float8e4nv),
-        m_mask[:, None] & (offs_t < KT - KP - 3 * RB)[None, :],
-    )
+        _write_codes(x_ptr, sinv_ptr, out_ptr, offs_m, m_mask, k0 + tl.arange(0, BLOCK_K), K, KP, scale,
+                     stride_xm, stride_om)  # fmt: skip
+    _write_scale_and_tail(sx_ptr, out_ptr, offs_m, m_mask, scale, KP, KT, RB, stride_om, BLOCK_M, TAIL_PAD)
     if RB > 0:
-        srow = (offs_m // rows_per_sample) % S
-        st = tl.load(
-            str_ptr + srow[:, None] * stride_sm + offs_r[None, :], m_mask[:, None] & r_mask[None, :], 0.0
-        )
-        g = tl.load(g_ptr + offs_r, r_mask, 1.0)
-        hi, lo = _split_e4m3(la * st / (scale[:, None] * g[None, :]))
-        dst = out_ptr + offs_m[:, None] * stride_om + KP + offs_r[None, :]
-        mask = m_mask[:, None] & (offs_r < RB)[None, :]
-        tl.store(dst, hi, mask)
-        tl.store(dst + RB, hi, mask)
-        tl.store(dst + 2 * RB, lo, mask)
+        _write_branch(out_ptr, str_ptr, g_ptr, offs_m, m_mask, offs_r, la, scale,
+                      KP, R, RB, S, rows_per_sample, stride_sm, stride_om)  # fmt: skip
 
 
 def expand_weight_triton(

@@ -28,7 +28,13 @@ import torch
 import triton
 import triton.language as tl
 
-from studio.kernels.prefill_triton import _FP8_MAX, _split_e4m3
+from studio.kernels.prefill_triton import (
+    _FP8_MAX,
+    _stats_step,
+    _write_branch,
+    _write_codes,
+    _write_scale_and_tail,
+)
 from studio.kernels.quant_act import branch_dot_dtype
 from studio.kernels.reference_prefill import K_ALIGN, branch_block, total_k
 
@@ -81,14 +87,8 @@ def _row_stats_kernel(
     la = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
     for k0 in range(k_start, k_stop, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
-        k_mask = kk < k_stop
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], m_mask[:, None] & k_mask[None, :], 0.0)
-        sinv = tl.load(sinv_ptr + kk, k_mask, 0.0)
-        amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32) * sinv[None, :]), axis=1))
-        l1 = tl.load(
-            l1_ptr + kk[:, None] * stride_l1k + offs_r[None, :], k_mask[:, None] & r_mask[None, :], 0.0
-        )
-        la = tl.dot(x.to(DOT_DTYPE), l1.to(DOT_DTYPE), la)
+        amax, la = _stats_step(x_ptr, sinv_ptr, l1_ptr, offs_m, m_mask, kk, kk < k_stop, offs_r, r_mask,
+                               stride_xm, stride_l1k, amax, la, DOT_DTYPE)  # fmt: skip
     tl.store(amax_ptr + pid_s * M + offs_m, amax, m_mask)
     tl.store(
         la_ptr + (pid_s * M + offs_m[:, None]) * R + offs_r[None, :], la, m_mask[:, None] & r_mask[None, :]
@@ -117,36 +117,24 @@ def _row_codes_kernel(
     for s in range(n_splits):
         amax = tl.maximum(amax, tl.load(amax_ptr + s * M + offs_m, m_mask, 0.0))
     scale = tl.maximum(amax / _FP8_MAX, 1e-12)
-    kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_mask = kk < K
-    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], m_mask[:, None] & k_mask[None, :], 0.0)
-    sinv = tl.load(sinv_ptr + kk, k_mask, 0.0)
-    q = (x.to(tl.float32) * sinv[None, :] / scale[:, None]).to(tl.float8e4nv)
-    tl.store(out_ptr + offs_m[:, None] * stride_om + kk[None, :], q, m_mask[:, None] & (kk < KP)[None, :])
+    _write_codes(x_ptr, sinv_ptr, out_ptr, offs_m, m_mask, pid_k * BLOCK_K + tl.arange(0, BLOCK_K), K, KP, scale,
+                 stride_xm, stride_om)  # fmt: skip
     if pid_k == 0:
-        tl.store(sx_ptr + offs_m, scale, m_mask)
-        offs_t = tl.arange(0, TAIL_PAD)
-        tl.store(
-            out_ptr + offs_m[:, None] * stride_om + KP + 3 * RB + offs_t[None, :],
-            tl.zeros([BLOCK_M, TAIL_PAD], dtype=tl.float32).to(tl.float8e4nv),
-            m_mask[:, None] & (offs_t < KT - KP - 3 * RB)[None, :],
+        _write_scale_and_tail(
+            sx_ptr, out_ptr, offs_m, m_mask, scale, KP, KT, RB, stride_om, BLOCK_M, TAIL_PAD
         )
-        srow = (offs_m // rows_per_sample) % S
         offs_c = tl.arange(0, 32)
         for r0 in range(0, RB, 32):  # 32 ranks at a time keeps the tile in registers at any rank
             rr = r0 + offs_c
-            tile_mask = m_mask[:, None] & (rr < R)[None, :]
             la = tl.zeros([BLOCK_M, 32], dtype=tl.float32)
             for s in range(n_splits):
-                la += tl.load(la_ptr + (s * M + offs_m[:, None]) * R + rr[None, :], tile_mask, 0.0)
-            st = tl.load(str_ptr + srow[:, None] * stride_sm + rr[None, :], tile_mask, 0.0)
-            g = tl.load(g_ptr + rr, rr < R, 1.0)
-            hi, lo = _split_e4m3(la * st / (scale[:, None] * g[None, :]))
-            dst = out_ptr + offs_m[:, None] * stride_om + KP + rr[None, :]
-            mask = m_mask[:, None] & (rr < RB)[None, :]
-            tl.store(dst, hi, mask)
-            tl.store(dst + RB, hi, mask)
-            tl.store(dst + 2 * RB, lo, mask)
+                la += tl.load(
+                    la_ptr + (s * M + offs_m[:, None]) * R + rr[None, :],
+                    m_mask[:, None] & (rr < R)[None, :],
+                    0.0,
+                )
+            _write_branch(out_ptr, str_ptr, g_ptr, offs_m, m_mask, rr, la, scale,
+                          KP, R, RB, S, rows_per_sample, stride_sm, stride_om)  # fmt: skip
 
 
 def quantize_act_rowwise_split_triton(
