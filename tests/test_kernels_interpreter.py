@@ -1,0 +1,121 @@
+"""The Triton kernels' logic on the CPU, in Triton's interpreter (CI has no GPU).
+
+The GPU suite (``pytest -m gpu``) is the real check of the kernels; it runs only where a GPU
+is lent.  This file runs a few small cases of each kernel under ``TRITON_INTERPRET=1`` in a
+subprocess (the interpreter must be on before the kernels are defined), so that a change to a
+kernel's indexing, masks or helpers fails in CI too.  The interpreter's FP8 casts do not
+round as torch's do (they land on a neighbouring code), so FP8 codes are compared kernel
+against kernel bit for bit, and against the references to within one FP8 step; bf16 outputs
+against the references with the GPU suite's tolerances.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+def _within_one_fp8_step(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Every E4M3 code of ``a`` is ``b``'s or a neighbour (3 mantissa bits; 2**-9 below 2**-6).
+
+    Also allowed: half of a power of two ``b``.  Triton's interpreter loses the carry when a
+    cast rounds the mantissa up into the next binade (7.9 gives 4, not 8); the GPU does not.
+    """
+    a, b = a.float(), b.float()
+    big = torch.maximum(a.abs(), b.abs())
+    step = torch.where(big < 2**-6, torch.full_like(big, 2**-9), 2.0 ** (torch.floor(torch.log2(big)) - 3))
+    near = (a - b).abs() <= step * 1.0001
+    lost_carry = (b != 0) & (torch.frexp(b).mantissa.abs() == 0.5) & (a == b / 2)
+    return bool((near | lost_carry).all())
+
+
+def _case(m: int, k: int, n: int, r: int, fmt: str, seed: int) -> tuple:
+    from studio.kernels import reference as ref
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    x[:, :3] *= 40
+    sinv = torch.rand(k, generator=gen) + 0.5
+    l1 = (torch.randn(k, r, generator=gen) * 0.05).to(torch.bfloat16)
+    l2 = (torch.randn(n, r, generator=gen) * 0.05).to(torch.bfloat16)
+    strength = torch.rand(2, r, generator=gen)
+    qw, ws = ref.quantize_weight(torch.randn(n, k, generator=gen), fmt)
+    return x, sinv, qw, ws, fmt, l1, l2, strength, max(1, m // 2), torch.randn(n, generator=gen)
+
+
+def check_small_m() -> None:
+    from studio.kernels.gemm_w4_triton import _WORKSPACE
+    from studio.kernels.reference_small_m import w4_linear_small_m
+    from studio.kernels.small_m_triton import w4_linear_small_m_triton
+
+    for m, k, n, r, fmt in [(7, 320, 136, 48, "int4"), (16, 200, 72, 0, "fp4")]:
+        args = _case(m, k, n, r, fmt, seed=m)
+        expect = w4_linear_small_m(*args)
+        for reduce in ("splits", "atomic"):
+            cfg = {"BLOCK_N": 32, "SPLIT_K": 2, "num_warps": 4, "num_stages": 1}
+            for _ in range(2):  # twice: the atomic reduction must leave its workspace zeroed
+                out = w4_linear_small_m_triton(*args, config=cfg, reduce=reduce)
+                assert out.shape == (m, n) and _rel(out, expect) < 5e-3, (m, reduce, _rel(out, expect))
+    assert all(bool((t == 0).all()) for pair in _WORKSPACE.values() for t in pair)
+
+
+def check_prepass() -> None:
+    from studio.kernels import reference_prefill as rp
+    from studio.kernels.prefill_triton import quantize_act_rowwise_triton
+    from studio.kernels.prepass_split_triton import quantize_act_rowwise_split_triton
+
+    rows_cfg = {"BLOCK_M": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1}
+    split_cfg = {
+        "stats": {"BLOCK_M": 32, "BLOCK_K": 64, "SPLITS": 4, "num_warps": 4, "num_stages": 1},
+        "codes": {"BLOCK_M": 16, "BLOCK_K": 128, "num_warps": 4},
+    }
+    for m, k, n, r in [(40, 320, 64, 48), (17, 200, 64, 0)]:
+        x, sinv, qw, ws, fmt, l1, l2, st, rows, _ = _case(m, k, n, r, "int4", seed=m)
+        g, _ = rp.prefill_scales(l1, l2, sinv, ws, fmt, st)
+        xq_ref, sx_ref = rp.quantize_act_rowwise(x, sinv, l1, st, rows, g)
+        xq_a, sx_a = quantize_act_rowwise_triton(x, sinv, l1, st, rows, g, config=rows_cfg)
+        xq_b, sx_b = quantize_act_rowwise_split_triton(x, sinv, l1, st, rows, g, config=split_cfg)
+        assert _rel(sx_a, sx_ref) < 1e-6 and torch.equal(sx_a, sx_b)
+        same = (xq_a.view(torch.uint8) == xq_b.view(torch.uint8)).float().mean().item()
+        assert xq_a.shape == xq_ref.shape and same >= 0.999, same
+        assert _within_one_fp8_step(xq_a, xq_ref)
+
+
+def check_expand() -> None:
+    from studio.kernels import reference_prefill as rp
+    from studio.kernels.prefill_triton import expand_weight_triton
+
+    _, sinv, qw, ws, fmt, l1, l2, st, _, _ = _case(8, 448, 100, 48, "fp4", seed=3)
+    g, cs = rp.prefill_scales(l1, l2, sinv, ws, fmt, st)
+    bound, wmax = rp.branch_bound(l1, sinv), rp.residual_max(ws, fmt)
+    cfg = {"BLOCK_N": 32, "GROUPS": 4, "num_warps": 4}
+    wq, cs_t, g_t = expand_weight_triton(qw, ws, fmt, l2, bound, wmax, st, config=cfg)
+    assert _rel(cs_t, cs) < 1e-6 and _rel(g_t, g) < 1e-6
+    expect = rp.expand_weight(qw, ws, fmt, l2, g, cs)
+    assert wq.shape == expect.shape and _within_one_fp8_step(wq, expect)
+
+
+def main() -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    torch.set_num_threads(1)
+    for check in (check_small_m, check_prepass, check_expand):
+        check()
+        print(f"{check.__name__}: ok", flush=True)
+
+
+def test_kernels_in_the_triton_interpreter() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert done.stdout.count(": ok") == 3, done.stdout
+
+
+if __name__ == "__main__":
+    main()
