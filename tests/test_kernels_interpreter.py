@@ -102,10 +102,29 @@ def check_expand() -> None:
     assert wq.shape == expect.shape and _within_one_fp8_step(wq, expect)
 
 
+def check_fused() -> None:
+    from studio.kernels import reference as ref
+    from studio.kernels.gemm_w4_triton import gemm_w4_triton
+    from studio.kernels.quant_act import quantize_act_triton
+
+    for m, k, n, r, fmt in [(20, 320, 72, 48, "fp4"), (5, 200, 64, 16, "int4")]:
+        x, sinv, qw, ws, fmt, l1, l2, st, rows, bias = _case(m, k, n, r, fmt, seed=m)
+        xq_r, xs_r, la_r = ref.quantize_act(x, sinv, l1, st, rows)
+        xq, xs, la = quantize_act_triton(
+            x, sinv, l1, st, rows, config={"BLOCK_M": 16, "num_warps": 4, "num_stages": 1}
+        )
+        assert _within_one_fp8_step(xq, xq_r) and _rel(xs, xs_r) < 1e-6 and _rel(la, la_r) < 1e-5
+        expect = ref.gemm_w4(xq_r, xs_r, qw, ws, fmt, la_r, l2, bias, torch.bfloat16)
+        for split in (1, 2):  # split-K reduces through the shared workspace
+            cfg = {"BLOCK_N": 64, "BLOCK_M": 16, "SPLIT_K": split, "num_warps": 4, "num_stages": 1}
+            out = gemm_w4_triton(xq_r, xs_r, qw, ws, fmt, la_r, l2, bias, config=cfg)
+            assert out.shape == (m, n) and _rel(out, expect) < 1e-2
+
+
 def main() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     torch.set_num_threads(1)
-    for check in (check_small_m, check_prepass, check_expand):
+    for check in (check_small_m, check_prepass, check_expand, check_fused):
         check()
         print(f"{check.__name__}: ok", flush=True)
 
@@ -114,7 +133,7 @@ def test_kernels_in_the_triton_interpreter() -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    assert done.stdout.count(": ok") == 3, done.stdout
+    assert done.stdout.count(": ok") == 4, done.stdout
 
 
 if __name__ == "__main__":
