@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -223,3 +224,19 @@ def test_examples_recipe_smoke_through_the_cli(tmp_path):
         folder = tmp_path / "examples" / f"vision-{method}"
         assert "(--smoke run)" in (folder / "README.md").read_text() and (folder / "metrics.json").is_file()
         assert vision_models_from_folder(folder)
+
+
+def test_relative_adapter_folder_of_the_app_loads_its_vision_models(tmp_path, monkeypatch):
+    """`studio demo --adapters runs`: the folder is relative to the working directory."""
+    import shutil
+
+    from studio.commands.ui import make_service
+
+    shutil.copytree(EXAMPLES / "vision-salt", tmp_path / "runs" / "x" / "adapter")
+    monkeypatch.chdir(tmp_path)
+    service = make_service(
+        adapter_dirs=["runs"], data_dir=str(tmp_path / "data"), device="cpu", examples=False
+    )
+    folder = next(f for f in service.vision_folders() if f.endswith("x/adapter"))
+    assert Path(folder).is_absolute()
+    assert service.load_vision_model(folder)

@@ -11,7 +11,10 @@ from studio.service_types import AdapterUse, GenerationSettings
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by `generate` and `grid`."""
     p.add_argument(
-        "--model", default="tiny-sd", help="base model name (tiny-sd, tiny-world) or a diffusers folder"
+        "--model",
+        default=None,
+        help="base model name (tiny-world, tiny-sd) or a diffusers folder (default: tiny-world where its "
+        "assets are installed, else tiny-sd, as the app lists them)",
     )
     p.add_argument(
         "--adapter",
@@ -49,11 +52,12 @@ def build(args: argparse.Namespace):
 
     model = args.model
     model_dirs: list[Path] = []
-    if Path(model).is_dir():
+    if model is not None and Path(model).is_dir():
         model_dirs, model = [Path(model).resolve().parent], Path(model).resolve().name
     adapter_args = [_split_strength(a) for a in args.adapter]
     adapter_dirs = sorted({str(Path(p).resolve().parent) for p, _ in adapter_args if Path(p).exists()})
     service = StudioService(model_dirs=model_dirs, adapter_dirs=adapter_dirs, device=args.device)
+    model = model or service.default_base_model()
     stack = []
     for path, strength in adapter_args:
         if not Path(path).exists() and path in EXAMPLE_LORAS:

@@ -30,7 +30,8 @@ def make_service(
     uploads.mkdir(parents=True, exist_ok=True)
     shipped = ROOT / "assets" / "adapters"
     vision_examples = ROOT / "assets" / "examples"
-    dirs = [uploads, *[Path(d) for d in adapter_dirs]]
+    # Relative folders are relative to the working directory (not to the other roots).
+    dirs = [uploads, *[Path(d).expanduser().resolve() for d in adapter_dirs]]
     dirs += [d for d in (shipped, vision_examples) if d.is_dir()]
     model_dirs = [Path(model).resolve().parent] if model else []
     service = StudioService(
