@@ -9,7 +9,6 @@ one pipeline call whose rows carry their own strengths and seeds.
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -18,22 +17,29 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from adapters.base import AdapterError, AdapterSpec, merge, remove, unmerge
+from adapters.base import AdapterError, AdapterSpec, merge, remove, unmerge  # noqa: F401 - merge: re-export
 from studio.schedules import step_end_callback
 from studio.service_adapters import AdapterRecord, compress_record
-from studio.service_files import safe_path, scan_adapters
+from studio.service_components import (  # noqa: F401 - ADAPTER_COMPONENTS: re-export
+    ADAPTER_COMPONENTS,
+    _fuse,
+    _names,
+    _zero,
+    components,
+    quantized_copy,
+)
+from studio.service_files import _clean_name, safe_path, scan_adapters
 from studio.service_grid import GridResult, GridSpec, plan_grid
 from studio.service_models import BaseModel, list_base_models
 from studio.service_strengths import StrengthPlan
 from studio.service_types import AdapterInfo, AdapterUse, GenerationSettings
-from studio.service_vision import VisionModel, classify, segment
+from studio.service_vision import VisionModel, classify, segment  # noqa: F401 - classify, segment: re-export
 from studio.service_vision_load import vision_folders
+from studio.service_vision_mixin import VisionServiceMixin
 
 #: progress(done, total, message)
 Progress = Callable[[int, int, str], None]
-ADAPTER_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 
 
 @dataclass
@@ -44,8 +50,8 @@ class RenderedImage:
     seconds: float
 
 
-class StudioService:
-    """Base models, adapters and generation behind one lock."""
+class StudioService(VisionServiceMixin):
+    """Base models, adapters and generation behind one lock (vision models: ``VisionServiceMixin``)."""
 
     def __init__(
         self,
@@ -102,37 +108,7 @@ class StudioService:
 
     def _quantized_copy(self, pipe: Any) -> Any:
         """A copy whose UNet linears are SVDQuant 4-bit, calibrated on a short sampling run."""
-        try:
-            from adapters import svdquant
-        except ImportError:
-            raise AdapterError("the 4-bit path needs adapters.svdquant, which is not installed yet") from None
-        q = copy.deepcopy(pipe)
-        for module in components(q).values():
-            for name in _names(module):
-                remove(module, name)
-        calib: list[dict[str, Any]] = []
-
-        def grab(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-            sample, t = args[:2] if len(args) >= 2 else (args[0], kwargs["timestep"])
-            calib.append(
-                {"sample": sample, "timestep": t, "encoder_hidden_states": kwargs["encoder_hidden_states"]}
-            )
-
-        handle = q.unet.register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            size = 8 * getattr(q, "vae_scale_factor", 8)
-            q(
-                prompt=["a red circle", "a blue square"],
-                num_inference_steps=2,
-                height=size,
-                width=size,
-                generator=torch.Generator("cpu").manual_seed(0),
-                output_type="latent",
-            )
-        finally:
-            handle.remove()
-        svdquant.quantize_model(q.unet, calib, forward=lambda m, b: m(**b))
-        return q
+        return quantized_copy(pipe)
 
     # ------------------------------------------------------------------ adapters
     def list_adapters(self) -> list[dict[str, Any]]:
@@ -267,67 +243,6 @@ class StudioService:
             )
         return self._records[name]
 
-    # ------------------------------------------------------------------ vision
-    def add_vision_model(self, vm: VisionModel) -> None:
-        with self.lock:
-            self._vision[vm.name] = vm.__class__(**{**vm.__dict__, "model": vm.model.to(self.device)})
-
-    def list_vision_models(self) -> list[dict[str, Any]]:
-        with self.lock:
-            return [
-                {
-                    "name": v.name,
-                    "task": v.task,
-                    "classes": v.classes,
-                    "size": v.size,
-                    "source": v.source,
-                    "path": v.path,
-                }
-                for v in self._vision.values()
-            ]
-
-    def vision_folders(self) -> list[str]:
-        """Trained vision outputs inside the adapter folders that are not loaded yet."""
-        with self.lock:
-            loaded = {v.path for v in self._vision.values()}
-        return [str(p) for p in vision_folders(self.adapter_dirs) if str(p) not in loaded]
-
-    def load_vision_model(
-        self, path: str | Path, name: str | None = None, replace: bool = False
-    ) -> list[dict[str, Any]]:
-        """Register the Vision-tab models of a trained vision output folder (inside the adapter folders).
-
-        adaptertune / lora give a classifier, salt a segmenter, endoarss both
-        (``NAME-classify``, ``NAME-segment``); ``replace`` swaps models of the same names.
-        """
-        from studio.service_vision_load import vision_models_from_folder
-
-        resolved = safe_path(path, self.adapter_dirs)
-        models = vision_models_from_folder(resolved, name and _clean_name(name))  # outside the lock
-        with self.lock:
-            taken = [vm.name for vm in models if vm.name in self._vision]
-            if taken and not replace:
-                raise AdapterError(f"a vision model named {taken[0]!r} is already loaded")
-            for vm in models:
-                self.add_vision_model(vm)
-        names = {vm.name for vm in models}
-        return [v for v in self.list_vision_models() if v["name"] in names]
-
-    def _vision_model(self, name: str) -> VisionModel:
-        if name not in self._vision:
-            raise AdapterError(
-                f"no vision model named {name!r}; available: {', '.join(self._vision) or 'none'}"
-            )
-        return self._vision[name]
-
-    def classify(self, name: str, image: Any) -> dict[str, float]:
-        with self.lock:
-            return classify(self._vision_model(name), image)
-
-    def segment(self, name: str, image: Any) -> tuple[Any, dict[str, float]]:
-        with self.lock:
-            return segment(self._vision_model(name), image)
-
     # ------------------------------------------------------------------ grids
     def render_grid(
         self,
@@ -450,40 +365,6 @@ class StudioService:
 # ---------------------------------------------------------------------- helpers
 
 
-def components(pipe: Any) -> dict[str, nn.Module]:
-    """The pipeline modules that adapters may live on."""
-    return {n: getattr(pipe, n) for n in ADAPTER_COMPONENTS if isinstance(getattr(pipe, n, None), nn.Module)}
-
-
-def _names(module: nn.Module) -> list[str]:
-    from adapters.base import adapter_names
-
-    return adapter_names(module)
-
-
-def _zero(module: nn.Module, name: str) -> None:
-    from adapters.base import set_strength
-
-    set_strength(module, name, 0.0)
-
-
-def _fuse(comps: dict[str, nn.Module], names: set[str]) -> list[str]:
-    done: list[str] = []
-    try:
-        for name in sorted(names):
-            for module in comps.values():
-                if name in _names(module):
-                    merge(module, name)
-            done.append(name)
-    except Exception:
-        for name in done + [n for n in names if n not in done]:
-            for module in comps.values():
-                if name in _names(module):
-                    unmerge(module, name)
-        raise
-    return done
-
-
 def _clip_scores(clip: Any, images: list[Any], prompts: list[str]) -> list[float]:
     """``clip`` is (model, preprocess, tokenizer) as open_clip gives them."""
     model, preprocess, tokenizer = clip
@@ -495,12 +376,6 @@ def _clip_scores(clip: Any, images: list[Any], prompts: list[str]) -> list[float
         img = img / img.norm(dim=-1, keepdim=True)
         txt = txt / txt.norm(dim=-1, keepdim=True)
     return [round(float(v), 4) for v in (img * txt).sum(-1)]
-
-
-def _clean_name(stem: str) -> str:
-    import re
-
-    return re.sub(r"[^A-Za-z0-9_\-]", "_", stem)[:64] or "adapter"
 
 
 def uses(*items: AdapterUse | dict | str) -> list[AdapterUse]:

@@ -43,3 +43,9 @@ def scan_adapters(roots: Iterable[str | Path]) -> list[Path]:
             if p.suffix in ADAPTER_SUFFIXES and p.is_file() and not any(p.is_relative_to(f) for f in folders):
                 found.append(p)
     return found
+
+
+def _clean_name(stem: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_\-]", "_", stem)[:64] or "adapter"
