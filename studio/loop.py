@@ -9,12 +9,12 @@ unchanged on one CPU, one GPU, or several processes under ``accelerate launch``.
 Exact resume rests on three rules: data order is a pure function of (seed, epoch)
 (accelerate's seedable sampler, set per epoch here); the position inside an epoch is
 recomputed from the step counter and skipped to; RNG, optimizer, scheduler and gradient
-scaler states come back through ``accelerator.load_state``.
+scaler states come back through ``accelerator.load_state``.  What a checkpoint holds and
+where a run resumes from: ``studio.loop_checkpoint``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -29,6 +29,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from studio import checkpoints as ckpt
 from studio.config import ConfigError, TrainConfig
+from studio.loop_checkpoint import (  # noqa: F401 - _RESUME_FIELDS: re-export
+    _RESUME_FIELDS,
+    _adapter_state_hooks,
+    _prepare_output,
+    _warn_if_changed,
+)
 from studio.stages import StageControl, StageProgress, TrainingStopped, controlled
 
 
@@ -183,31 +189,6 @@ def _optimizer(task: Task, model: nn.Module, config: TrainConfig):
     return optimizer, scheduler
 
 
-def _adapter_state_hooks(accelerator, trainable: dict[str, nn.Parameter]) -> None:
-    """Checkpoints hold only the trainable tensors (by unwrapped name), never the base model."""
-    from safetensors.torch import load_file
-
-    def save_hook(models: list, weights: list, folder: str) -> None:
-        for i in range(len(weights)):
-            weights[i] = {name: p.detach() for name, p in trainable.items()}
-
-    def load_hook(models: list, folder: str) -> None:
-        models.clear()  # loaded here; accelerate then skips the model
-        path = Path(folder) / "model.safetensors"
-        state = load_file(str(path))
-        if set(state) != set(trainable):
-            missing, extra = sorted(set(trainable) - set(state)), sorted(set(state) - set(trainable))
-            raise ConfigError(
-                f"checkpoint {folder} does not fit this model: missing {missing[:3]}, unexpected {extra[:3]}"
-            )
-        with torch.no_grad():
-            for name, tensor in state.items():
-                trainable[name].copy_(tensor)
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
 def _batches(accelerator, dataloader, micro_step: int) -> Iterator[Any]:
     """Endless micro-batches starting at global micro-step ``micro_step`` (epoch, offset)."""
     per_epoch = len(dataloader)
@@ -235,19 +216,6 @@ def _evaluate(task: Task, accelerator, model: nn.Module) -> dict[str, float]:
     if accelerator.num_processes > 1:
         broadcast_object_list(metrics)
     return metrics[0]
-
-
-def _prepare_output(config: TrainConfig, output_dir: Path, is_main: bool) -> Path | None:
-    resume_from = ckpt.resolve_resume(config.resume, output_dir)
-    if resume_from is None and ckpt.list_checkpoints(output_dir):  # every process raises, none hangs
-        raise ConfigError(
-            f"{output_dir} already holds checkpoints; pass --resume latest or another --output_dir"
-        )
-    if is_main:
-        ckpt.remove_stale_temp(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
-    return resume_from
 
 
 def train(
@@ -416,17 +384,3 @@ def _flat_config(config: TrainConfig) -> dict[str, Any]:
         else:
             flat[key] = value
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
-
-
-# Fields that change the numbers of a resumed run (max_steps may grow; the rest is bookkeeping).
-_RESUME_FIELDS = ("pipeline", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "lr_schedule",
-                  "max_grad_norm", "mixed_precision", "seed", "pipeline_options")  # fmt: skip
-
-
-def _warn_if_changed(saved: dict[str, Any], config: TrainConfig, accelerator) -> None:
-    now = config.to_dict()
-    changed = [k for k in _RESUME_FIELDS if k in saved and saved[k] != now[k]]
-    if changed:
-        accelerator.print(
-            f"warning: resuming with changed {', '.join(changed)}; the run will differ from an uninterrupted one"
-        )
