@@ -29,7 +29,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.int4_baselines import int4_weight_only  # noqa: E402
+from bench.int4_baselines import error_line, int4_weight_only  # noqa: E402
 from studio import kernels  # noqa: E402
 from studio.kernels.gemm_w4_triton import _w4_gemm_kernel  # noqa: E402
 from studio.kernels.reference_prefill import branch_bound, residual_max  # noqa: E402
@@ -78,7 +78,7 @@ def bench(fn, reps: int = 20) -> float:
         _replay_ms(graphs[0])
         return max(_replay_ms(graphs[0]) - _replay_ms(graphs[1]), 0.0) / reps * 1e3
     except Exception as err:  # noqa: BLE001 - a baseline the device cannot run prints as n/a
-        print(f"  (skipped: {type(err).__name__}: {str(err).splitlines()[0][:100]})")
+        print(f"  (skipped: {error_line(err, 100)})")
         return math.nan
 
 

@@ -22,6 +22,12 @@ GROUP = 64
 INNER_K_TILES = 8
 
 
+def error_line(err: Exception, width: int = 120) -> str:
+    """``Type: first line of the message`` (cut to ``width``), for a skipped baseline's reason."""
+    lines = str(err).splitlines()
+    return f"{type(err).__name__}: {lines[0][:width] if lines else ''}"
+
+
 def _torchao_linear(w: torch.Tensor, bias: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     from torchao.quantization import Int4WeightOnlyConfig, quantize_
 
@@ -70,11 +76,11 @@ def int4_weight_only(w: torch.Tensor, bias: torch.Tensor) -> tuple[Callable | No
             f"torchao {torchao.__version__} Int4WeightOnlyConfig(group_size={GROUP}, tile_packed_to_4d)",
         )
     except Exception as err:  # noqa: BLE001 - any failure falls back to the aten op, with its reason
-        reasons.append(f"torchao: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}")
+        reasons.append(f"torchao: {error_line(err)}")
     try:
         fn = _aten_tinygemm(w, bias)
         fn(torch.zeros(16, w.shape[1], device=w.device, dtype=torch.bfloat16))
         return fn, f"aten tinygemm _weight_int4pack_mm (group {GROUP}); " + reasons[0]
     except Exception as err:  # noqa: BLE001
-        reasons.append(f"aten: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}")
+        reasons.append(f"aten: {error_line(err)}")
     return None, "; ".join(reasons)

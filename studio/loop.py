@@ -29,8 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from studio import checkpoints as ckpt
 from studio.config import ConfigError, TrainConfig
-from studio.loop_checkpoint import (  # noqa: F401 - _RESUME_FIELDS: re-export
-    _RESUME_FIELDS,
+from studio.loop_checkpoint import (
     _adapter_state_hooks,
     _prepare_output,
     _warn_if_changed,

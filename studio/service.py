@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from adapters.base import AdapterError, AdapterSpec, merge, remove, unmerge  # noqa: F401 - merge: re-export
+from adapters.base import AdapterError, AdapterSpec, remove, unmerge
 from studio.schedules import step_end_callback
 from studio.service_adapters import AdapterRecord, compress_record
 from studio.service_components import (  # noqa: F401 - ADAPTER_COMPONENTS: re-export
@@ -34,7 +34,7 @@ from studio.service_grid import GridResult, GridSpec, plan_grid
 from studio.service_models import BaseModel, list_base_models
 from studio.service_strengths import StrengthPlan
 from studio.service_types import AdapterInfo, AdapterUse, GenerationSettings
-from studio.service_vision import VisionModel, classify, segment  # noqa: F401 - classify, segment: re-export
+from studio.service_vision import VisionModel
 from studio.service_vision_load import vision_folders
 from studio.service_vision_mixin import VisionServiceMixin
 

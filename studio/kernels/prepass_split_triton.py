@@ -38,8 +38,6 @@ from studio.kernels.prefill_triton import (
 from studio.kernels.quant_act import branch_dot_dtype
 from studio.kernels.reference_prefill import K_ALIGN, branch_block, total_k
 
-#: Largest ``SPLITS`` among the statistics configs: the partial buffers are sized for it.
-MAX_SPLITS = 8
 #: The split count a launch used is read back from the autotuner: see small_m_triton.py.
 _LAUNCH_LOCK = threading.Lock()
 
@@ -162,7 +160,12 @@ def quantize_act_rowwise_split_triton(
     sx = torch.empty(m, 1, device=dev, dtype=torch.float32)
     l1 = l1 if r else l1.new_zeros(k, 1)
     g = g if r else torch.ones(1, device=dev)
-    splits = MAX_SPLITS if config is None else config["stats"]["SPLITS"]
+    # Partial buffers for the most splits autotuning may pick (or the forced config's).
+    splits = (
+        max(c.kwargs["SPLITS"] for c in _row_stats_kernel.configs)
+        if config is None
+        else config["stats"]["SPLITS"]
+    )
     amax = torch.empty(splits, m, device=dev, dtype=torch.float32)
     la = torch.empty(splits, m, max(r, 1), device=dev, dtype=torch.float32)
     bucket = min(triton.next_power_of_2(max(m, 16)), 8192)

@@ -186,11 +186,11 @@ def w4_linear_small_m_triton(
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     # The branch input: one bf16 GEMM (fp32 accumulation), rounded to bf16 as the reference does.
     la = x.to(torch.bfloat16) @ l1.to(torch.bfloat16) if r else x.new_zeros(m, 1, dtype=torch.bfloat16)
-    max_split = max(c.kwargs["SPLIT_K"] for c in _split_configs()) if config is None else config["SPLIT_K"]
     if reduce == "atomic":
         part, cnt = _workspace(x.device, m, n, tiles=triton.cdiv(n, 16))
-    else:
-        part, cnt = torch.empty(max_split, m, n, device=x.device, dtype=torch.float32), out
+    else:  # room for the most splits autotuning may pick (or the forced config's)
+        splits = max(c.kwargs["SPLIT_K"] for c in _split_configs()) if config is None else config["SPLIT_K"]
+        part, cnt = torch.empty(splits, m, n, device=x.device, dtype=torch.float32), out
     l2 = l2 if r else l2.new_zeros(n, 1)
     bias_t = bias.float().contiguous() if bias is not None else out
 
