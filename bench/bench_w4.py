@@ -306,11 +306,24 @@ def main() -> None:
     parser.add_argument("--ranks", default="32,96", help="ranks of the low-rank branch (base, base+64)")
     parser.add_argument("--json", default=None, help="write all numbers here")
     parser.add_argument("--no-accuracy", action="store_true")
+    parser.add_argument("--ms", default=None, help="comma-separated M values (default: all)")
+    parser.add_argument(
+        "--prepass", choices=["rows", "split"], default=None, help="large-M pre-pass (default: the layer's)"
+    )
     args = parser.parse_args()
+    if args.prepass:
+        from studio.kernels import prefill_triton
+
+        prefill_triton.DEFAULT_PREPASS = args.prepass
     torch.manual_seed(0)
     ranks = [int(r) for r in args.ranks.split(",")]
     shapes, ms = (SHAPES[:1], [16, 4608]) if args.quick else (SHAPES, MS)
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    ms = [int(m) for m in args.ms.split(",")] if args.ms else ms
+    from studio.kernels import prefill_triton
+
+    print(
+        f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  prepass {prefill_triton.DEFAULT_PREPASS}"
+    )
     rows = speed(shapes, ms, ranks)
     change = strength_change_us()
     print(

@@ -136,5 +136,17 @@ def test_kernels_in_the_triton_interpreter() -> None:
     assert done.stdout.count(": ok") == 4, done.stdout
 
 
+def test_split_prepass_statistics_tiles_are_not_pipelined() -> None:
+    """Pipelined (2-3 stage) tiles of this loop gave wrong ``x @ l1`` on H100 / Triton 3.6.
+
+    The interpreter does not pipeline, so only the GPU suite can catch that miscompilation;
+    this keeps the one-stage configs that passed there (docs/results.md, sixth session).
+    """
+    from studio.kernels.prepass_split_triton import _row_stats_kernel
+
+    assert _row_stats_kernel.configs
+    assert all(c.num_stages == 1 for c in _row_stats_kernel.configs)
+
+
 if __name__ == "__main__":
     main()

@@ -1,13 +1,14 @@
 """Triton kernels of the large-M path: 4-bit weights expanded to FP8, then cuBLAS FP8.
 
-The maths and the reasons are in ``reference_prefill.py`` (the oracle).  Three launches:
+The maths and the reasons are in ``reference_prefill.py`` (the oracle).  Three stages:
 
 1. ``_expand_weight_kernel``: every program first derives, for its ``BLOCK_N`` channels,
    the branch factors ``g[r]`` and the channel scale (the same few flops the reference
    does in torch), then unpacks ``GROUPS`` groups of 64 packed codes into FP8 codes
    re-scaled per channel; the programs of grid column 0 also write the branch blocks
    ``[l2_hi | l2_lo | l2_hi]``, the zero tail, the channel scales and ``g``.
-2. ``_rowwise_prepass_kernel``: per ``BLOCK_M`` rows, one pass over X for the row maxima
+2. the activation pre-pass: by default the two launches of ``prepass_split_triton.py``; or
+   ``_rowwise_prepass_kernel`` (``prepass="rows"``): per ``BLOCK_M`` rows, one pass over X for the row maxima
    and ``lora_act = x @ l1`` (bf16 dot), a second pass (mostly L2 hits) writing the FP8
    codes, then ``[a_hi | a_hi | a_lo]`` of ``lora_act * strength / (row_scale * g)``.
 3. ``torch._scaled_mm`` with row scales on X and channel scales on W, bias and bf16 out:
@@ -25,6 +26,10 @@ from studio.kernels.reference import FP8_MAX
 from studio.kernels.reference_prefill import K_ALIGN, branch_block, branch_bound, residual_max, total_k
 
 _FP8_MAX = tl.constexpr(FP8_MAX)  # jit functions read only constexpr globals
+
+#: The pre-pass ``w4_linear_prefill_triton`` runs when not told: ``"rows"`` or ``"split"``
+#: (``bench/bench_w4.py --prepass`` sets it to time the other one).
+DEFAULT_PREPASS = "split"
 
 
 @triton.jit
@@ -323,15 +328,17 @@ def w4_linear_prefill_triton(
     bias: torch.Tensor | None,
     bound: torch.Tensor | None = None,
     wmax: torch.Tensor | None = None,
-    prepass: str = "rows",
+    prepass: str | None = None,
 ) -> torch.Tensor:
     """The large-M layer on the GPU; shapes as ``studio.kernels.w4_linear``.
 
     ``bound`` (``branch_bound(l1, smooth_inv)``) and ``wmax`` (``residual_max(wscale, fmt)``)
     depend on the weights only; callers that run the layer many times pass them cached.
     ``prepass``: ``"rows"`` (one launch, 16-row blocks) or ``"split"`` (statistics split along
-    K, then the codes: ``prepass_split_triton.py``); both give the reference's codes.
+    K, then the codes: ``prepass_split_triton.py``); both give the reference's codes.  None:
+    ``DEFAULT_PREPASS``.
     """
+    prepass = DEFAULT_PREPASS if prepass is None else prepass
     if prepass not in ("rows", "split"):
         raise ValueError(f"prepass must be 'rows' or 'split', not {prepass!r}")
     x = x.contiguous()

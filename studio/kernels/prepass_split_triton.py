@@ -17,7 +17,9 @@ R = 32 and 680 MB at R = 96, against 113 MB of X; the measured pre-pass (183 us 
    column block 0 also writes the row scales, the branch blocks ``[a_hi | a_hi | a_lo]``
    (from the summed partials, 32 ranks at a time) and the zero tail.
 
-``w4_linear_prefill_triton(prepass="split")`` uses it; ``bench/diag_prefill.py`` times both.
+``w4_linear_prefill_triton`` uses it by default (``prefill_triton.DEFAULT_PREPASS``): on H100
+it cut the whole layer's time by 4-13 % at M = 4608 (docs/results.md).  ``bench/diag_prefill.py``
+times both pre-passes; ``bench/diag_split_prepass.py`` shows where codes differ from the reference.
 """
 
 from __future__ import annotations
@@ -49,17 +51,20 @@ def _prune_stats(configs: list[triton.Config], named_args: dict, **kwargs: objec
     return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
 
 
+# num_stages=1 throughout: on H100 / Triton 3.6 the software-pipelined variants (2 and 3
+# stages) of this loop gave wrong ``x @ l1`` partials for some shapes (the row maxima were
+# right); every tile below was correct unpipelined (bench/diag_split_prepass.py, 2026-11-23).
 @triton.autotune(
     configs=[
-        triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "SPLITS": sp}, num_warps=w, num_stages=st)
-        for bm, bk, sp, w, st in [
-            (32, 128, 2, 4, 3),
-            (32, 256, 4, 4, 2),
-            (64, 128, 2, 8, 2),
-            (64, 128, 4, 8, 2),
-            (64, 64, 8, 4, 3),
-            (128, 64, 4, 8, 2),
-            (128, 64, 8, 8, 2),
+        triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "SPLITS": sp}, num_warps=w, num_stages=1)
+        for bm, bk, sp, w in [
+            (32, 128, 2, 4),
+            (32, 256, 4, 4),
+            (64, 128, 2, 8),
+            (64, 128, 4, 8),
+            (64, 64, 8, 4),
+            (128, 64, 4, 8),
+            (128, 64, 8, 8),
         ]
     ],
     key=["M_BUCKET", "K", "R_PAD"],
