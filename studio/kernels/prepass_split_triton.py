@@ -24,12 +24,11 @@ times both pre-passes; ``bench/diag_split_prepass.py`` shows where codes differ 
 
 from __future__ import annotations
 
-import threading
-
 import torch
 import triton
 import triton.language as tl
 
+from studio.kernels.autotuned_launch import launch_autotuned
 from studio.kernels.prefill_triton import (
     _FP8_MAX,
     _stats_step,
@@ -39,9 +38,6 @@ from studio.kernels.prefill_triton import (
 )
 from studio.kernels.quant_act import branch_dot_dtype
 from studio.kernels.reference_prefill import K_ALIGN, branch_block, total_k
-
-#: The split count a launch used is read back from the autotuner: see small_m_triton.py.
-_LAUNCH_LOCK = threading.Lock()
 
 
 def _prune_stats(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
@@ -178,14 +174,14 @@ def quantize_act_rowwise_split_triton(
     def stats_grid(meta: dict) -> tuple[int, int]:
         return (triton.cdiv(m, meta["BLOCK_M"]), meta["SPLITS"])
 
-    stats = _row_stats_kernel if config is None else _row_stats_kernel.fn
-    with _LAUNCH_LOCK:
-        stats[stats_grid](
-            x, smooth_inv, l1, amax, la, m, k, max(r, 1), bucket, x.stride(0), l1.stride(0),
-            R_PAD=max(16, triton.next_power_of_2(max(r, 1))), DOT_DTYPE=branch_dot_dtype(),
-            **(config["stats"] if config else {}),
-        )  # fmt: skip
-        used = config["stats"]["SPLITS"] if config else _row_stats_kernel.best_config.kwargs["SPLITS"]
+    used = launch_autotuned(
+        _row_stats_kernel,
+        stats_grid,
+        (x, smooth_inv, l1, amax, la, m, k, max(r, 1), bucket, x.stride(0), l1.stride(0)),
+        {"R_PAD": max(16, triton.next_power_of_2(max(r, 1))), "DOT_DTYPE": branch_dot_dtype()},
+        config["stats"] if config else None,
+        "SPLITS",
+    )
 
     def codes_grid(meta: dict) -> tuple[int, int]:
         return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(kp, meta["BLOCK_K"]))

@@ -18,19 +18,14 @@ fewer and no ``SPLIT_K x M x N`` partials in memory (at M = 64, N = 3072, 16 spl
 
 from __future__ import annotations
 
-import threading
-
 import torch
 import triton
 import triton.language as tl
 
+from studio.kernels.autotuned_launch import launch_autotuned
 from studio.kernels.gemm_w4_triton import _workspace
 from studio.kernels.prefill_triton import _decode
 from studio.kernels.quant_act import branch_dot_dtype
-
-#: The split a launch used is read back from the autotuner (``best_config``): a lock keeps another
-#: thread's launch of another shape (concurrent app users) from changing it in between.
-_LAUNCH_LOCK = threading.Lock()
 
 
 def _split_configs() -> list[triton.Config]:
@@ -197,18 +192,23 @@ def w4_linear_small_m_triton(
     def grid(meta: dict) -> tuple[int, int]:
         return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
-    kernel = _w4_small_m_kernel if config is None else _w4_small_m_kernel.fn
-    with _LAUNCH_LOCK:
-        kernel[grid](
+    split = launch_autotuned(
+        _w4_small_m_kernel,
+        grid,
+        (
             x, smooth_inv, qweight, wscale, la, l2, strength, bias_t, part, cnt, out,
             m, k, n, kg, r, strength.shape[0], max(rows_per_sample, 1), triton.next_power_of_2(max(m, 16)),
             x.stride(0), qweight.stride(0), qweight.stride(1), wscale.stride(0), la.stride(0), l2.stride(0),
             strength.stride(0), out.stride(0),
+        ),
+        dict(
             FP4=fmt == "fp4", HAS_BRANCH=r > 0, HAS_BIAS=bias is not None,
-            R_PAD=max(16, triton.next_power_of_2(max(r, 1))), DOT_DTYPE=branch_dot_dtype(), ATOMIC_SUM=reduce == "atomic",
-            BLOCK_M=max(16, triton.next_power_of_2(m)), **(config or {}),
-        )  # fmt: skip
-        split = config["SPLIT_K"] if config is not None else _w4_small_m_kernel.best_config.kwargs["SPLIT_K"]
+            R_PAD=max(16, triton.next_power_of_2(max(r, 1))), DOT_DTYPE=branch_dot_dtype(),
+            ATOMIC_SUM=reduce == "atomic", BLOCK_M=max(16, triton.next_power_of_2(m)),
+        ),
+        config,
+        "SPLIT_K",
+    )  # fmt: skip
     if split > 1 and reduce == "splits":
         block = 1024
         _sum_splits_kernel[(triton.cdiv(m * n, block),)](
