@@ -168,12 +168,7 @@ def merge(model: nn.Module, name: str) -> None:
     """Fold adapter ``name`` (at its current scalar strength) into the base weights."""
     hosts = _hosts_with(model, name)
     for _, host in hosts:  # check everything first so a refusal changes nothing
-        branch = host.adapters[name]
-        if not branch.mergeable or not hasattr(host.base_layer, "weight"):
-            raise AdapterError(f"adapter {name!r} ({type(branch).__name__}) cannot be merged")
-        s = host.strengths.get(name, 1.0)
-        if isinstance(s, torch.Tensor) and s.numel() != 1:
-            raise AdapterError(f"adapter {name!r} has per-sample strengths; set a scalar to merge")
+        host.check_mergeable(name)
     for _, host in hosts:
         host.merge(name)
 

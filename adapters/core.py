@@ -186,13 +186,17 @@ class AdaptedModule(nn.Module):
                 total = total + float(s) * self.adapters[name].delta_weight().float()
             weight.copy_(total.to(weight.dtype))
 
-    def merge(self, name: str) -> None:
+    def check_mergeable(self, name: str) -> None:
+        """Raise ``AdapterError`` unless branch ``name`` can be folded into the base weight now."""
         branch = self.adapters[name]
         if not branch.mergeable or not hasattr(self.base_layer, "weight"):
             raise AdapterError(f"adapter {name!r} ({type(branch).__name__}) cannot be merged")
         s = self.strengths.get(name, 1.0)
         if isinstance(s, torch.Tensor) and s.numel() != 1:
             raise AdapterError(f"adapter {name!r} has per-sample strengths; set a scalar to merge")
+
+    def merge(self, name: str) -> None:
+        self.check_mergeable(name)
         if name not in self.merged:
             self.merged.append(name)
             self._rebuild_weight()
