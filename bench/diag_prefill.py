@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import torch
+import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -24,6 +25,7 @@ from studio.kernels.prefill_triton import (  # noqa: E402
     w4_linear_prefill_triton,
 )
 from studio.kernels.prepass_split_triton import (  # noqa: E402
+    _prune_stats,
     _row_codes_kernel,
     _row_stats_kernel,
     quantize_act_rowwise_split_triton,
@@ -109,15 +111,18 @@ def timings(k: int, n: int, m: int, r: int) -> None:
             lambda: torch._scaled_mm(xe, we.t(), scale_a=sx, scale_b=cs.view(1, -1), out_dtype=torch.bfloat16)
         )
         print(f"   scaled_mm rowwise K={k}+{extra}: {t:.1f} us")
-    for cfg in _rowwise_prepass_kernel.configs:
-        c = cfg.all_kwargs()
-        t = bench(lambda: quantize_act_rowwise_triton(x, sinv, l1, st, 1, g, config=c))
-        print(f"   prepass {c}: {t:.1f} us")
     t_split = bench(lambda: quantize_act_rowwise_split_triton(x, sinv, l1, st, 1, g))
     print(
         f"   prepass split (stats then codes): {t_split:.1f} us "
         f"({_row_stats_kernel.best_config} / {_row_codes_kernel.best_config})"
     )
+    # Autotuning picks the statistics tile by its own time; the codes kernel then reads its
+    # SPLITS partials of x @ l1.  Each statistics tile with the tuned codes tile, both stages:
+    codes_cfg = _row_codes_kernel.best_config.all_kwargs()
+    for cfg in _prune_stats(_row_stats_kernel.configs, {}, R_PAD=max(16, triton.next_power_of_2(r))):
+        c = {"stats": cfg.all_kwargs(), "codes": codes_cfg}
+        t = bench(lambda: quantize_act_rowwise_split_triton(x, sinv, l1, st, 1, g, config=c))
+        print(f"   prepass split, stats {c['stats']}: {t:.1f} us")
     layer = (x, sinv, qw, ws, "int4", l1, l2, st, 1, None)
     for prepass in ("rows", "split"):
         t = bench(lambda: w4_linear_prefill_triton(*layer, bound=bound, wmax=wmax, prepass=prepass))

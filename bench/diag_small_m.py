@@ -1,13 +1,15 @@
 # ruff: noqa: B023  (closures are timed before the loop variables change)
-"""Where the small-M path's time goes, on a GPU: its launches apart, and both split-K reductions.
+"""Where the small-M path's time goes, on a GPU: the two ways of turning codes into bf16, per config.
 
     python bench/diag_small_m.py [--json out.json]
 
-Per FLUX shape at M = 16 and 64 (rank 32, INT4): the whole path with each reduction
-(``splits``: partials then ``_sum_splits_kernel``; ``atomic``: in-kernel, last split writes),
-the branch-input GEMM ``x @ l1`` alone, and the main kernel at every split-K config with each
-reduction (forced configs, no autotuning).  Timing as ``bench_w4.bench`` (CUDA graphs, L2
-flushed).  The 4-bit weight-read floor at 3 TB/s is printed beside.
+Per FLUX shape at M = 16 and 64 (INT4 and FP4): the whole path (main kernel with the
+``x @ l1`` slices, then the epilogue) autotuned, at 32 and 96 ranks; every forced config,
+so the best tile with bit-built bf16 codes (``MAGIC``) and with conversions through fp32;
+the fused path (``path="fused"``, what ``auto`` took where N > K);
+and, for scale, the separate branch-input GEMM ``x @ l1`` (cuBLAS) the path used to launch.
+Timing as ``bench_w4.bench`` (CUDA graphs, L2 flushed).  The 4-bit read floor at 3 TB/s and
+bf16 ``F.linear`` are printed beside.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_w4 import SHAPES, bench, make_w4  # noqa: E402
+from studio import kernels  # noqa: E402
 from studio.kernels.small_m_triton import _split_configs, w4_linear_small_m_triton  # noqa: E402
 
 
@@ -37,42 +40,51 @@ def main() -> None:
     torch.manual_seed(0)
     rows = []
     for k, n in SHAPES:
-        p = make_w4(k, n, 32, "int4", "cuda")
+        w_bf16 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
         bias = torch.randn(n, device="cuda")
-        for m in (16, 64):
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            call = (
-                x,
-                p["smooth_inv"],
-                p["qweight"],
-                p["wscale"],
-                "int4",
-                p["l1"],
-                p["l2"],
-                p["strength"],
-                1,
-                bias,
-            )
-            row = {"K": k, "N": n, "M": m, "floor": floor_us(k, n)}
-            row["la_gemm"] = bench(lambda: x @ p["l1"])
-            for reduce in ("splits", "atomic"):
-                row[f"auto_{reduce}"] = bench(lambda: w4_linear_small_m_triton(*call, reduce=reduce))
+        for fmt in ("int4", "fp4"):
+            p32, p96 = make_w4(k, n, 32, fmt, "cuda"), make_w4(k, n, 96, fmt, "cuda")
+            for m in (16, 64):
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+
+                def call(p: dict, **kw: object) -> torch.Tensor:
+                    return w4_linear_small_m_triton(
+                        x, p["smooth_inv"], p["qweight"], p["wscale"], fmt, p["l1"], p["l2"], p["strength"], 1,
+                        bias, **kw,
+                    )  # fmt: skip
+
+                row = {"K": k, "N": n, "M": m, "fmt": fmt, "floor": floor_us(k, n)}
+                row["bf16"] = bench(lambda: torch.nn.functional.linear(x, w_bf16, bias.bfloat16()))
+                row["la_gemm_cublas"] = bench(lambda: x @ p32["l1"])
+                row["auto"] = bench(lambda: call(p32))
+                row["auto_r96"] = bench(lambda: call(p96))
+                row["fused_path"] = bench(
+                    lambda: kernels.w4_linear(
+                        x, p32["smooth_inv"], p32["qweight"], p32["wscale"], fmt, p32["l1"], p32["l2"],
+                        p32["strength"], 1, bias, path="fused",
+                    )
+                )  # fmt: skip
                 for cfg in _split_configs():
                     kw = cfg.all_kwargs()
                     if kw["SPLIT_K"] > max(1, (k // 64) // 2):
                         continue
-                    name = (
-                        f"{reduce}_bn{kw['BLOCK_N']}_sk{kw['SPLIT_K']}_w{kw['num_warps']}_s{kw['num_stages']}"
-                    )
-                    row[name] = bench(lambda: w4_linear_small_m_triton(*call, config=kw, reduce=reduce))
-            rows.append(row)
-            best = {r: min(v for c, v in row.items() if c.startswith(f"{r}_")) for r in ("splits", "atomic")}
-            print(
-                f"{k}x{n} M={m}: floor {row['floor']:.1f} us, x@l1 {row['la_gemm']:.1f} us, "
-                f"auto splits {row['auto_splits']:.1f} / atomic {row['auto_atomic']:.1f} us, "
-                f"best forced config splits {best['splits']:.1f} / atomic {best['atomic']:.1f} us",
-                flush=True,
-            )
+                    way = "magic" if kw["MAGIC"] else "convert"
+                    tile = f"bn{kw['BLOCK_N']}_sk{kw['SPLIT_K']}_w{kw['num_warps']}_s{kw['num_stages']}"
+                    row[f"{way}_{tile}"] = bench(lambda: call(p32, config=kw))
+                rows.append(row)
+                best = {}
+                for way in ("magic", "convert"):
+                    forced = {c: v for c, v in row.items() if c.startswith(way + "_")}
+                    name = min(forced, key=forced.get)
+                    best[way] = f"{forced[name]:.1f} ({name[len(way) + 1 :]})"
+                print(
+                    f"{k}x{n} M={m} {fmt}: bf16 {row['bf16']:.1f} us, floor {row['floor']:.1f} us | "
+                    f"auto {row['auto']:.1f} us (bf16/ours {row['bf16'] / row['auto']:.2f}x), r96 {row['auto_r96']:.1f}, "
+                    f"fused path {row['fused_path']:.1f} | "
+                    f"best forced: magic {best['magic']}, convert {best['convert']} | "
+                    f"old cuBLAS x@l1 alone {row['la_gemm_cublas']:.1f}",
+                    flush=True,
+                )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -51,19 +51,43 @@ def _case(m: int, k: int, n: int, r: int, fmt: str, seed: int) -> tuple:
 
 
 def check_small_m() -> None:
-    from studio.kernels.gemm_w4_triton import _WORKSPACE
     from studio.kernels.reference_small_m import w4_linear_small_m
     from studio.kernels.small_m_triton import w4_linear_small_m_triton
 
-    for m, k, n, r, fmt in [(7, 320, 136, 48, "int4"), (16, 200, 72, 0, "fp4")]:
+    # rank 48: two branch-slice programs, one of them partly past R; rank 0: no branch
+    cases = [(7, 320, 136, 48, "int4"), (16, 200, 72, 0, "fp4"), (33, 448, 40, 16, "fp4")]  # 33: 3 strips
+    for m, k, n, r, fmt in cases:
         args = _case(m, k, n, r, fmt, seed=m)
         expect = w4_linear_small_m(*args)
-        for reduce in ("splits", "atomic"):
-            cfg = {"BLOCK_N": 32, "SPLIT_K": 2, "num_warps": 4, "num_stages": 1}
-            for _ in range(2):  # twice: the atomic reduction must leave its workspace zeroed
-                out = w4_linear_small_m_triton(*args, config=cfg, reduce=reduce)
-                assert out.shape == (m, n) and _rel(out, expect) < 5e-3, (m, reduce, _rel(out, expect))
-    assert all(bool((t == 0).all()) for pair in _WORKSPACE.values() for t in pair)
+        for magic in (True, False):
+            for split in (1, 2):
+                cfg = {"BLOCK_N": 32, "SPLIT_K": split, "MAGIC": magic, "num_warps": 4, "num_stages": 1}
+                out = w4_linear_small_m_triton(*args, config=cfg)
+                assert out.shape == (m, n) and _rel(out, expect) < 5e-3, (m, magic, split, _rel(out, expect))
+
+
+def check_codes_as_bf16() -> None:
+    """Every 4-bit code's bit-built bf16 equals its decoded value (INT4: 128 + code)."""
+    import triton
+    import triton.language as tl
+
+    from studio.kernels.prefill_triton import _decode
+    from studio.kernels.small_m_triton import _codes_as_bf16
+
+    # A jit function finds the helpers it calls among its module's globals.
+    globals().update(_decode=_decode, _codes_as_bf16=_codes_as_bf16)
+
+    @triton.jit
+    def both(codes_ptr, bits_ptr, ref_ptr, FP4: tl.constexpr):
+        c = tl.load(codes_ptr + tl.arange(0, 16))
+        tl.store(bits_ptr + tl.arange(0, 16), _codes_as_bf16(c, FP4).to(tl.float32))
+        tl.store(ref_ptr + tl.arange(0, 16), _decode(c, FP4))
+
+    codes = torch.arange(16, dtype=torch.uint8)
+    for fp4, offset in ((True, 0.0), (False, 136.0)):
+        bits, decoded = torch.empty(16), torch.empty(16)
+        both[(1,)](codes, bits, decoded, FP4=fp4)
+        assert torch.equal(bits - offset, decoded), (fp4, bits, decoded)
 
 
 def check_prepass() -> None:
@@ -124,7 +148,7 @@ def check_fused() -> None:
 def main() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     torch.set_num_threads(1)
-    for check in (check_small_m, check_prepass, check_expand, check_fused):
+    for check in (check_codes_as_bf16, check_small_m, check_prepass, check_expand, check_fused):
         check()
         print(f"{check.__name__}: ok", flush=True)
 
@@ -133,7 +157,7 @@ def test_kernels_in_the_triton_interpreter() -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    assert done.stdout.count(": ok") == 4, done.stdout
+    assert done.stdout.count(": ok") == 5, done.stdout
 
 
 def test_split_prepass_statistics_tiles_are_not_pipelined() -> None:

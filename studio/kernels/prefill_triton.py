@@ -150,24 +150,23 @@ def _expand_weight_kernel(
     wmax = tl.load(wmax_ptr + offs_n, n_mask, 0.0)
     cs = tl.maximum(tl.maximum(wmax, need) / _FP8_MAX, 1e-30)
     inv = 1.0 / cs
-    # The branch blocks, the zero tail and the scales: written by the pid_k == 0 programs.
-    n_first = offs_n < tl.where(pid_k == 0, N, 0)  # rows this program writes the branch for
-    hi, lo = _split_e4m3(l2 * g[None, :] * inv[:, None])
-    dst = out_ptr + offs_n[:, None] * stride_on + KP + offs_r[None, :]
-    mask = n_first[:, None] & (offs_r < RB)[None, :]
-    tl.store(dst, hi, mask)
-    tl.store(dst + RB, lo, mask)
-    tl.store(dst + 2 * RB, hi, mask)
-    tail = KT - KP - 3 * RB  # zero columns up to the aligned K
-    offs_t = tl.arange(0, TAIL_PAD)
-    zeros = tl.zeros([BLOCK_N, TAIL_PAD], dtype=tl.float32).to(tl.float8e4nv)
-    tl.store(
-        out_ptr + offs_n[:, None] * stride_on + KP + 3 * RB + offs_t[None, :],
-        zeros,
-        n_first[:, None] & (offs_t < tail)[None, :],
-    )
-    tl.store(cs_ptr + offs_n, cs, n_first)
-    tl.store(g_ptr + offs_r, g, offs_r < tl.where((pid_k == 0) & (pid_n == 0), R, 0))
+    if pid_k == tl.cdiv(KG, GROUPS):  # the last column: branch blocks, zero tail and scales only
+        hi, lo = _split_e4m3(l2 * g[None, :] * inv[:, None])
+        dst = out_ptr + offs_n[:, None] * stride_on + KP + offs_r[None, :]
+        mask = n_mask[:, None] & (offs_r < RB)[None, :]
+        tl.store(dst, hi, mask)
+        tl.store(dst + RB, lo, mask)
+        tl.store(dst + 2 * RB, hi, mask)
+        tail = KT - KP - 3 * RB  # zero columns up to the aligned K
+        offs_t = tl.arange(0, TAIL_PAD)
+        zeros = tl.zeros([BLOCK_N, TAIL_PAD], dtype=tl.float32).to(tl.float8e4nv)
+        tl.store(
+            out_ptr + offs_n[:, None] * stride_on + KP + 3 * RB + offs_t[None, :],
+            zeros,
+            n_mask[:, None] & (offs_t < tail)[None, :],
+        )
+        tl.store(cs_ptr + offs_n, cs, n_mask)
+        tl.store(g_ptr + offs_r, g, offs_r < tl.where(pid_n == 0, R, 0))
     offs_j = tl.arange(0, 32)
     for grp in range(pid_k * GROUPS, tl.minimum(pid_k * GROUPS + GROUPS, KG)):
         packed = tl.load(
@@ -265,7 +264,7 @@ def expand_weight_triton(
     l2 = l2 if r else l2.new_zeros(n, 1)
 
     def grid(meta: dict) -> tuple[int, int]:
-        return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(kg, meta["GROUPS"]))
+        return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(kg, meta["GROUPS"]) + 1)
 
     kernel = _expand_weight_kernel if config is None else _expand_weight_kernel.fn
     kernel[grid](

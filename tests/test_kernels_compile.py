@@ -1,0 +1,117 @@
+"""Every Triton kernel, launched as its launcher launches it, compiles for Hopper (sm_90) on the CPU.
+
+The interpreter test runs the kernels' logic but not Triton's compiler, which rejects things
+the interpreter accepts (a name bound to two different types in the two arms of an ``if``
+failed on the H100 only).  Triton compiles down to a cubin without a GPU: the launches are
+caught (``JITFunction.run`` patched), each one's signature is read off its arguments, and
+``triton.compile`` builds it for ``GPUTarget("cuda", 90, 32)`` with ptxas.  What this cannot
+check: run-time limits (shared memory per block, registers) and the numbers, which are the GPU
+suite's job.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+from studio.kernels import reference as ref  # noqa: E402
+from studio.kernels import reference_prefill as rp  # noqa: E402
+
+HOPPER = GPUTarget("cuda", 90, 32)
+_DTYPES = {
+    torch.float32: "fp32",
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.uint8: "u8",
+    torch.int32: "i32",
+    torch.float8_e4m3fn: "fp8e4nv",
+}
+
+
+def _caught(launch, monkeypatch: pytest.MonkeyPatch) -> list[tuple[JITFunction, tuple, dict]]:
+    """The kernel launches ``launch()`` makes, not run (there is no GPU)."""
+    seen: list[tuple[JITFunction, tuple, dict]] = []
+
+    def catch(self: JITFunction, *args: object, grid: object, warmup: bool, **kwargs: object) -> None:
+        seen.append((self, args, kwargs))
+
+    monkeypatch.setattr(JITFunction, "run", catch)
+    launch()
+    return seen
+
+
+def _compile(fn: JITFunction, args: tuple, kwargs: dict) -> None:
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    values = dict(zip(fn.arg_names, args)) | kwargs
+    signature, constexprs = {}, {}
+    for i, param in enumerate(fn.params):
+        value = values[param.name]
+        if param.is_constexpr:
+            signature[param.name] = "constexpr"
+            constexprs[(i,)] = value
+        elif isinstance(value, torch.Tensor):
+            signature[param.name] = "*" + _DTYPES[value.dtype]
+        else:
+            signature[param.name] = "i32"
+    compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=HOPPER, options=options)
+    assert compiled.asm["cubin"], fn.__name__
+
+
+def _small_m_launches() -> None:
+    from studio.kernels.small_m_triton import _split_configs, w4_linear_small_m_triton
+
+    for fmt, r in (("int4", 48), ("fp4", 0), ("fp4", 160)):
+        x = torch.randn(16, 448, dtype=torch.bfloat16)
+        qw, ws = ref.quantize_weight(torch.randn(136, 448), fmt)
+        l1, l2 = torch.randn(448, r).bfloat16(), torch.randn(136, r).bfloat16()
+        args = (x, torch.ones(448), qw, ws, fmt, l1, l2, torch.ones(2, r), 8, torch.randn(136))
+        # every config (both MAGIC values, SPLIT_K = 1, the block shapes) once; the rest: one each way
+        configs = _split_configs()
+        for cfg in configs if fmt == "int4" else [configs[0], configs[-1]]:
+            w4_linear_small_m_triton(*args, config=cfg.all_kwargs())
+
+
+def _prefill_launches() -> None:
+    from studio.kernels.prefill_triton import (
+        _expand_weight_kernel,
+        _rowwise_prepass_kernel,
+        expand_weight_triton,
+        quantize_act_rowwise_triton,
+    )
+    from studio.kernels.prepass_split_triton import (
+        _row_codes_kernel,
+        _row_stats_kernel,
+        quantize_act_rowwise_split_triton,
+    )
+
+    for fmt, r in (("int4", 96), ("fp4", 32)):
+        x = torch.randn(64, 320, dtype=torch.bfloat16)
+        sinv = torch.ones(320)
+        qw, ws = ref.quantize_weight(torch.randn(144, 320), fmt)
+        l1, l2, st = torch.randn(320, r).bfloat16(), torch.randn(144, r).bfloat16(), torch.ones(1, r)
+        g = torch.ones(r)
+        # One config each (the block sizes change no code path here; the GPU suite runs them all).
+        expand_weight_triton(qw, ws, fmt, l2, torch.ones(r), rp.residual_max(ws, fmt), st,
+                             config=_expand_weight_kernel.configs[0].all_kwargs())  # fmt: skip
+        quantize_act_rowwise_triton(
+            x, sinv, l1, st, 1, g, config=_rowwise_prepass_kernel.configs[0].all_kwargs()
+        )
+        config = {
+            "stats": _row_stats_kernel.configs[0].all_kwargs(),
+            "codes": _row_codes_kernel.configs[0].all_kwargs(),
+        }
+        quantize_act_rowwise_split_triton(x, sinv, l1, st, 1, g, config=config)
+
+
+@pytest.mark.parametrize("launches", [_small_m_launches, _prefill_launches], ids=["small_m", "prefill"])
+def test_kernels_compile_for_hopper(launches, monkeypatch: pytest.MonkeyPatch) -> None:
+    caught = _caught(launches, monkeypatch)
+    assert caught
+    for fn, args, kwargs in caught:
+        _compile(fn, args, dict(kwargs))
