@@ -1,7 +1,7 @@
 # ruff: noqa: B023  (closures are timed before the loop variables change)
 """Where the small-M path's time goes, on a GPU: the two ways of turning codes into bf16, per config.
 
-    python bench/diag_small_m.py [--json out.json]
+    python bench/diag_small_m.py [--quick] [--json out.json]
 
 Per FLUX shape at M = 16 and 64 (INT4 and FP4): the whole path (main kernel with the
 ``x @ l1`` slices, then the epilogue) autotuned, at 32 and 96 ranks; every forced config,
@@ -36,6 +36,7 @@ def floor_us(k: int, n: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None)
+    parser.add_argument("--quick", action="store_true", help="autotuned paths only, no forced configs")
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = []
@@ -64,19 +65,20 @@ def main() -> None:
                         p32["strength"], 1, bias, path="fused",
                     )
                 )  # fmt: skip
-                for cfg in _split_configs():
+                for cfg in [] if args.quick else _split_configs():
                     kw = cfg.all_kwargs()
                     if kw["SPLIT_K"] > max(1, (k // 64) // 2):
                         continue
-                    way = "magic" if kw["MAGIC"] else "convert"
                     tile = f"bn{kw['BLOCK_N']}_sk{kw['SPLIT_K']}_w{kw['num_warps']}_s{kw['num_stages']}"
-                    row[f"{way}_{tile}"] = bench(lambda: call(p32, config=kw))
+                    for magic in (True, False):
+                        way = "magic" if magic else "convert"
+                        row[f"{way}_{tile}"] = bench(lambda: call(p32, config=kw, magic=magic))
                 rows.append(row)
                 best = {}
                 for way in ("magic", "convert"):
                     forced = {c: v for c, v in row.items() if c.startswith(way + "_")}
-                    name = min(forced, key=forced.get)
-                    best[way] = f"{forced[name]:.1f} ({name[len(way) + 1 :]})"
+                    name = min(forced, key=forced.get, default=None)
+                    best[way] = f"{forced[name]:.1f} ({name[len(way) + 1 :]})" if name else "-"
                 print(
                     f"{k}x{n} M={m} {fmt}: bf16 {row['bf16']:.1f} us, floor {row['floor']:.1f} us | "
                     f"auto {row['auto']:.1f} us (bf16/ours {row['bf16'] / row['auto']:.2f}x), r96 {row['auto_r96']:.1f}, "

@@ -66,15 +66,14 @@ def _compile(fn: JITFunction, args: tuple, kwargs: dict) -> None:
 def _small_m_launches() -> None:
     from studio.kernels.small_m_triton import _split_configs, w4_linear_small_m_triton
 
-    for fmt, r in (("int4", 48), ("fp4", 0), ("fp4", 160)):
+    for fmt, r, magic in (("int4", 48, None), ("fp4", 0, True), ("fp4", 160, False), ("int4", 16, False)):
         x = torch.randn(16, 448, dtype=torch.bfloat16)
         qw, ws = ref.quantize_weight(torch.randn(136, 448), fmt)
         l1, l2 = torch.randn(448, r).bfloat16(), torch.randn(136, r).bfloat16()
         args = (x, torch.ones(448), qw, ws, fmt, l1, l2, torch.ones(2, r), 8, torch.randn(136))
-        # every config (both MAGIC values, SPLIT_K = 1, the block shapes) once; the rest: one each way
-        configs = _split_configs()
-        for cfg in configs if fmt == "int4" else [configs[0], configs[-1]]:
-            w4_linear_small_m_triton(*args, config=cfg.all_kwargs())
+        # every config (SPLIT_K = 1, the block shapes) once; the other variants with one
+        for cfg in _split_configs() if magic is None else _split_configs()[:1]:
+            w4_linear_small_m_triton(*args, config=cfg.all_kwargs(), magic=magic)
 
 
 def _prefill_launches() -> None:

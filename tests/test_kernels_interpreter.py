@@ -61,8 +61,8 @@ def check_small_m() -> None:
         expect = w4_linear_small_m(*args)
         for magic in (True, False):
             for split in (1, 2):
-                cfg = {"BLOCK_N": 32, "SPLIT_K": split, "MAGIC": magic, "num_warps": 4, "num_stages": 1}
-                out = w4_linear_small_m_triton(*args, config=cfg)
+                cfg = {"BLOCK_N": 32, "SPLIT_K": split, "num_warps": 4, "num_stages": 1}
+                out = w4_linear_small_m_triton(*args, config=cfg, magic=magic)
                 assert out.shape == (m, n) and _rel(out, expect) < 5e-3, (m, magic, split, _rel(out, expect))
 
 

@@ -44,11 +44,12 @@ def _case(m: int, k: int, n: int, r: int, fmt: str, seed: int = 0) -> tuple:
     return x, sinv, qw, ws, fmt, l1, l2, strength, max(1, m // 2), bias
 
 
+@pytest.mark.parametrize("magic", [None, True, False])
 @pytest.mark.parametrize("fmt", ["int4", "fp4"])
 @pytest.mark.parametrize("m,k,n,r", SHAPES)
-def test_small_m_matches_reference(m: int, k: int, n: int, r: int, fmt: str) -> None:
+def test_small_m_matches_reference(m: int, k: int, n: int, r: int, fmt: str, magic: bool | None) -> None:
     args = _case(m, k, n, r, fmt)
-    out = w4_linear_small_m_triton(*args)
+    out = w4_linear_small_m_triton(*args, magic=magic)
     expect = w4_linear_small_m(*args)
     assert out.dtype == torch.bfloat16 and out.shape == (m, n)
     assert torch.isfinite(out).all() and _rel(out, expect) < 5e-3
@@ -59,9 +60,11 @@ def test_small_m_matches_reference(m: int, k: int, n: int, r: int, fmt: str) -> 
 def test_small_m_every_config(cfg: dict, fmt: str) -> None:
     args = _case(17, 1000, 520, 48, fmt, seed=1)
     expect = w4_linear_small_m(*args)
-    out = w4_linear_small_m_triton(*args, config=cfg)
-    assert _rel(out, expect) < 5e-3
-    assert torch.equal(out, w4_linear_small_m_triton(*args, config=cfg))  # no atomics: run to run identical
+    for magic in (True, False):
+        out = w4_linear_small_m_triton(*args, config=cfg, magic=magic)
+        assert _rel(out, expect) < 5e-3
+        # no atomics: identical run to run
+        assert torch.equal(out, w4_linear_small_m_triton(*args, config=cfg, magic=magic))
 
 
 def test_auto_takes_the_small_m_path_and_fp32_inputs_work() -> None:

@@ -19,9 +19,9 @@ operations only.  INT4 code ``c`` becomes ``0x4300 | c``, which is the bf16 ``12
 dot then carries ``136 * sum(x)`` too much, subtracted per group (the dot is exact in fp32:
 8-bit by 8-bit mantissas).  FP4's E2M1 code maps straight onto the bf16 of its FP8 value.
 ``MAGIC=False`` converts through fp32 (``_decode``): an int-to-float conversion per weight,
-at a quarter of the integer rate on H100.  Neither wins everywhere (the bit path adds the
-row sums), so ``MAGIC`` is one more autotuned meta-parameter; ``bench/diag_small_m.py``
-times both.
+at a quarter of the integer rate on H100.  Neither wins everywhere (FP4's bit path needs a
+select, INT4's adds the row sums), so ``use_magic`` picks by format and M from what
+``bench/diag_small_m.py`` measured.
 """
 
 from __future__ import annotations
@@ -39,10 +39,8 @@ LA_RANKS = 32
 
 
 def _split_configs() -> list[triton.Config]:
-    """Tiles x both ways of turning codes into bf16: which is faster depends on the shape."""
     return [
-        triton.Config({"BLOCK_N": bn, "SPLIT_K": sk, "MAGIC": magic}, num_warps=w, num_stages=st)
-        for magic in (True, False)
+        triton.Config({"BLOCK_N": bn, "SPLIT_K": sk}, num_warps=w, num_stages=st)
         for bn, sk, w, st in [
             (32, 4, 4, 3),
             (64, 2, 4, 3),
@@ -79,7 +77,7 @@ def _codes_as_bf16(codes, FP4: tl.constexpr):
 
 @triton.autotune(
     configs=_split_configs(),
-    key=["M_BUCKET", "N", "KG", "R_PAD"],
+    key=["M_BUCKET", "N", "KG", "R_PAD", "MAGIC"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
@@ -87,8 +85,8 @@ def _w4_small_m_kernel(
     x_ptr, sinv_ptr, q_ptr, ws_ptr, l1_ptr, part_ptr, la_ptr,
     M, K, N, KG, R, M_BUCKET,
     stride_xm, stride_qg, stride_qn, stride_wsg, stride_l1k,
-    FP4: tl.constexpr, R_PAD: tl.constexpr, LA_R: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, MAGIC: tl.constexpr,
+    FP4: tl.constexpr, MAGIC: tl.constexpr, R_PAD: tl.constexpr, LA_R: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -185,6 +183,15 @@ def _small_m_epilogue_kernel(
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask)
 
 
+def use_magic(fmt: str, m: int) -> bool:
+    """Bit-built codes where they measured faster on H100: INT4 at M <= 16 (docs/results.md).
+
+    FP4's bit path (a select per code) lost on every FLUX shape, and INT4's row-sum correction
+    lost at M = 64 (``bench/diag_small_m.py``, best tile each way, 2026-11-23).
+    """
+    return fmt == "int4" and m <= 16
+
+
 def w4_linear_small_m_triton(
     x: torch.Tensor,
     smooth_inv: torch.Tensor,
@@ -197,11 +204,12 @@ def w4_linear_small_m_triton(
     rows_per_sample: int,
     bias: torch.Tensor | None,
     config: dict | None = None,
+    magic: bool | None = None,
 ) -> torch.Tensor:
     """``[M, N]`` in ``x.dtype``; shapes as ``studio.kernels.w4_linear``, ``M <= 64`` expected.
 
-    ``config`` (BLOCK_N, SPLIT_K, MAGIC, num_warps, num_stages) skips autotuning (tests, the
-    interpreter); ``MAGIC`` picks how codes become bf16 (module docstring).
+    ``config`` (BLOCK_N, SPLIT_K, num_warps, num_stages) skips autotuning (tests, the interpreter).
+    ``magic``: codes to bf16 by bit patterns (True) or through fp32 (False); None: ``use_magic``.
     """
     x = x.contiguous()
     m, k = x.shape
@@ -231,7 +239,7 @@ def w4_linear_small_m_triton(
             x.stride(0), qweight.stride(0), qweight.stride(1), wscale.stride(0), l1.stride(0),
         ),
         dict(
-            FP4=fmt == "fp4", R_PAD=r_pad, LA_R=la_r, DOT_DTYPE=branch_dot_dtype(), BLOCK_M=block_m,
+            FP4=fmt == "fp4", MAGIC=use_magic(fmt, m) if magic is None else magic, R_PAD=r_pad, LA_R=la_r, DOT_DTYPE=branch_dot_dtype(), BLOCK_M=block_m,
         ),
         config,
         "SPLIT_K",
