@@ -5,8 +5,9 @@ The maths and the reasons are in ``reference_prefill.py`` (the oracle).  Three s
 1. ``_expand_weight_kernel``: every program first derives, for its ``BLOCK_N`` channels,
    the branch factors ``g[r]`` and the channel scale (the same few flops the reference
    does in torch), then unpacks ``GROUPS`` groups of 64 packed codes into FP8 codes
-   re-scaled per channel; the programs of grid column 0 also write the branch blocks
-   ``[l2_hi | l2_lo | l2_hi]``, the zero tail, the channel scales and ``g``.
+   re-scaled per channel; one more grid column of programs writes the branch blocks
+   ``[l2_hi | l2_lo | l2_hi]``, the zero tail, the channel scales and ``g`` (on top of
+   column 0's codes, as before, they made those programs the slowest: 1-4 us at rank 96).
 2. the activation pre-pass: by default the two launches of ``prepass_split_triton.py``; or
    ``_rowwise_prepass_kernel`` (``prepass="rows"``): per ``BLOCK_M`` rows, one pass over X for the row maxima
    and ``lora_act = x @ l1`` (bf16 dot), a second pass (mostly L2 hits) writing the FP8
