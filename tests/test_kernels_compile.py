@@ -108,7 +108,25 @@ def _prefill_launches() -> None:
         quantize_act_rowwise_split_triton(x, sinv, l1, st, 1, g, config=config)
 
 
-@pytest.mark.parametrize("launches", [_small_m_launches, _prefill_launches], ids=["small_m", "prefill"])
+def _fused_launches() -> None:
+    from studio.kernels.gemm_w4_triton import gemm_w4_triton
+    from studio.kernels.quant_act import quantize_act_triton
+
+    for fmt, r in (("int4", 48), ("fp4", 0)):
+        x = torch.randn(20, 320, dtype=torch.bfloat16)
+        qw, ws = ref.quantize_weight(torch.randn(72, 320), fmt)
+        l1, l2, st = torch.randn(320, r).bfloat16(), torch.randn(72, r).bfloat16(), torch.ones(1, r)
+        xq, xs, la = quantize_act_triton(
+            x, torch.ones(320), l1, st, 1, config={"BLOCK_M": 16, "num_warps": 4}
+        )
+        for split in (1, 2):
+            cfg = {"BLOCK_N": 64, "BLOCK_M": 16, "SPLIT_K": split, "num_warps": 4, "num_stages": 3}
+            gemm_w4_triton(xq, xs, qw, ws, fmt, la, l2, torch.randn(72), config=cfg)
+
+
+@pytest.mark.parametrize(
+    "launches", [_small_m_launches, _prefill_launches, _fused_launches], ids=["small_m", "prefill", "fused"]
+)
 def test_kernels_compile_for_hopper(launches, monkeypatch: pytest.MonkeyPatch) -> None:
     caught = _caught(launches, monkeypatch)
     assert caught

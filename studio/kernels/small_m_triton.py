@@ -14,7 +14,7 @@ The maths and the reasons are in ``reference_small_m.py`` (the oracle).  Two lau
 2. ``_small_m_epilogue_kernel`` adds the output partials, the bias and the branch
    ``bf16(bf16(sum of x @ l1 partials) * strength) @ l2``.
 
-Turning codes into bf16 (``MAGIC``, the default): the bf16 bit pattern is built with integer
+Turning codes into bf16 by bits (``MAGIC``): the bf16 bit pattern is built with integer
 operations only.  INT4 code ``c`` becomes ``0x4300 | c``, which is the bf16 ``128 + c``; the
 dot then carries ``136 * sum(x)`` too much, subtracted per group (the dot is exact in fp32:
 8-bit by 8-bit mantissas).  FP4's E2M1 code maps straight onto the bf16 of its FP8 value.
