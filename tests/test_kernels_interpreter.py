@@ -128,7 +128,7 @@ def check_expand() -> None:
 
 def check_fused() -> None:
     from studio.kernels import reference as ref
-    from studio.kernels.gemm_w4_triton import gemm_w4_triton
+    from studio.kernels.gemm_w4_triton import _WORKSPACE, gemm_w4_triton
     from studio.kernels.quant_act import quantize_act_triton
 
     for m, k, n, r, fmt in [(20, 320, 72, 48, "fp4"), (5, 200, 64, 16, "int4")]:
@@ -143,6 +143,8 @@ def check_fused() -> None:
             cfg = {"BLOCK_N": 64, "BLOCK_M": 16, "SPLIT_K": split, "num_warps": 4, "num_stages": 1}
             out = gemm_w4_triton(xq_r, xs_r, qw, ws, fmt, la_r, l2, bias, config=cfg)
             assert out.shape == (m, n) and _rel(out, expect) < 1e-2
+    # the next launch relies on the workspace being left zeroed
+    assert _WORKSPACE and all(bool((t == 0).all()) for pair in _WORKSPACE.values() for t in pair)
 
 
 def main() -> None:

@@ -159,13 +159,13 @@ def _epilogue(acc, offs_n, offs_m, n_mask, m_mask, la_ptr, l2_ptr, bias_ptr, out
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
 
 
-def _workspace(device: torch.device, m: int, n: int, tiles: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zeroed fp32 split-K partials (``>= m * n``) and per-tile counters (``>= tiles``); kernels leave them zeroed."""
+def _workspace(device: torch.device, m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed fp32 split-K partials and per-tile counters; kernels leave them zeroed."""
     need = m * n
     have = _WORKSPACE.get(device)
-    if have is None or have[0].numel() < need or have[1].numel() < tiles:
+    if have is None or have[0].numel() < need:
         acc = torch.zeros(max(need, 1 << 16), device=device, dtype=torch.float32)
-        cnt = torch.zeros(max(need // 256 + 1, tiles, 1024), device=device, dtype=torch.int32)
+        cnt = torch.zeros(max(need // 256 + 1, 1024), device=device, dtype=torch.int32)
         _WORKSPACE[device] = have = (acc, cnt)
     return have
 
