@@ -82,6 +82,34 @@ def bench(fn, reps: int = 20) -> float:
         return math.nan
 
 
+def bench_stream(fns: list, reps: int = 48) -> float:
+    """Median GPU time per call in us, calls back to back in one CUDA graph, no flush between.
+
+    ``fns`` run in turn, each on its own copy of the weights; with copies adding up to more
+    than the 50 MB L2, every call reads its weights from DRAM, as each layer of a decode step
+    does.  Unlike ``bench`` no flush kernel runs before each call, so what a launch costs in
+    a stream of launches (not after a 64 MB memset) is what is measured.
+    """
+    try:
+        for fn in fns:
+            fn()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(reps):
+                fns[i % len(fns)]()
+        _replay_ms(graph)
+        return _replay_ms(graph) / reps * 1e3
+    except Exception as err:  # noqa: BLE001 - as in bench
+        print(f"  (skipped: {error_line(err, 100)})")
+        return math.nan
+
+
+def copies_for_cold_l2(weight_bytes: int, total: int = 160 << 20) -> int:
+    """How many weight copies ``bench_stream`` needs so that none is still in L2 (50 MB)."""
+    return max(2, -(-total // max(weight_bytes, 1)))
+
+
 def rowwise_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = (x.abs().amax(1, keepdim=True).float() / 448.0).clamp_min(1e-12)
     return (x / s).to(torch.float8_e4m3fn), s

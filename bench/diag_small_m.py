@@ -3,13 +3,16 @@
 
     python bench/diag_small_m.py [--quick] [--json out.json]
 
-Per FLUX shape at M = 16 and 64 (INT4 and FP4): the whole path (main kernel with the
-``x @ l1`` slices, then the epilogue) autotuned, at 32 and 96 ranks; every forced config,
-so the best tile with bit-built bf16 codes (``MAGIC``) and with conversions through fp32;
-the fused path (``path="fused"``, what ``auto`` took where N > K);
-and, for scale, the separate branch-input GEMM ``x @ l1`` (cuBLAS) the path used to launch.
-Timing as ``bench_w4.bench`` (CUDA graphs, L2 flushed).  The 4-bit read floor at 3 TB/s and
-bf16 ``F.linear`` are printed beside.
+Per FLUX shape at M = 16 and 64 (INT4 and FP4): the whole path autotuned, at 32 and 96
+ranks; at 32 ranks also with the other way of finishing (``finish_for`` picks one launch,
+where the program completing a column block adds the partials, or a second epilogue
+kernel); every forced config, so the best tile with
+bit-built bf16 codes (``MAGIC``) and with conversions through fp32; the fused path
+(``path="fused"``, what ``auto`` took where N > K); and, for scale, a tiny kernel alone
+(cuBLAS ``x @ l1``, the branch-input GEMM the path once launched).
+Timing as ``bench_w4.bench`` (CUDA graphs, L2 flushed before each call); the ``stream``
+columns time calls back to back on rotating weight copies (``bench_w4.bench_stream``), ours
+and bf16 alike.  The 4-bit read floor at 3 TB/s and bf16 ``F.linear`` are printed beside.
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_w4 import SHAPES, bench, make_w4  # noqa: E402
+from bench.bench_w4 import SHAPES, bench, bench_stream, copies_for_cold_l2, make_w4  # noqa: E402
 from studio import kernels  # noqa: E402
-from studio.kernels.small_m_triton import _split_configs, w4_linear_small_m_triton  # noqa: E402
+from studio.kernels.small_m_triton import _split_configs, finish_for, w4_linear_small_m_triton  # noqa: E402
 
 
 def floor_us(k: int, n: int) -> float:
@@ -37,6 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None)
     parser.add_argument("--quick", action="store_true", help="autotuned paths only, no forced configs")
+    parser.add_argument("--ms", default="16,64", help="comma-separated row counts")
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = []
@@ -45,7 +49,7 @@ def main() -> None:
         bias = torch.randn(n, device="cuda")
         for fmt in ("int4", "fp4"):
             p32, p96 = make_w4(k, n, 32, fmt, "cuda"), make_w4(k, n, 96, fmt, "cuda")
-            for m in (16, 64):
+            for m in [int(v) for v in args.ms.split(",")]:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
 
                 def call(p: dict, **kw: object) -> torch.Tensor:
@@ -58,6 +62,20 @@ def main() -> None:
                 row["bf16"] = bench(lambda: torch.nn.functional.linear(x, w_bf16, bias.bfloat16()))
                 row["la_gemm_cublas"] = bench(lambda: x @ p32["l1"])
                 row["auto"] = bench(lambda: call(p32))
+                other = "epilogue" if finish_for(m) == "last" else "last"
+                row["other_finish"] = bench(lambda: call(p32, finish=other))
+                # back to back on rotating weight copies (decode through layers): ours vs bf16
+                ours_copies = [p32] + [
+                    make_w4(k, n, 32, fmt, "cuda") for _ in range(copies_for_cold_l2(k * n // 2) - 1)
+                ]
+                bf16_copies = [w_bf16] + [
+                    torch.randn_like(w_bf16) for _ in range(copies_for_cold_l2(k * n * 2) - 1)
+                ]
+                row["stream_auto"] = bench_stream([lambda p=p: call(p) for p in ours_copies])
+                row["stream_bf16"] = bench_stream(
+                    [lambda w=w: torch.nn.functional.linear(x, w, bias.bfloat16()) for w in bf16_copies]
+                )
+                del ours_copies, bf16_copies
                 row["auto_r96"] = bench(lambda: call(p96))
                 row["fused_path"] = bench(
                     lambda: kernels.w4_linear(
@@ -82,9 +100,12 @@ def main() -> None:
                 print(
                     f"{k}x{n} M={m} {fmt}: bf16 {row['bf16']:.1f} us, floor {row['floor']:.1f} us | "
                     f"auto {row['auto']:.1f} us (bf16/ours {row['bf16'] / row['auto']:.2f}x), r96 {row['auto_r96']:.1f}, "
+                    f"finish {finish_for(m)} (other {row['other_finish']:.1f}) | "
+                    f"stream: bf16 {row['stream_bf16']:.1f}, auto {row['stream_auto']:.1f} "
+                    f"({row['stream_bf16'] / row['stream_auto']:.2f}x) | "
                     f"fused path {row['fused_path']:.1f} | "
                     f"best forced: magic {best['magic']}, convert {best['convert']} | "
-                    f"old cuBLAS x@l1 alone {row['la_gemm_cublas']:.1f}",
+                    f"tiny kernel alone {row['la_gemm_cublas']:.1f}",
                     flush=True,
                 )
     if args.json:

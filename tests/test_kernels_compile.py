@@ -74,6 +74,9 @@ def _small_m_launches() -> None:
         # every config (SPLIT_K = 1, the block shapes) once; the other variants with one
         for cfg in _split_configs() if magic is None else _split_configs()[:1]:
             w4_linear_small_m_triton(*args, config=cfg.all_kwargs(), magic=magic)
+    # the two-launch form (its epilogue kernel) and the other program order, once each
+    cfg = _split_configs()[0].all_kwargs()
+    w4_linear_small_m_triton(*args, config=cfg, finish="epilogue", la_first=False)
 
 
 def _prefill_launches() -> None:

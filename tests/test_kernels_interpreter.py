@@ -52,18 +52,33 @@ def _case(m: int, k: int, n: int, r: int, fmt: str, seed: int) -> tuple:
 
 def check_small_m() -> None:
     from studio.kernels.reference_small_m import w4_linear_small_m
-    from studio.kernels.small_m_triton import w4_linear_small_m_triton
+    from studio.kernels.small_m_triton import _COUNTERS, w4_linear_small_m_triton
 
     # rank 48: two branch-slice programs, one of them partly past R; rank 0: no branch
     cases = [(7, 320, 136, 48, "int4"), (16, 200, 72, 0, "fp4"), (33, 448, 40, 16, "fp4")]  # 33: 3 strips
     for m, k, n, r, fmt in cases:
         args = _case(m, k, n, r, fmt, seed=m)
         expect = w4_linear_small_m(*args)
-        for magic in (True, False):
-            for split in (1, 2):
-                cfg = {"BLOCK_N": 32, "SPLIT_K": split, "num_warps": 4, "num_stages": 1}
-                out = w4_linear_small_m_triton(*args, config=cfg, magic=magic)
-                assert out.shape == (m, n) and _rel(out, expect) < 5e-3, (m, magic, split, _rel(out, expect))
+        # la_first False: in the interpreter's program order the branch slices arrive last and
+        # finish every column block; True: the column programs do (what the GPU mostly sees)
+        variants = [
+            (True, 1, "last", True),
+            (False, 2, "last", True),
+            (False, 2, "last", False),
+            (True, 2, "epilogue", True),
+        ]
+        for magic, split, finish, la_first in variants:
+            cfg = {"BLOCK_N": 32, "SPLIT_K": split, "num_warps": 4, "num_stages": 1}
+            kw = dict(magic=magic, finish=finish, la_first=la_first)
+            out = w4_linear_small_m_triton(*args, config=cfg, **kw)
+            assert out.shape == (m, n) and _rel(out, expect) < 5e-3, (
+                m,
+                magic,
+                split,
+                finish,
+                _rel(out, expect),
+            )
+            assert not any(c.any() for c in _COUNTERS.values()), "arrival counters left non-zero"
 
 
 def check_codes_as_bf16() -> None:

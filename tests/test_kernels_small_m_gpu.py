@@ -73,3 +73,43 @@ def test_auto_takes_the_small_m_path_and_fp32_inputs_work() -> None:
     out = kernels.w4_linear(x32, *args[1:])
     assert out.dtype == torch.float32
     assert _rel(out, w4_linear_small_m(x32, *args[1:])) < 5e-3
+
+
+@pytest.mark.parametrize("la_first", [True, False])
+@pytest.mark.parametrize("m,k,n,r", [SHAPES[1], SHAPES[3], SHAPES[4], SHAPES[5]])
+def test_one_launch_finish_matches_the_two_launch_form(
+    m: int, k: int, n: int, r: int, la_first: bool
+) -> None:
+    """Whichever program completes a column block adds its partials; counters come back zeroed."""
+    from studio.kernels.small_m_triton import _COUNTERS
+
+    args = _case(m, k, n, r, "int4", seed=3)
+    expect = w4_linear_small_m(*args)
+    for cfg in [c.all_kwargs() for c in _split_configs()[:3]] + [None]:
+        last = w4_linear_small_m_triton(*args, config=cfg, finish="last", la_first=la_first)
+        assert _rel(last, expect) < 5e-3
+        assert _rel(last, w4_linear_small_m_triton(*args, config=cfg, finish="epilogue")) < 1e-3
+        # the same partials added in the same order: identical run to run
+        assert torch.equal(
+            last, w4_linear_small_m_triton(*args, config=cfg, finish="last", la_first=la_first)
+        )
+    torch.cuda.synchronize()
+    assert not any(c.any() for c in _COUNTERS.values())
+
+
+def test_one_launch_finish_on_two_streams_at_once() -> None:
+    """Launches on two streams overlap; each stream has its own arrival counters."""
+    cases = [_case(16, 3072, 3072, 32, "int4", seed=4), _case(16, 3072, 3072, 32, "fp4", seed=5)]
+    expect = [w4_linear_small_m(*c) for c in cases]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for c in cases:  # autotune outside the streams
+        w4_linear_small_m_triton(*c)
+    torch.cuda.synchronize()
+    outs: list[list[torch.Tensor]] = [[], []]
+    for _ in range(20):
+        for i, (c, s) in enumerate(zip(cases, streams, strict=True)):
+            with torch.cuda.stream(s):
+                outs[i].append(w4_linear_small_m_triton(*c))
+    torch.cuda.synchronize()
+    for i in range(2):
+        assert all(_rel(o, expect[i]) < 5e-3 for o in outs[i])

@@ -1,18 +1,25 @@
-"""Triton kernels of the small-M path: split-K bf16 x 4-bit GEMM with ``x @ l1``, then an epilogue.
+"""Triton kernels of the small-M path: split-K bf16 x 4-bit GEMM with ``x @ l1``, in one launch.
 
-The maths and the reasons are in ``reference_small_m.py`` (the oracle).  Two launches:
+The maths and the reasons are in ``reference_small_m.py`` (the oracle).
 
-1. ``_w4_small_m_kernel``, grid (column blocks + branch slices, ``SPLIT_K``).  Program
-   ``(pid_n, pid_k)`` with ``pid_n`` a column block owns ``BLOCK_N`` output channels and one run
-   of groups along K; per group of 64 it loads the packed codes ``[BLOCK_N, 32]`` once (the
-   bytes that bound this path), turns both nibbles into bf16, takes two K = 32 dots with the
-   bf16 activations and scales the partial sums by the group scale in fp32.  The programs
-   past the column blocks each compute one 32-rank slice of ``x @ l1`` over the same run of
-   K (so the branch input costs no launch of its own and ``l1`` is read once, not once per
-   column block: that re-read was 3x the weight bytes at 96 ranks).  Both write per-split
-   partials (no atomics: the sums are bit-deterministic run to run).
-2. ``_small_m_epilogue_kernel`` adds the output partials, the bias and the branch
-   ``bf16(bf16(sum of x @ l1 partials) * strength) @ l2``.
+``_w4_small_m_kernel``, grid (branch slices + column blocks, ``SPLIT_K``).  Program
+``(pid_n, pid_k)`` on a column block owns ``BLOCK_N`` output channels and one run of groups
+along K; per group of 64 it loads the packed codes ``[BLOCK_N, 32]`` once (the bytes that
+bound this path), turns both nibbles into bf16, takes two K = 32 dots with the bf16
+activations and scales the partial sums by the group scale in fp32.  The branch-slice
+programs each compute one 32-rank slice of ``x @ l1`` over the same run of K (so the branch
+input costs no launch of its own and ``l1`` is read once, not once per column block: that
+re-read was 3x the weight bytes at 96 ranks).  Both write per-split partials, then count
+themselves in a per-column-block counter (a slice counts in every block).  The program whose
+arrival completes a block (``_finish_tile``) adds that block's partials in split order, the
+branch ``bf16(bf16(sum of x @ l1 partials) * strength) @ l2`` and the bias, writes the output
+and zeroes the counter for the next launch.  No atomics touch the sums, so results are
+bit-identical run to run.  This is the fused path's split-K scheme (``gemm_w4_triton``) with
+plain partial stores instead of atomic adds.
+
+Why one launch: under the bench's timing a launch costs about 6 us even for a tiny kernel,
+as much as the whole 4-bit read of a FLUX layer; ``finish="epilogue"`` keeps the two-launch
+form (``_small_m_epilogue_kernel`` adds the partials) to measure that against.
 
 Turning codes into bf16 by bits (``MAGIC``): the bf16 bit pattern is built with integer
 operations only.  INT4 code ``c`` becomes ``0x4300 | c``, which is the bf16 ``128 + c``; the
@@ -36,6 +43,8 @@ from studio.kernels.quant_act import branch_dot_dtype
 
 #: Ranks per branch-slice program (and per step of the epilogue's branch dot).
 LA_RANKS = 32
+
+_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
 def _split_configs() -> list[triton.Config]:
@@ -77,30 +86,44 @@ def _codes_as_bf16(codes, FP4: tl.constexpr):
 
 @triton.autotune(
     configs=_split_configs(),
-    key=["M_BUCKET", "N", "KG", "R_PAD", "MAGIC"],
+    key=["M_BUCKET", "N", "KG", "R_PAD", "MAGIC", "FINISH_LAST"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
 def _w4_small_m_kernel(
-    x_ptr, sinv_ptr, q_ptr, ws_ptr, l1_ptr, part_ptr, la_ptr,
-    M, K, N, KG, R, M_BUCKET,
-    stride_xm, stride_qg, stride_qn, stride_wsg, stride_l1k,
+    x_ptr, sinv_ptr, q_ptr, ws_ptr, l1_ptr, part_ptr, la_ptr, cnt_ptr,
+    l2_ptr, str_ptr, bias_ptr, out_ptr,
+    M, K, N, KG, R, N_LA, M_BUCKET, S, rows_per_sample,
+    stride_xm, stride_qg, stride_qn, stride_wsg, stride_l1k, stride_l2n, stride_sm, stride_om,
     FP4: tl.constexpr, MAGIC: tl.constexpr, R_PAD: tl.constexpr, LA_R: tl.constexpr,
     DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    FINISH_LAST: tl.constexpr, LA_FIRST: tl.constexpr, HAS_BRANCH: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n_blocks = tl.cdiv(N, BLOCK_N)
+    if LA_FIRST:  # the short branch-slice programs first, so that column programs arrive last
+        col = pid_n - N_LA
+        la_idx = pid_n
+    else:
+        col = pid_n
+        la_idx = pid_n - n_blocks
     offs_m = tl.arange(0, BLOCK_M)
     offs_j = tl.arange(0, 32)
     m_mask = offs_m < M
     per_split = tl.cdiv(KG, SPLIT_K)
     g_end = tl.minimum(pid_k * per_split + per_split, KG)
-    if pid_n < n_blocks:  # a column block of the 4-bit GEMM
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    target = SPLIT_K * (1 + N_LA)  # arrivals per column block: its K splits and every slice's
+    if (col >= 0) & (col < n_blocks):  # a column block of the 4-bit GEMM
+        offs_n = col * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        q_ptrs = q_ptr + offs_n[:, None] * stride_qn + offs_j[None, :]
+        # (a hand prefetch of the next group's codes, as in gemm_w4_triton, measured slower
+        # here: up to 32 % at M = 16 with INT4, neutral otherwise; docs/results.md)
         for grp in range(pid_k * per_split, g_end):
+            packed = tl.load(q_ptrs + grp * stride_qg, n_mask[:, None], 0)
+            ws = tl.load(ws_ptr + grp * stride_wsg + offs_n, n_mask, 0.0)
             k_lo = grp * 64 + offs_j
             xmask_lo = m_mask[:, None] & (k_lo < K)[None, :]
             xmask_hi = m_mask[:, None] & (k_lo + 32 < K)[None, :]
@@ -110,9 +133,6 @@ def _w4_small_m_kernel(
             )
             xs_lo = (x_lo * tl.load(sinv_ptr + k_lo, k_lo < K, 0.0)[None, :]).to(DOT_DTYPE)
             xs_hi = (x_hi * tl.load(sinv_ptr + k_lo + 32, k_lo + 32 < K, 0.0)[None, :]).to(DOT_DTYPE)
-            packed = tl.load(
-                q_ptr + grp * stride_qg + offs_n[:, None] * stride_qn + offs_j[None, :], n_mask[:, None], 0
-            )
             if MAGIC:
                 part = tl.dot(xs_lo, tl.trans(_codes_as_bf16(packed & 0xF, FP4).to(DOT_DTYPE)))
                 part = tl.dot(xs_hi, tl.trans(_codes_as_bf16(packed >> 4, FP4).to(DOT_DTYPE)), part)
@@ -122,12 +142,21 @@ def _w4_small_m_kernel(
             else:
                 part = tl.dot(xs_lo, tl.trans(_decode(packed & 0xF, FP4).to(DOT_DTYPE)))
                 part = tl.dot(xs_hi, tl.trans(_decode(packed >> 4, FP4).to(DOT_DTYPE)), part)
-            ws = tl.load(ws_ptr + grp * stride_wsg + offs_n, n_mask, 0.0)
             acc += part * ws[None, :]
         dst = part_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :]
         tl.store(dst, acc, m_mask[:, None] & n_mask[None, :])
+        if FINISH_LAST:
+            tl.debug_barrier()  # every thread's partial is written before the release below
+            if tl.atomic_add(cnt_ptr + col, 1, sem="acq_rel") == target - 1:
+                tl.debug_barrier()
+                _finish_tile(
+                    offs_m, offs_n, part_ptr, la_ptr, l2_ptr, str_ptr, bias_ptr, out_ptr,
+                    M, N, R, S, rows_per_sample, SPLIT_K, stride_l2n, stride_sm, stride_om,
+                    HAS_BRANCH, HAS_BIAS, LA_R, DOT_DTYPE, BLOCK_M, BLOCK_N,
+                )  # fmt: skip
+                tl.atomic_xchg(cnt_ptr + col, 0)  # zeroed again for the next launch
     else:  # a slice of LA_R ranks of x @ l1 over the same run of K
-        offs_r = (pid_n - n_blocks) * LA_R + tl.arange(0, LA_R)
+        offs_r = la_idx * LA_R + tl.arange(0, LA_R)
         r_mask = offs_r < R
         la = tl.zeros([BLOCK_M, LA_R], dtype=tl.float32)
         for grp in range(pid_k * per_split, g_end):
@@ -147,23 +176,45 @@ def _w4_small_m_kernel(
         # (names differ from the other branch's: Triton wants one type per name across an if)
         la_dst = la_ptr + (pid_k * M + offs_m[:, None]) * R + offs_r[None, :]
         tl.store(la_dst, la, m_mask[:, None] & r_mask[None, :])
+        if FINISH_LAST:  # count this slice in every column block; finish those it completes
+            tl.debug_barrier()
+            for b0 in range(0, n_blocks, 128):
+                offs_b = b0 + tl.arange(0, 128)
+                valid = offs_b < n_blocks
+                prev = tl.atomic_add(cnt_ptr + offs_b, 1, mask=valid, sem="acq_rel")
+                done = ((prev == target - 1) & valid).to(tl.int32)
+                if tl.sum(done) > 0:  # rare: all the column programs of a block came first
+                    tl.debug_barrier()
+                    for blk in range(b0, tl.minimum(b0 + 128, n_blocks)):
+                        if tl.sum(tl.where(offs_b == blk, done, 0)) > 0:
+                            _finish_tile(
+                                offs_m, blk * BLOCK_N + tl.arange(0, BLOCK_N), part_ptr, la_ptr, l2_ptr,
+                                str_ptr, bias_ptr, out_ptr, M, N, R, S, rows_per_sample, SPLIT_K,
+                                stride_l2n, stride_sm, stride_om, HAS_BRANCH, HAS_BIAS, LA_R, DOT_DTYPE,
+                                BLOCK_M, BLOCK_N,
+                            )  # fmt: skip
+                            tl.atomic_xchg(cnt_ptr + blk, 0)
 
 
 @triton.jit
-def _small_m_epilogue_kernel(
-    part_ptr, la_ptr, l2_ptr, str_ptr, bias_ptr, out_ptr,
+def _finish_tile(
+    offs_m, offs_n, part_ptr, la_ptr, l2_ptr, str_ptr, bias_ptr, out_ptr,
     M, N, R, S, rows_per_sample, n_splits, stride_l2n, stride_sm, stride_om,
     HAS_BRANCH: tl.constexpr, HAS_BIAS: tl.constexpr, LA_R: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """Output tile ``offs_m x offs_n``: the K splits' partials, the branch and the bias.
+
+    Partials are read at L2 (``.cg``): in the one-launch form other programs wrote them.
+    """
     m_mask = offs_m < M
     n_mask = offs_n < N
     mask = m_mask[:, None] & n_mask[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for s in range(n_splits):
-        acc += tl.load(part_ptr + (s * M + offs_m[:, None]) * N + offs_n[None, :], mask, 0.0)
+        acc += tl.load(
+            part_ptr + (s * M + offs_m[:, None]) * N + offs_n[None, :], mask, 0.0, cache_modifier=".cg"
+        )
     if HAS_BRANCH:
         srow = (offs_m // rows_per_sample) % S
         for r0 in range(0, R, LA_R):  # LA_R ranks at a time keeps the tiles small at any rank
@@ -171,7 +222,9 @@ def _small_m_epilogue_kernel(
             rmask = m_mask[:, None] & (rr < R)[None, :]
             la = tl.zeros([BLOCK_M, LA_R], dtype=tl.float32)
             for s in range(n_splits):
-                la += tl.load(la_ptr + (s * M + offs_m[:, None]) * R + rr[None, :], rmask, 0.0)
+                la += tl.load(
+                    la_ptr + (s * M + offs_m[:, None]) * R + rr[None, :], rmask, 0.0, cache_modifier=".cg"
+                )
             st = tl.load(str_ptr + srow[:, None] * stride_sm + rr[None, :], rmask, 0.0)
             la = (la.to(tl.bfloat16).to(tl.float32) * st).to(tl.bfloat16)
             l2 = tl.load(
@@ -183,6 +236,20 @@ def _small_m_epilogue_kernel(
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask)
 
 
+@triton.jit
+def _small_m_epilogue_kernel(
+    part_ptr, la_ptr, l2_ptr, str_ptr, bias_ptr, out_ptr,
+    M, N, R, S, rows_per_sample, n_splits, stride_l2n, stride_sm, stride_om,
+    HAS_BRANCH: tl.constexpr, HAS_BIAS: tl.constexpr, LA_R: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    _finish_tile(
+        tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N),
+        part_ptr, la_ptr, l2_ptr, str_ptr, bias_ptr, out_ptr, M, N, R, S, rows_per_sample, n_splits,
+        stride_l2n, stride_sm, stride_om, HAS_BRANCH, HAS_BIAS, LA_R, DOT_DTYPE, BLOCK_M, BLOCK_N,
+    )  # fmt: skip
+
+
 def use_magic(fmt: str, m: int) -> bool:
     """Bit-built codes where they measured faster on H100: INT4 at M <= 16 (docs/results.md).
 
@@ -190,6 +257,31 @@ def use_magic(fmt: str, m: int) -> bool:
     lost at M = 64 (``bench/diag_small_m.py``, best tile each way, 2026-11-23).
     """
     return fmt == "int4" and m <= 16
+
+
+def finish_for(m: int) -> str:
+    """One launch where it measured faster on H100 (M <= 16), the epilogue kernel above.
+
+    At M = 16 the one-launch form was faster on 7 of 8 FLUX cases (up to 13 %, and 10-30 %
+    at 96 ranks); at M = 64 the two-launch form won 6 of 8 (up to 16 %): the programs that
+    finish a block add 64-row partials one after another at the end of the launch
+    (``bench/diag_small_m.py``, 2026-11-23, docs/results.md).
+    """
+    return "last" if m <= 16 else "epilogue"
+
+
+def _counters(device: torch.device, blocks: int) -> torch.Tensor:
+    """Zeroed per-column-block arrival counters; the kernel leaves them zeroed.
+
+    One buffer per device and stream: launches on one stream run one after another, so
+    they never share a counter while it counts.
+    """
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    have = _COUNTERS.get(key)
+    if have is None or have.numel() < blocks:
+        _COUNTERS[key] = have = torch.zeros(max(blocks, 1024), device=device, dtype=torch.int32)
+    return have
 
 
 def w4_linear_small_m_triton(
@@ -205,12 +297,21 @@ def w4_linear_small_m_triton(
     bias: torch.Tensor | None,
     config: dict | None = None,
     magic: bool | None = None,
+    finish: str | None = None,
+    la_first: bool = True,
 ) -> torch.Tensor:
     """``[M, N]`` in ``x.dtype``; shapes as ``studio.kernels.w4_linear``, ``M <= 64`` expected.
 
     ``config`` (BLOCK_N, SPLIT_K, num_warps, num_stages) skips autotuning (tests, the interpreter).
     ``magic``: codes to bf16 by bit patterns (True) or through fp32 (False); None: ``use_magic``.
+    ``finish``: ``"last"`` (one launch: the program that completes a column block adds its
+    partials) or ``"epilogue"`` (a second kernel does); None: ``finish_for(m)``.
+    ``la_first``: the branch-slice programs come first in the grid (False: last; the tests run
+    both, so that either kind of program finishing a block is covered).
     """
+    finish = finish_for(x.shape[0]) if finish is None else finish
+    if finish not in ("last", "epilogue"):
+        raise ValueError(f"finish must be 'last' or 'epilogue', not {finish!r}")
     x = x.contiguous()
     m, k = x.shape
     kg, n, _ = qweight.shape
@@ -218,6 +319,7 @@ def w4_linear_small_m_triton(
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     r_pad = max(16, triton.next_power_of_2(max(r, 1)))
     la_r = min(LA_RANKS, r_pad)
+    n_la = triton.cdiv(r, la_r)
     # Room for the most splits autotuning may pick (or the forced config's).
     splits = max(c.kwargs["SPLIT_K"] for c in _split_configs()) if config is None else config["SPLIT_K"]
     part = torch.empty(splits, m, n, device=x.device, dtype=torch.float32)
@@ -226,31 +328,36 @@ def w4_linear_small_m_triton(
     l2 = l2 if r else l2.new_zeros(n, 1)
     bias_t = bias.float().contiguous() if bias is not None else out
     block_m = max(16, triton.next_power_of_2(m))
+    cnt = _counters(x.device, triton.cdiv(n, min(c.kwargs["BLOCK_N"] for c in _split_configs())))
+    strength_rows = max(rows_per_sample, 1)
 
     def grid(meta: dict) -> tuple[int, int]:
-        return (triton.cdiv(n, meta["BLOCK_N"]) + triton.cdiv(r, la_r), meta["SPLIT_K"])
+        return (triton.cdiv(n, meta["BLOCK_N"]) + n_la, meta["SPLIT_K"])
 
     split = launch_autotuned(
         _w4_small_m_kernel,
         grid,
         (
-            x, smooth_inv, qweight, wscale, l1, part, la,
-            m, k, n, kg, max(r, 1), triton.next_power_of_2(max(m, 16)),
-            x.stride(0), qweight.stride(0), qweight.stride(1), wscale.stride(0), l1.stride(0),
+            x, smooth_inv, qweight, wscale, l1, part, la, cnt, l2, strength, bias_t, out,
+            m, k, n, kg, max(r, 1), n_la, triton.next_power_of_2(max(m, 16)), strength.shape[0], strength_rows,
+            x.stride(0), qweight.stride(0), qweight.stride(1), wscale.stride(0), l1.stride(0), l2.stride(0),
+            strength.stride(0), out.stride(0),
         ),
         dict(
-            FP4=fmt == "fp4", MAGIC=use_magic(fmt, m) if magic is None else magic, R_PAD=r_pad, LA_R=la_r, DOT_DTYPE=branch_dot_dtype(), BLOCK_M=block_m,
+            FP4=fmt == "fp4", MAGIC=use_magic(fmt, m) if magic is None else magic, R_PAD=r_pad, LA_R=la_r,
+            DOT_DTYPE=branch_dot_dtype(), BLOCK_M=block_m, FINISH_LAST=finish == "last", LA_FIRST=la_first,
+            HAS_BRANCH=r > 0, HAS_BIAS=bias is not None,
         ),
         config,
         "SPLIT_K",
     )  # fmt: skip
-    # 16 x 32 tiles: enough programs to stream the partials (16-row strips at M = 64).
-    block_n = 32
-    _small_m_epilogue_kernel[(triton.cdiv(m, 16), triton.cdiv(n, block_n))](
-        part, la, l2, strength, bias_t, out,
-        m, n, max(r, 1), strength.shape[0], max(rows_per_sample, 1), split, l2.stride(0), strength.stride(0),
-        out.stride(0),
-        HAS_BRANCH=r > 0, HAS_BIAS=bias is not None, LA_R=la_r, DOT_DTYPE=branch_dot_dtype(),
-        BLOCK_M=16, BLOCK_N=block_n,
-    )  # fmt: skip
+    if finish == "epilogue":
+        # 16 x 32 tiles: enough programs to stream the partials (16-row strips at M = 64).
+        _small_m_epilogue_kernel[(triton.cdiv(m, 16), triton.cdiv(n, 32))](
+            part, la, l2, strength, bias_t, out,
+            m, n, max(r, 1), strength.shape[0], strength_rows, split, l2.stride(0), strength.stride(0),
+            out.stride(0),
+            HAS_BRANCH=r > 0, HAS_BIAS=bias is not None, LA_R=la_r, DOT_DTYPE=branch_dot_dtype(),
+            BLOCK_M=16, BLOCK_N=32,
+        )  # fmt: skip
     return out
