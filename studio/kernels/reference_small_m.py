@@ -8,7 +8,8 @@ channels to keep the memory system busy.  This path keeps the activations in bf1
 the 4-bit codes to bf16 (exact: both formats' codes are small integers or FP8 values, which
 bf16 holds exactly) and applies each group's scale in fp32 on the partial dot, as the fused
 path does.  K is split across programs so that even N = 3072 gives the GPU enough parallel
-weight streams, and a small second kernel adds the splits and the bias.  The branch input
+weight streams; the splits are added in split order, with the bias (in the same launch up
+to 16 rows, by a second small kernel above: ``small_m_triton.finish_for``).  The branch input
 ``x @ l1`` is one bf16 GEMM before (rounded to bf16), times the strengths, rounded again,
 then a bf16 dot with ``l2``.
 """

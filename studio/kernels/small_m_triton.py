@@ -120,7 +120,7 @@ def _w4_small_m_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         q_ptrs = q_ptr + offs_n[:, None] * stride_qn + offs_j[None, :]
         # (a hand prefetch of the next group's codes, as in gemm_w4_triton, measured slower
-        # here: up to 32 % at M = 16 with INT4, neutral otherwise; docs/results.md)
+        # here: up to 33 % at M = 16 with INT4, within 7 % otherwise; docs/results.md)
         for grp in range(pid_k * per_split, g_end):
             packed = tl.load(q_ptrs + grp * stride_qg, n_mask[:, None], 0)
             ws = tl.load(ws_ptr + grp * stride_wsg + offs_n, n_mask, 0.0)
@@ -262,10 +262,10 @@ def use_magic(fmt: str, m: int) -> bool:
 def finish_for(m: int) -> str:
     """One launch where it measured faster on H100 (M <= 16), the epilogue kernel above.
 
-    At M = 16 the one-launch form was faster on 7 of 8 FLUX cases (up to 13 %, and 10-30 %
-    at 96 ranks); at M = 64 the two-launch form won 6 of 8 (up to 16 %): the programs that
-    finish a block add 64-row partials one after another at the end of the launch
-    (``bench/diag_small_m.py``, 2026-11-23, docs/results.md).
+    At M = 16 the one-launch form was faster in 14 of 16 FLUX cases over two runs (up to
+    23 %, and 10-30 % at 96 ranks); at M = 64 the two-launch form won 14 of 16 (up to 30 %):
+    the programs that finish a block add 64-row partials one after another at the end of the
+    launch (``bench/diag_small_m.py``, 2026-11-23, docs/results.md).
     """
     return "last" if m <= 16 else "epilogue"
 
