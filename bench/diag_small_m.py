@@ -1,12 +1,12 @@
 # ruff: noqa: B023  (closures are timed before the loop variables change)
 """Where the small-M path's time goes, on a GPU: the two ways of turning codes into bf16, per config.
 
-    python bench/diag_small_m.py [--quick] [--json out.json]
+    python bench/diag_small_m.py [--quick] [--ms 16,64] [--json out.json]
 
-Per FLUX shape at M = 16 and 64 (INT4 and FP4): the whole path autotuned, at 32 and 96
-ranks; at 32 ranks also with the other way of finishing (``finish_for`` picks one launch,
-where the program completing a column block adds the partials, or a second epilogue
-kernel); every forced config, so the best tile with
+Per FLUX shape at M = 16 and 64 (INT4 and FP4; ``--ms`` for others): the whole path
+autotuned, at 32 and 96 ranks; at 32 ranks also with the other way of finishing
+(``finish_for`` picks one launch, where the program completing a column block adds the
+partials, or a second epilogue kernel); every forced config, so the best tile with
 bit-built bf16 codes (``MAGIC``) and with conversions through fp32; the fused path
 (``path="fused"``, what ``auto`` took where N > K); and, for scale, a tiny kernel alone
 (cuBLAS ``x @ l1``, the branch-input GEMM the path once launched).
