@@ -3,9 +3,9 @@
 The interpreter test runs the kernels' logic but not Triton's compiler, which rejects things
 the interpreter accepts (a name bound to two different types in the two arms of an ``if``
 failed on the H100 only).  Triton compiles down to a cubin without a GPU: the launches are
-caught (``JITFunction.run`` patched), each one's signature is read off its arguments, and
-``triton.compile`` builds it for ``GPUTarget("cuda", 90, 32)`` with ptxas.  What this cannot
-check: run-time limits (shared memory per block, registers) and the numbers, which are the GPU
+caught and built for ``GPUTarget("cuda", 90, 32)`` with ptxas (``studio/kernels/hopper_compile.py``);
+each cubin's register count is read back too (at most 255 per thread on sm_90).  What this
+cannot check: run-time limits (shared memory per block) and the numbers, which are the GPU
 suite's job.
 """
 
@@ -16,51 +16,9 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
-
 from studio.kernels import reference as ref  # noqa: E402
 from studio.kernels import reference_prefill as rp  # noqa: E402
-
-HOPPER = GPUTarget("cuda", 90, 32)
-_DTYPES = {
-    torch.float32: "fp32",
-    torch.bfloat16: "bf16",
-    torch.float16: "fp16",
-    torch.uint8: "u8",
-    torch.int32: "i32",
-    torch.float8_e4m3fn: "fp8e4nv",
-}
-
-
-def _caught(launch, monkeypatch: pytest.MonkeyPatch) -> list[tuple[JITFunction, tuple, dict]]:
-    """The kernel launches ``launch()`` makes, not run (there is no GPU)."""
-    seen: list[tuple[JITFunction, tuple, dict]] = []
-
-    def catch(self: JITFunction, *args: object, grid: object, warmup: bool, **kwargs: object) -> None:
-        seen.append((self, args, kwargs))
-
-    monkeypatch.setattr(JITFunction, "run", catch)
-    launch()
-    return seen
-
-
-def _compile(fn: JITFunction, args: tuple, kwargs: dict) -> None:
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
-    values = dict(zip(fn.arg_names, args)) | kwargs
-    signature, constexprs = {}, {}
-    for i, param in enumerate(fn.params):
-        value = values[param.name]
-        if param.is_constexpr:
-            signature[param.name] = "constexpr"
-            constexprs[(i,)] = value
-        elif isinstance(value, torch.Tensor):
-            signature[param.name] = "*" + _DTYPES[value.dtype]
-        else:
-            signature[param.name] = "i32"
-    compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=HOPPER, options=options)
-    assert compiled.asm["cubin"], fn.__name__
+from studio.kernels.hopper_compile import caught_launches, compile_for_hopper, resource_usage  # noqa: E402
 
 
 def _small_m_launches() -> None:
@@ -130,8 +88,10 @@ def _fused_launches() -> None:
 @pytest.mark.parametrize(
     "launches", [_small_m_launches, _prefill_launches, _fused_launches], ids=["small_m", "prefill", "fused"]
 )
-def test_kernels_compile_for_hopper(launches, monkeypatch: pytest.MonkeyPatch) -> None:
-    caught = _caught(launches, monkeypatch)
+def test_kernels_compile_for_hopper(launches) -> None:
+    caught = caught_launches(launches)
     assert caught
     for fn, args, kwargs in caught:
-        _compile(fn, args, dict(kwargs))
+        compiled = compile_for_hopper(fn, args, kwargs)
+        assert compiled.asm["cubin"], fn.__name__
+        assert 0 < resource_usage(compiled)["REG"] <= 255, fn.__name__

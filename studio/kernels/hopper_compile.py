@@ -1,0 +1,82 @@
+"""Compile a launcher's Triton kernels for Hopper (sm_90) on a machine without a GPU.
+
+Triton builds down to a cubin with the ptxas it ships, so the CPU can catch what only the
+compiler rejects (``tests/test_kernels_compile.py``) and read what each kernel costs in
+registers and spills (``bench/diag_registers.py``).  The launches are caught, not run: ``JITFunction.run``
+is patched, and each launch's signature is read off its arguments.  Written by hand because
+Triton offers no "compile what this call would launch" entry point.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from unittest import mock
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+HOPPER = GPUTarget("cuda", 90, 32)
+_DTYPES = {
+    torch.float32: "fp32",
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.uint8: "u8",
+    torch.int32: "i32",
+    torch.float8_e4m3fn: "fp8e4nv",
+}
+
+
+def caught_launches(launch: Callable[[], object]) -> list[tuple[JITFunction, tuple, dict]]:
+    """The kernel launches ``launch()`` makes (kernel, positional args, keyword args), none run."""
+    seen: list[tuple[JITFunction, tuple, dict]] = []
+
+    def catch(self: JITFunction, *args: object, grid: object, warmup: bool, **kwargs: object) -> None:
+        seen.append((self, args, kwargs))
+
+    with mock.patch.object(JITFunction, "run", catch):
+        launch()
+    return seen
+
+
+def compile_for_hopper(fn: JITFunction, args: tuple, kwargs: dict) -> object:
+    """One caught launch compiled for sm_90; ``.asm["cubin"]`` holds the binary."""
+    kwargs = dict(kwargs)
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    values = dict(zip(fn.arg_names, args)) | kwargs
+    signature, constexprs = {}, {}
+    for i, param in enumerate(fn.params):
+        value = values[param.name]
+        if param.is_constexpr:
+            signature[param.name] = "constexpr"
+            constexprs[(i,)] = value
+        elif isinstance(value, torch.Tensor):
+            signature[param.name] = "*" + _DTYPES[value.dtype]
+        else:
+            signature[param.name] = "i32"
+    return triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=HOPPER, options=options)
+
+
+def resource_usage(compiled: object) -> dict[str, int]:
+    """``cuobjdump``'s resource usage of a compiled kernel: ``REG`` (registers per thread),
+    ``STACK`` (bytes per thread, where ptxas spills registers), ``SHARED``, ..."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run(
+            [str(tool), "--dump-resource-usage", cubin.name], capture_output=True, text=True, check=True
+        ).stdout
+    found = {}
+    for word in usage.split():
+        name, _, value = word.partition(":")
+        if value.isdigit() and name.isupper():
+            found[name] = int(value)
+    if "REG" not in found:
+        raise RuntimeError(f"no register count in cuobjdump's output: {usage[-200:]}")
+    return found
