@@ -52,7 +52,8 @@ def _case(m: int, k: int, n: int, r: int, fmt: str, seed: int) -> tuple:
 
 def check_small_m() -> None:
     from studio.kernels.reference_small_m import w4_linear_small_m
-    from studio.kernels.small_m_triton import _COUNTERS, w4_linear_small_m_triton
+    from studio.kernels.small_m_triton import w4_linear_small_m_triton
+    from studio.kernels.split_k_scratch import _SCRATCH
 
     # rank 48: two branch-slice programs, one of them partly past R; rank 0: no branch
     cases = [(7, 320, 136, 48, "int4"), (16, 200, 72, 0, "fp4"), (33, 448, 40, 16, "fp4")]  # 33: 3 strips
@@ -73,7 +74,7 @@ def check_small_m() -> None:
             out = w4_linear_small_m_triton(*args, config=cfg, **kw)
             err = _rel(out, expect)
             assert out.shape == (m, n) and err < 5e-3, (m, split, kw, err)
-            assert not any(c.any() for c in _COUNTERS.values()), "arrival counters left non-zero"
+            assert not any(t.any() for pair in _SCRATCH.values() for t in pair), "counters left non-zero"
 
 
 def check_codes_as_bf16() -> None:
@@ -138,8 +139,9 @@ def check_expand() -> None:
 
 def check_fused() -> None:
     from studio.kernels import reference as ref
-    from studio.kernels.gemm_w4_triton import _WORKSPACE, gemm_w4_triton
+    from studio.kernels.gemm_w4_triton import gemm_w4_triton
     from studio.kernels.quant_act import quantize_act_triton
+    from studio.kernels.split_k_scratch import _SCRATCH
 
     for m, k, n, r, fmt in [(20, 320, 72, 48, "fp4"), (5, 200, 64, 16, "int4")]:
         x, sinv, qw, ws, fmt, l1, l2, st, rows, bias = _case(m, k, n, r, fmt, seed=m)
@@ -154,7 +156,7 @@ def check_fused() -> None:
             out = gemm_w4_triton(xq_r, xs_r, qw, ws, fmt, la_r, l2, bias, config=cfg)
             assert out.shape == (m, n) and _rel(out, expect) < 1e-2
     # the next launch relies on the workspace being left zeroed
-    assert _WORKSPACE and all(bool((t == 0).all()) for pair in _WORKSPACE.values() for t in pair)
+    assert _SCRATCH and all(bool((t == 0).all()) for pair in _SCRATCH.values() for t in pair)
 
 
 def main() -> None:

@@ -81,7 +81,7 @@ def test_one_launch_finish_matches_the_two_launch_form(
     m: int, k: int, n: int, r: int, la_first: bool
 ) -> None:
     """Whichever program completes a column block adds its partials; counters come back zeroed."""
-    from studio.kernels.small_m_triton import _COUNTERS
+    from studio.kernels.split_k_scratch import _SCRATCH
 
     args = _case(m, k, n, r, "int4", seed=3)
     expect = w4_linear_small_m(*args)
@@ -94,7 +94,7 @@ def test_one_launch_finish_matches_the_two_launch_form(
             last, w4_linear_small_m_triton(*args, config=cfg, finish="last", la_first=la_first)
         )
     torch.cuda.synchronize()
-    assert not any(c.any() for c in _COUNTERS.values())
+    assert not any(t.any() for pair in _SCRATCH.values() for t in pair)
 
 
 def test_one_launch_finish_on_two_streams_at_once() -> None:

@@ -20,8 +20,7 @@ import triton
 import triton.language as tl
 
 from studio.kernels.quant_act import branch_dot_dtype
-
-_WORKSPACE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+from studio.kernels.split_k_scratch import zeroed_scratch
 
 
 def _configs() -> list[triton.Config]:
@@ -159,17 +158,6 @@ def _epilogue(acc, offs_n, offs_m, n_mask, m_mask, la_ptr, l2_ptr, bias_ptr, out
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
 
 
-def _workspace(device: torch.device, m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zeroed fp32 split-K partials and per-tile counters; kernels leave them zeroed."""
-    need = m * n
-    have = _WORKSPACE.get(device)
-    if have is None or have[0].numel() < need:
-        acc = torch.zeros(max(need, 1 << 16), device=device, dtype=torch.float32)
-        cnt = torch.zeros(max(need // 256 + 1, 1024), device=device, dtype=torch.int32)
-        _WORKSPACE[device] = have = (acc, cnt)
-    return have
-
-
 def _bucket(m: int) -> int:
     return min(triton.next_power_of_2(max(m, 16)), 8192)
 
@@ -192,7 +180,7 @@ def gemm_w4_triton(
     kg, n, _ = qweight.shape
     r = l2.shape[1]
     out = torch.empty(m, n, device=xq.device, dtype=out_dtype)
-    acc, cnt = _workspace(xq.device, m, n)
+    acc, cnt = zeroed_scratch(xq.device, m * n, m * n // 256 + 1)
 
     def grid(meta: dict) -> tuple[int, int]:
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])

@@ -13,7 +13,7 @@ re-read was 3x the weight bytes at 96 ranks).  Both write per-split partials, th
 themselves in a per-column-block counter (a slice counts in every block).  The program whose
 arrival completes a block (``_finish_tile``) adds that block's partials in split order, the
 branch ``bf16(bf16(sum of x @ l1 partials) * strength) @ l2`` and the bias, writes the output
-and zeroes the counter for the next launch.  No atomics touch the sums, so results are
+and zeroes the counter for the next launch (``split_k_scratch``, per device and stream).  No atomics touch the sums, so results are
 bit-identical run to run.  This is the fused path's split-K scheme (``gemm_w4_triton``) with
 plain partial stores instead of atomic adds.
 
@@ -40,11 +40,10 @@ import triton.language as tl
 from studio.kernels.autotuned_launch import launch_autotuned
 from studio.kernels.prefill_triton import _decode
 from studio.kernels.quant_act import branch_dot_dtype
+from studio.kernels.split_k_scratch import zeroed_scratch
 
 #: Ranks per branch-slice program (and per step of the epilogue's branch dot).
 LA_RANKS = 32
-
-_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
 def _split_configs() -> list[triton.Config]:
@@ -86,7 +85,7 @@ def _codes_as_bf16(codes, FP4: tl.constexpr):
 
 @triton.autotune(
     configs=_split_configs(),
-    key=["M_BUCKET", "N", "KG", "R_PAD", "MAGIC", "FINISH_LAST"],
+    key=["M_BUCKET", "N", "KG", "N_LA", "MAGIC", "FINISH_LAST"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
@@ -95,7 +94,7 @@ def _w4_small_m_kernel(
     l2_ptr, str_ptr, bias_ptr, out_ptr,
     M, K, N, KG, R, N_LA, M_BUCKET, S, rows_per_sample,
     stride_xm, stride_qg, stride_qn, stride_wsg, stride_l1k, stride_l2n, stride_sm, stride_om,
-    FP4: tl.constexpr, MAGIC: tl.constexpr, R_PAD: tl.constexpr, LA_R: tl.constexpr,
+    FP4: tl.constexpr, MAGIC: tl.constexpr, LA_R: tl.constexpr,
     DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
     FINISH_LAST: tl.constexpr, LA_FIRST: tl.constexpr, HAS_BRANCH: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
@@ -270,20 +269,6 @@ def finish_for(m: int) -> str:
     return "last" if m <= 16 else "epilogue"
 
 
-def _counters(device: torch.device, blocks: int) -> torch.Tensor:
-    """Zeroed per-column-block arrival counters; the kernel leaves them zeroed.
-
-    One buffer per device and stream: launches on one stream run one after another, so
-    they never share a counter while it counts.
-    """
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
-    have = _COUNTERS.get(key)
-    if have is None or have.numel() < blocks:
-        _COUNTERS[key] = have = torch.zeros(max(blocks, 1024), device=device, dtype=torch.int32)
-    return have
-
-
 def w4_linear_small_m_triton(
     x: torch.Tensor,
     smooth_inv: torch.Tensor,
@@ -328,8 +313,8 @@ def w4_linear_small_m_triton(
     l2 = l2 if r else l2.new_zeros(n, 1)
     bias_t = bias.float().contiguous() if bias is not None else out
     block_m = max(16, triton.next_power_of_2(m))
-    cnt = _counters(x.device, triton.cdiv(n, min(c.kwargs["BLOCK_N"] for c in _split_configs())))
-    strength_rows = max(rows_per_sample, 1)
+    _, cnt = zeroed_scratch(x.device, 0, triton.cdiv(n, min(c.kwargs["BLOCK_N"] for c in _split_configs())))
+    rows_per_sample = max(rows_per_sample, 1)
 
     def grid(meta: dict) -> tuple[int, int]:
         return (triton.cdiv(n, meta["BLOCK_N"]) + n_la, meta["SPLIT_K"])
@@ -339,12 +324,12 @@ def w4_linear_small_m_triton(
         grid,
         (
             x, smooth_inv, qweight, wscale, l1, part, la, cnt, l2, strength, bias_t, out,
-            m, k, n, kg, max(r, 1), n_la, triton.next_power_of_2(max(m, 16)), strength.shape[0], strength_rows,
+            m, k, n, kg, max(r, 1), n_la, triton.next_power_of_2(max(m, 16)), strength.shape[0], rows_per_sample,
             x.stride(0), qweight.stride(0), qweight.stride(1), wscale.stride(0), l1.stride(0), l2.stride(0),
             strength.stride(0), out.stride(0),
         ),
         dict(
-            FP4=fmt == "fp4", MAGIC=use_magic(fmt, m) if magic is None else magic, R_PAD=r_pad, LA_R=la_r,
+            FP4=fmt == "fp4", MAGIC=use_magic(fmt, m) if magic is None else magic, LA_R=la_r,
             DOT_DTYPE=branch_dot_dtype(), BLOCK_M=block_m, FINISH_LAST=finish == "last", LA_FIRST=la_first,
             HAS_BRANCH=r > 0, HAS_BIAS=bias is not None,
         ),
@@ -355,7 +340,7 @@ def w4_linear_small_m_triton(
         # 16 x 32 tiles: enough programs to stream the partials (16-row strips at M = 64).
         _small_m_epilogue_kernel[(triton.cdiv(m, 16), triton.cdiv(n, 32))](
             part, la, l2, strength, bias_t, out,
-            m, n, max(r, 1), strength.shape[0], strength_rows, split, l2.stride(0), strength.stride(0),
+            m, n, max(r, 1), strength.shape[0], rows_per_sample, split, l2.stride(0), strength.stride(0),
             out.stride(0),
             HAS_BRANCH=r > 0, HAS_BIAS=bias is not None, LA_R=la_r, DOT_DTYPE=branch_dot_dtype(),
             BLOCK_M=16, BLOCK_N=32,
