@@ -95,3 +95,25 @@ def test_kernels_compile_for_hopper(launches) -> None:
         compiled = compile_for_hopper(fn, args, kwargs)
         assert compiled.asm["cubin"], fn.__name__
         assert 0 < resource_usage(compiled)["REG"] <= 255, fn.__name__
+
+
+def test_compiles_with_the_alignment_a_launch_would_see() -> None:
+    """Aligned pointers and sizes divisible by 16 are hinted as a launch hints them, so that the
+    CPU's register counts match the GPU's: without the hints the small-M kernel compiled to up to
+    twice the registers (``bench/diag_registers.py``), and loads were not vectorised."""
+    import triton.language as tl
+
+    @triton.jit
+    def copy(src, dst, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(dst + offs, tl.load(src + offs, offs < n), offs < n)
+
+    buf, out = torch.zeros(1040), torch.zeros(1040)
+
+    def ptx(src: torch.Tensor, n: int) -> str:
+        ((fn, args, kwargs),) = caught_launches(lambda: copy[(1,)](src, out, n, BLOCK=1024))
+        return compile_for_hopper(fn, args, kwargs).asm["ptx"]
+
+    assert "ld.global.v4" in ptx(buf, 1024)
+    assert "ld.global.v4" not in ptx(buf[1:], 1024)  # a pointer 4 bytes past a 16-byte boundary
+    assert "ld.global.v4" not in ptx(buf, 1000)  # a bound not divisible by 16

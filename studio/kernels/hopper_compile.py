@@ -49,17 +49,24 @@ def compile_for_hopper(fn: JITFunction, args: tuple, kwargs: dict) -> object:
     kwargs = dict(kwargs)
     options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
     values = dict(zip(fn.arg_names, args)) | kwargs
-    signature, constexprs = {}, {}
+    signature, constexprs, attrs = {}, {}, {}
     for i, param in enumerate(fn.params):
         value = values[param.name]
-        if param.is_constexpr:
+        if param.is_constexpr or (isinstance(value, int) and value == 1):
+            # (a launch specialises an integer argument equal to 1 into a constant, too)
             signature[param.name] = "constexpr"
             constexprs[(i,)] = value
-        elif isinstance(value, torch.Tensor):
+            continue
+        if isinstance(value, torch.Tensor):
             signature[param.name] = "*" + _DTYPES[value.dtype]
+            aligned = value.data_ptr() % 16 == 0
         else:
             signature[param.name] = "i32"
-    return triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=HOPPER, options=options)
+            aligned = int(value) % 16 == 0
+        if aligned:  # as a launch does: the hint that lets loads and stores be vectorised
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=HOPPER, options=options)
 
 
 def resource_usage(compiled: object) -> dict[str, int]:

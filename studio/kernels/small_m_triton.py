@@ -45,6 +45,9 @@ from studio.kernels.split_k_scratch import zeroed_scratch
 #: Ranks per branch-slice program (and per step of the epilogue's branch dot).
 LA_RANKS = 32
 
+#: Partial loads in flight at once where the one-launch kernel finishes a column block.
+FINISH_IN_FLIGHT = 4
+
 
 def _split_configs() -> list[triton.Config]:
     return [
@@ -96,7 +99,8 @@ def _w4_small_m_kernel(
     stride_xm, stride_qg, stride_qn, stride_wsg, stride_l1k, stride_l2n, stride_sm, stride_om,
     FP4: tl.constexpr, MAGIC: tl.constexpr, LA_R: tl.constexpr,
     DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
-    FINISH_LAST: tl.constexpr, LA_FIRST: tl.constexpr, HAS_BRANCH: tl.constexpr, HAS_BIAS: tl.constexpr,
+    FINISH_LAST: tl.constexpr, FINISH_IN_FLIGHT: tl.constexpr, LA_FIRST: tl.constexpr,
+    HAS_BRANCH: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -150,8 +154,9 @@ def _w4_small_m_kernel(
                 tl.debug_barrier()
                 _finish_tile(
                     offs_m, offs_n, part_ptr, la_ptr, l2_ptr, str_ptr, bias_ptr, out_ptr,
-                    M, N, R, S, rows_per_sample, SPLIT_K, stride_l2n, stride_sm, stride_om,
-                    HAS_BRANCH, HAS_BIAS, LA_R, DOT_DTYPE, BLOCK_M, BLOCK_N,
+                    M, N, R, S, rows_per_sample, stride_l2n, stride_sm, stride_om,
+                    SPLIT_K, FINISH_IN_FLIGHT, HAS_BRANCH, HAS_BIAS, LA_R, DOT_DTYPE, BLOCK_M,
+                    BLOCK_N,
                 )  # fmt: skip
                 tl.atomic_xchg(cnt_ptr + col, 0)  # zeroed again for the next launch
     else:  # a slice of LA_R ranks of x @ l1 over the same run of K
@@ -188,9 +193,9 @@ def _w4_small_m_kernel(
                         if tl.sum(tl.where(offs_b == blk, done, 0)) > 0:
                             _finish_tile(
                                 offs_m, blk * BLOCK_N + tl.arange(0, BLOCK_N), part_ptr, la_ptr, l2_ptr,
-                                str_ptr, bias_ptr, out_ptr, M, N, R, S, rows_per_sample, SPLIT_K,
-                                stride_l2n, stride_sm, stride_om, HAS_BRANCH, HAS_BIAS, LA_R, DOT_DTYPE,
-                                BLOCK_M, BLOCK_N,
+                                str_ptr, bias_ptr, out_ptr, M, N, R, S, rows_per_sample, stride_l2n,
+                                stride_sm, stride_om, SPLIT_K, FINISH_IN_FLIGHT, HAS_BRANCH,
+                                HAS_BIAS, LA_R, DOT_DTYPE, BLOCK_M, BLOCK_N,
                             )  # fmt: skip
                             tl.atomic_xchg(cnt_ptr + blk, 0)
 
@@ -198,32 +203,44 @@ def _w4_small_m_kernel(
 @triton.jit
 def _finish_tile(
     offs_m, offs_n, part_ptr, la_ptr, l2_ptr, str_ptr, bias_ptr, out_ptr,
-    M, N, R, S, rows_per_sample, n_splits, stride_l2n, stride_sm, stride_om,
-    HAS_BRANCH: tl.constexpr, HAS_BIAS: tl.constexpr, LA_R: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    M, N, R, S, rows_per_sample, stride_l2n, stride_sm, stride_om, N_SPLITS: tl.constexpr,
+    IN_FLIGHT: tl.constexpr, HAS_BRANCH: tl.constexpr, HAS_BIAS: tl.constexpr, LA_R: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Output tile ``offs_m x offs_n``: the K splits' partials, the branch and the bias.
 
-    Partials are read at L2 (``.cg``): in the one-launch form other programs wrote them.
+    Partials are read at L2 (``.cg``): in the one-launch form other programs wrote them.  The
+    loops over splits are unrolled ``IN_FLIGHT`` at a time so that that many partial loads are
+    in flight at once: a loop of one load per step waited one L2 round trip per split, which
+    cost more than the whole weight stream at 3072x3072 (``bench/diag_small_m_stages.py``).
+    More in flight costs registers, which the one-launch kernel pays in its main loop too.
     """
     m_mask = offs_m < M
     n_mask = offs_n < N
     mask = m_mask[:, None] & n_mask[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for s in range(n_splits):
-        acc += tl.load(
-            part_ptr + (s * M + offs_m[:, None]) * N + offs_n[None, :], mask, 0.0, cache_modifier=".cg"
-        )
+    for s0 in range(0, N_SPLITS, IN_FLIGHT):
+        for s in tl.static_range(IN_FLIGHT):
+            acc += tl.load(
+                part_ptr + ((s0 + s) * M + offs_m[:, None]) * N + offs_n[None, :],
+                mask & (s0 + s < N_SPLITS),
+                0.0,
+                cache_modifier=".cg",
+            )
     if HAS_BRANCH:
         srow = (offs_m // rows_per_sample) % S
         for r0 in range(0, R, LA_R):  # LA_R ranks at a time keeps the tiles small at any rank
             rr = r0 + tl.arange(0, LA_R)
             rmask = m_mask[:, None] & (rr < R)[None, :]
             la = tl.zeros([BLOCK_M, LA_R], dtype=tl.float32)
-            for s in range(n_splits):
-                la += tl.load(
-                    la_ptr + (s * M + offs_m[:, None]) * R + rr[None, :], rmask, 0.0, cache_modifier=".cg"
-                )
+            for s0 in range(0, N_SPLITS, IN_FLIGHT):
+                for s in tl.static_range(IN_FLIGHT):
+                    la += tl.load(
+                        la_ptr + ((s0 + s) * M + offs_m[:, None]) * R + rr[None, :],
+                        rmask & (s0 + s < N_SPLITS),
+                        0.0,
+                        cache_modifier=".cg",
+                    )
             st = tl.load(str_ptr + srow[:, None] * stride_sm + rr[None, :], rmask, 0.0)
             la = (la.to(tl.bfloat16).to(tl.float32) * st).to(tl.bfloat16)
             l2 = tl.load(
@@ -238,14 +255,14 @@ def _finish_tile(
 @triton.jit
 def _small_m_epilogue_kernel(
     part_ptr, la_ptr, l2_ptr, str_ptr, bias_ptr, out_ptr,
-    M, N, R, S, rows_per_sample, n_splits, stride_l2n, stride_sm, stride_om,
+    M, N, R, S, rows_per_sample, stride_l2n, stride_sm, stride_om, N_SPLITS: tl.constexpr,
     HAS_BRANCH: tl.constexpr, HAS_BIAS: tl.constexpr, LA_R: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     _finish_tile(
         tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N),
-        part_ptr, la_ptr, l2_ptr, str_ptr, bias_ptr, out_ptr, M, N, R, S, rows_per_sample, n_splits,
-        stride_l2n, stride_sm, stride_om, HAS_BRANCH, HAS_BIAS, LA_R, DOT_DTYPE, BLOCK_M, BLOCK_N,
+        part_ptr, la_ptr, l2_ptr, str_ptr, bias_ptr, out_ptr, M, N, R, S, rows_per_sample, stride_l2n,
+        stride_sm, stride_om, N_SPLITS, N_SPLITS, HAS_BRANCH, HAS_BIAS, LA_R, DOT_DTYPE, BLOCK_M, BLOCK_N,
     )  # fmt: skip
 
 
@@ -330,7 +347,8 @@ def w4_linear_small_m_triton(
         ),
         dict(
             FP4=fmt == "fp4", MAGIC=use_magic(fmt, m) if magic is None else magic, LA_R=la_r,
-            DOT_DTYPE=branch_dot_dtype(), BLOCK_M=block_m, FINISH_LAST=finish == "last", LA_FIRST=la_first,
+            DOT_DTYPE=branch_dot_dtype(), BLOCK_M=block_m, FINISH_LAST=finish == "last",
+            FINISH_IN_FLIGHT=FINISH_IN_FLIGHT, LA_FIRST=la_first,
             HAS_BRANCH=r > 0, HAS_BIAS=bias is not None,
         ),
         config,
@@ -340,8 +358,8 @@ def w4_linear_small_m_triton(
         # 16 x 32 tiles: enough programs to stream the partials (16-row strips at M = 64).
         _small_m_epilogue_kernel[(triton.cdiv(m, 16), triton.cdiv(n, 32))](
             part, la, l2, strength, bias_t, out,
-            m, n, max(r, 1), strength.shape[0], rows_per_sample, split, l2.stride(0), strength.stride(0),
-            out.stride(0),
+            m, n, max(r, 1), strength.shape[0], rows_per_sample, l2.stride(0), strength.stride(0),
+            out.stride(0), N_SPLITS=split,
             HAS_BRANCH=r > 0, HAS_BIAS=bias is not None, LA_R=la_r, DOT_DTYPE=branch_dot_dtype(),
             BLOCK_M=16, BLOCK_N=32,
         )  # fmt: skip

@@ -1,0 +1,167 @@
+# ruff: noqa: B023  (closures are timed before the loop variables change)
+"""Where the small-M kernel's GPU time goes, stage by stage, at fixed tiles.
+
+    python bench/diag_small_m_stages.py [--shapes 3072x3072,3072x12288] [--ms 16,64] [--json out.json]
+
+Per shape, M, INT4 and tile (BLOCK_N, SPLIT_K, warps, stages), each timed back to back on
+rotating weight copies (``bench_w4.bench_stream``: GPU time, no launch gaps hidden by a
+flush), with the same grid and loop as ``small_m_triton._w4_small_m_kernel``:
+
+- ``read``: the packed codes only (xor-reduced, one int per column written);
+- ``decode``: codes turned into bf16 (bit patterns) and summed with the group scales, no dot;
+- ``dot``: the two K = 32 dots per group with the activations, partials written; no ``1/s``;
+- ``kernel``: the real launcher at that config: one launch with 1, 4 and 8 partial loads in
+  flight where a block is finished (``small_m_triton.FINISH_IN_FLIGHT``), and two launches;
+  bf16 ``F.linear`` beside.
+
+The registers per thread of each stage kernel as compiled on this GPU are printed too (the
+CPU's count, ``bench/diag_registers.py``, should agree).  Read: if ``read`` is already far
+from the 3 TB/s floor, the tile does not keep enough bytes in flight; the steps between
+stages are what decoding, the dot and finishing cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.bench_w4 import bench_stream, copies_for_cold_l2, make_w4  # noqa: E402
+from bench.diag_small_m import floor_us  # noqa: E402
+from studio.kernels import small_m_triton  # noqa: E402
+from studio.kernels.small_m_triton import _codes_as_bf16, w4_linear_small_m_triton  # noqa: E402
+
+TILES = [
+    (64, 4, 4, 3),
+    (128, 8, 4, 4),
+    (128, 16, 4, 4),
+    (64, 16, 4, 4),
+    (64, 8, 4, 3),
+    (128, 8, 8, 3),
+    (32, 8, 4, 3),
+]
+STAGES = {"read": 0, "decode": 1, "dot": 2}
+VARIANTS = [("last@1", "last", 1), ("last@4", "last", 4), ("last@8", "last", 8), ("epilogue", "epilogue", 4)]
+
+
+@triton.jit
+def _stage_kernel(
+    x_ptr, q_ptr, ws_ptr, out_ptr, M, K, N, KG, stride_xm, stride_qg, stride_qn,
+    STAGE: tl.constexpr, FP4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, 32)
+    offs_m = tl.arange(0, BLOCK_M)
+    n_mask = offs_n < N
+    per_split = tl.cdiv(KG, SPLIT_K)
+    g_end = tl.minimum(pid_k * per_split + per_split, KG)
+    q_ptrs = q_ptr + offs_n[:, None] * stride_qn + offs_j[None, :]
+    bits = tl.zeros([BLOCK_N, 32], dtype=tl.int32)
+    summed = tl.zeros([BLOCK_N, 32], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for grp in range(pid_k * per_split, g_end):
+        packed = tl.load(q_ptrs + grp * stride_qg, n_mask[:, None], 0)
+        if STAGE == 0:
+            bits ^= packed.to(tl.int32)
+        else:
+            ws = tl.load(ws_ptr + grp * N + offs_n, n_mask, 0.0)
+            lo = _codes_as_bf16(packed & 0xF, FP4)
+            hi = _codes_as_bf16(packed >> 4, FP4)
+            if STAGE == 1:
+                summed += (lo.to(tl.float32) + hi.to(tl.float32)) * ws[:, None]
+            else:
+                k_lo = grp * 64 + offs_j
+                x_lo = tl.load(
+                    x_ptr + offs_m[:, None] * stride_xm + k_lo[None, :], (offs_m < M)[:, None], 0.0
+                )
+                x_hi = tl.load(
+                    x_ptr + offs_m[:, None] * stride_xm + k_lo[None, :] + 32, (offs_m < M)[:, None], 0.0
+                )
+                part = tl.dot(x_lo, tl.trans(lo))
+                part = tl.dot(x_hi, tl.trans(hi), part)
+                acc += part * ws[None, :]
+    if STAGE == 0:
+        tl.store(out_ptr + pid_k * N + offs_n, tl.sum(bits, axis=1).to(tl.float32), n_mask)
+    elif STAGE == 1:
+        tl.store(out_ptr + pid_k * N + offs_n, tl.sum(summed, axis=1), n_mask)
+    else:
+        dst = out_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :]
+        tl.store(dst, acc, (offs_m < M)[:, None] & n_mask[None, :])
+
+
+def stage_call(stage: str, x: torch.Tensor, p: dict, out: torch.Tensor, tile: tuple) -> object:
+    bn, sk, warps, stages = tile
+    m, k = x.shape
+    kg, n, _ = p["qweight"].shape
+    return _stage_kernel[(triton.cdiv(n, bn), sk)](
+        x, p["qweight"], p["wscale"], out, m, k, n, kg, x.stride(0), p["qweight"].stride(0), p["qweight"].stride(1),
+        STAGE=STAGES[stage], FP4=p["fmt"] == "fp4", BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=bn,
+        SPLIT_K=sk, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="3072x3072,3072x12288")
+    parser.add_argument("--ms", default="16,64")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    rows = []
+    default_in_flight = small_m_triton.FINISH_IN_FLIGHT
+    for shape in args.shapes.split(","):
+        k, n = (int(v) for v in shape.split("x"))
+        w_bf16 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        bias = torch.randn(n, device="cuda")
+        bf16_copies = [w_bf16.clone() for _ in range(copies_for_cold_l2(w_bf16.numel() * 2))]
+        p = make_w4(k, n, 32, "int4", "cuda")
+        copies = [
+            dict(p, qweight=p["qweight"].clone()) for _ in range(copies_for_cold_l2(p["qweight"].numel()))
+        ]
+        for m in [int(v) for v in args.ms.split(",")]:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            out = torch.empty(16, m, n, device="cuda")
+            bf16 = bench_stream([lambda w=w: torch.nn.functional.linear(x, w) for w in bf16_copies])
+            print(f"{k}x{n} M={m}: bf16 {bf16:.1f} us, 4-bit floor {floor_us(k, n):.1f} us", flush=True)
+            for tile in TILES:
+                row = {"k": k, "n": n, "m": m, "tile": tile, "bf16": bf16}
+                for stage in STAGES:
+                    compiled = stage_call(stage, x, p, out, tile)
+                    row[f"{stage}_regs"] = compiled.n_regs
+                    row[stage] = bench_stream(
+                        [lambda c=c: stage_call(stage, x, c, out, tile) for c in copies]
+                    )
+                cfg = dict(zip(("BLOCK_N", "SPLIT_K", "num_warps", "num_stages"), tile))
+                for name, finish, in_flight in VARIANTS:
+
+                    def real(c: dict) -> torch.Tensor:
+                        return w4_linear_small_m_triton(
+                            x, c["smooth_inv"], c["qweight"], c["wscale"], "int4", c["l1"], c["l2"],
+                            c["strength"], 1, bias, config=cfg, finish=finish,
+                        )  # fmt: skip
+
+                    small_m_triton.FINISH_IN_FLIGHT = in_flight
+                    row[name] = bench_stream([lambda c=c: real(c) for c in copies])
+                small_m_triton.FINISH_IN_FLIGHT = default_in_flight
+                rows.append(row)
+                kernel = ", ".join(f"{name} {row[name]:.1f}" for name, _, _ in VARIANTS)
+                print(
+                    f"  tile {tile}: read {row['read']:.1f} ({row['read_regs']} regs) | decode {row['decode']:.1f} "
+                    f"({row['decode_regs']}) | dot {row['dot']:.1f} ({row['dot_regs']}) | kernel: {kernel}",
+                    flush=True,
+                )
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
