@@ -11,8 +11,8 @@ flush), with the same grid and loop as ``small_m_triton._w4_small_m_kernel``:
 - ``decode``: codes turned into bf16 (bit patterns) and summed with the group scales, no dot;
 - ``dot``: the two K = 32 dots per group with the activations, partials written; no ``1/s``;
 - ``kernel``: the real launcher at that config: one launch with 1, 4 and 8 partial loads in
-  flight where a block is finished (``small_m_triton.FINISH_IN_FLIGHT``), and two launches;
-  bf16 ``F.linear`` beside.
+  flight where a block is finished (``small_m_triton.FINISH_IN_FLIGHT``), and two launches
+  (the epilogue kernel keeps one in flight); bf16 ``F.linear`` beside.
 
 The registers per thread of each stage kernel as compiled on this GPU are printed too (the
 CPU's count, ``bench/diag_registers.py``, should agree).  Read: if ``read`` is already far
@@ -48,7 +48,7 @@ TILES = [
     (32, 8, 4, 3),
 ]
 STAGES = {"read": 0, "decode": 1, "dot": 2}
-VARIANTS = [("last@1", "last", 1), ("last@4", "last", 4), ("last@8", "last", 8), ("epilogue", "epilogue", 4)]
+VARIANTS = [("last@1", "last", 1), ("last@4", "last", 4), ("last@8", "last", 8), ("epilogue", "epilogue", 1)]
 
 
 @triton.jit

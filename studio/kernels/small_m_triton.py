@@ -203,7 +203,7 @@ def _w4_small_m_kernel(
 @triton.jit
 def _finish_tile(
     offs_m, offs_n, part_ptr, la_ptr, l2_ptr, str_ptr, bias_ptr, out_ptr,
-    M, N, R, S, rows_per_sample, stride_l2n, stride_sm, stride_om, N_SPLITS: tl.constexpr,
+    M, N, R, S, rows_per_sample, stride_l2n, stride_sm, stride_om, n_splits,
     IN_FLIGHT: tl.constexpr, HAS_BRANCH: tl.constexpr, HAS_BIAS: tl.constexpr, LA_R: tl.constexpr,
     DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -211,19 +211,20 @@ def _finish_tile(
 
     Partials are read at L2 (``.cg``): in the one-launch form other programs wrote them.  The
     loops over splits are unrolled ``IN_FLIGHT`` at a time so that that many partial loads are
-    in flight at once: a loop of one load per step waited one L2 round trip per split, which
-    cost more than the whole weight stream at 3072x3072 (``bench/diag_small_m_stages.py``).
-    More in flight costs registers, which the one-launch kernel pays in its main loop too.
+    in flight at once; each step of the loop waits one L2 round trip.  The one-launch kernel
+    takes 4 (``FINISH_IN_FLIGHT``): at M = 16 its times fell by up to 2 us against 1.  The
+    epilogue kernel takes 1: with all splits in flight it measured 3-10 % slower at M = 64,
+    where it runs (``bench/diag_small_m_stages.py``, docs/results.md).
     """
     m_mask = offs_m < M
     n_mask = offs_n < N
     mask = m_mask[:, None] & n_mask[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for s0 in range(0, N_SPLITS, IN_FLIGHT):
+    for s0 in range(0, n_splits, IN_FLIGHT):
         for s in tl.static_range(IN_FLIGHT):
             acc += tl.load(
                 part_ptr + ((s0 + s) * M + offs_m[:, None]) * N + offs_n[None, :],
-                mask & (s0 + s < N_SPLITS),
+                mask & (tl.full([BLOCK_M, BLOCK_N], s0 + s, tl.int32) < n_splits),
                 0.0,
                 cache_modifier=".cg",
             )
@@ -233,11 +234,11 @@ def _finish_tile(
             rr = r0 + tl.arange(0, LA_R)
             rmask = m_mask[:, None] & (rr < R)[None, :]
             la = tl.zeros([BLOCK_M, LA_R], dtype=tl.float32)
-            for s0 in range(0, N_SPLITS, IN_FLIGHT):
+            for s0 in range(0, n_splits, IN_FLIGHT):
                 for s in tl.static_range(IN_FLIGHT):
                     la += tl.load(
                         la_ptr + ((s0 + s) * M + offs_m[:, None]) * R + rr[None, :],
-                        rmask & (s0 + s < N_SPLITS),
+                        rmask & (tl.full([BLOCK_M, LA_R], s0 + s, tl.int32) < n_splits),
                         0.0,
                         cache_modifier=".cg",
                     )
@@ -255,14 +256,14 @@ def _finish_tile(
 @triton.jit
 def _small_m_epilogue_kernel(
     part_ptr, la_ptr, l2_ptr, str_ptr, bias_ptr, out_ptr,
-    M, N, R, S, rows_per_sample, stride_l2n, stride_sm, stride_om, N_SPLITS: tl.constexpr,
+    M, N, R, S, rows_per_sample, stride_l2n, stride_sm, stride_om, n_splits,
     HAS_BRANCH: tl.constexpr, HAS_BIAS: tl.constexpr, LA_R: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     _finish_tile(
         tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N),
         part_ptr, la_ptr, l2_ptr, str_ptr, bias_ptr, out_ptr, M, N, R, S, rows_per_sample, stride_l2n,
-        stride_sm, stride_om, N_SPLITS, N_SPLITS, HAS_BRANCH, HAS_BIAS, LA_R, DOT_DTYPE, BLOCK_M, BLOCK_N,
+        stride_sm, stride_om, n_splits, 1, HAS_BRANCH, HAS_BIAS, LA_R, DOT_DTYPE, BLOCK_M, BLOCK_N,
     )  # fmt: skip
 
 
@@ -359,7 +360,7 @@ def w4_linear_small_m_triton(
         _small_m_epilogue_kernel[(triton.cdiv(m, 16), triton.cdiv(n, 32))](
             part, la, l2, strength, bias_t, out,
             m, n, max(r, 1), strength.shape[0], rows_per_sample, l2.stride(0), strength.stride(0),
-            out.stride(0), N_SPLITS=split,
+            out.stride(0), split,
             HAS_BRANCH=r > 0, HAS_BIAS=bias is not None, LA_R=la_r, DOT_DTYPE=branch_dot_dtype(),
             BLOCK_M=16, BLOCK_N=32,
         )  # fmt: skip
