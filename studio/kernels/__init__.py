@@ -16,7 +16,7 @@ import torch
 
 from studio.kernels import reference, reference_prefill, reference_small_m
 from studio.kernels.reference import FORMATS, GROUP, dequantize_weight, padded_k, quantize_weight
-from studio.kernels.reference_small_m import SMALL_M_MAX
+from studio.kernels.reference_small_m import SMALL_M_MAX, SMALL_M_ONE_LAUNCH
 
 __all__ = [
     "FORMATS",
@@ -30,6 +30,7 @@ __all__ = [
     "w4_linear",
     "PREFILL_MIN_M",
     "SMALL_M_MAX",
+    "SMALL_M_ONE_LAUNCH",
     "pick_path",
 ]
 
@@ -115,9 +116,10 @@ def pick_path(m: int, k: int, n: int, on_gpu: bool, path: str = "auto") -> str:
     if not on_gpu:
         return "fused"  # the CPU reference runs the fused maths
     if m <= SMALL_M_MAX:
-        # Measured on H100 (docs/results.md): at M <= 64 the small-M path won where N <= K
-        # (3072x3072, 12288x3072) and the fused one where N > K (3072x9216, 3072x12288).
-        return "small" if n <= k else "fused"
+        # Measured on H100 (docs/results.md): the small-M path won where N <= K (3072x3072,
+        # 12288x3072); where N > K (3072x9216, 3072x12288) the fused one won at M = 64, and
+        # the small one at M <= 16 since it runs in one launch there (3.6 % over two runs).
+        return "small" if n <= k or m <= SMALL_M_ONE_LAUNCH else "fused"
     # (cuBLAS FP8 needs N % 16 == 0: the large-M path would pad other N; the fused kernel does not)
     return "prefill" if m >= PREFILL_MIN_M and n % 16 == 0 else "fused"
 

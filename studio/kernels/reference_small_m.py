@@ -23,6 +23,9 @@ from studio.kernels.reference import GROUP, padded_k, strength_rows, unpack_weig
 #: ``w4_linear(path="auto")`` takes this path on the GPU up to this many rows.
 SMALL_M_MAX = 64
 
+#: Rows up to which the GPU kernel runs in one launch (``small_m_triton.finish_for``).
+SMALL_M_ONE_LAUNCH = 16
+
 
 def w4_linear_small_m(
     x: torch.Tensor,

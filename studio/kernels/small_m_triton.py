@@ -40,6 +40,7 @@ import triton.language as tl
 from studio.kernels.autotuned_launch import launch_autotuned
 from studio.kernels.prefill_triton import _decode
 from studio.kernels.quant_act import branch_dot_dtype
+from studio.kernels.reference_small_m import SMALL_M_ONE_LAUNCH
 from studio.kernels.split_k_scratch import zeroed_scratch
 
 #: Ranks per branch-slice program (and per step of the epilogue's branch dot).
@@ -284,7 +285,7 @@ def finish_for(m: int) -> str:
     the programs that finish a block add 64-row partials one after another at the end of the
     launch (``bench/diag_small_m.py``, 2026-11-23, docs/results.md).
     """
-    return "last" if m <= 16 else "epilogue"
+    return "last" if m <= SMALL_M_ONE_LAUNCH else "epilogue"
 
 
 def w4_linear_small_m_triton(
