@@ -10,6 +10,10 @@ flush), with the same grid and loop as ``small_m_triton._w4_small_m_kernel``:
 - ``read``: the packed codes only (xor-reduced, one int per column written);
 - ``decode``: codes turned into bf16 (bit patterns) and summed with the group scales, no dot;
 - ``dot``: the two K = 32 dots per group with the activations, partials written; no ``1/s``;
+- ``scaled``: as ``dot`` plus what the kernel does to the activations per group (``x * 1/s``
+  in fp32, INT4's row-sum correction);
+- ``asm_dot``: as ``dot``, the codes decoded four bytes at a time by inline PTX
+  (``_nibbles_by_asm``); its partials must equal ``dot``'s bit for bit (printed);
 - ``kernel``: the real launcher at that config: one launch with 1, 4 and 8 partial loads in
   flight where a block is finished (``small_m_triton.FINISH_IN_FLIGHT``), and two launches
   (the epilogue kernel keeps one in flight); bf16 ``F.linear`` beside.
@@ -47,13 +51,43 @@ TILES = [
     (128, 8, 8, 3),
     (32, 8, 4, 3),
 ]
-STAGES = {"read": 0, "decode": 1, "dot": 2}
+STAGES = {"read": 0, "decode": 1, "dot": 2, "scaled": 3, "asm_dot": 4}
 VARIANTS = [("last@1", "last", 1), ("last@4", "last", 4), ("last@8", "last", 8), ("epilogue", "epilogue", 1)]
 
 
 @triton.jit
+def _nibbles_by_asm(packed):
+    """INT4 codes of 4 packed bytes at a time as bf16 ``128 + code`` (low and high nibbles).
+
+    One ``prmt`` spreads two bytes over the two halves of a word, one ``lop3`` masks a nibble
+    into each half and ors in the bf16 exponent of 128; the high nibbles take a shift more.
+    About one instruction per code, where Triton's per-element decode takes about 2.5.
+    """
+    return tl.inline_asm_elementwise(
+        asm="""
+        {
+        .reg .b32 t0, t1;
+        prmt.b32 t0, $4, $4, 0x1100;
+        prmt.b32 t1, $4, $4, 0x3322;
+        lop3.b32 $0, t0, 0x000F000F, 0x43004300, 0xEA;
+        lop3.b32 $1, t1, 0x000F000F, 0x43004300, 0xEA;
+        shr.u32 t0, t0, 4;
+        shr.u32 t1, t1, 4;
+        lop3.b32 $2, t0, 0x000F000F, 0x43004300, 0xEA;
+        lop3.b32 $3, t1, 0x000F000F, 0x43004300, 0xEA;
+        }
+        """,
+        constraints="=r,=r,=r,=r,r",
+        args=[packed],
+        dtype=(tl.bfloat16, tl.bfloat16),
+        is_pure=True,
+        pack=4,
+    )
+
+
+@triton.jit
 def _stage_kernel(
-    x_ptr, q_ptr, ws_ptr, out_ptr, M, K, N, KG, stride_xm, stride_qg, stride_qn,
+    x_ptr, sinv_ptr, q_ptr, ws_ptr, out_ptr, M, K, N, KG, stride_xm, stride_qg, stride_qn,
     STAGE: tl.constexpr, FP4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
@@ -74,8 +108,11 @@ def _stage_kernel(
             bits ^= packed.to(tl.int32)
         else:
             ws = tl.load(ws_ptr + grp * N + offs_n, n_mask, 0.0)
-            lo = _codes_as_bf16(packed & 0xF, FP4)
-            hi = _codes_as_bf16(packed >> 4, FP4)
+            if STAGE == 4:
+                lo, hi = _nibbles_by_asm(packed)
+            else:
+                lo = _codes_as_bf16(packed & 0xF, FP4)
+                hi = _codes_as_bf16(packed >> 4, FP4)
             if STAGE == 1:
                 summed += (lo.to(tl.float32) + hi.to(tl.float32)) * ws[:, None]
             else:
@@ -86,8 +123,13 @@ def _stage_kernel(
                 x_hi = tl.load(
                     x_ptr + offs_m[:, None] * stride_xm + k_lo[None, :] + 32, (offs_m < M)[:, None], 0.0
                 )
+                if STAGE == 3:  # as the kernel: x * (1/s) in fp32, and INT4's row sums
+                    x_lo = (x_lo.to(tl.float32) * tl.load(sinv_ptr + k_lo)[None, :]).to(tl.bfloat16)
+                    x_hi = (x_hi.to(tl.float32) * tl.load(sinv_ptr + k_lo + 32)[None, :]).to(tl.bfloat16)
                 part = tl.dot(x_lo, tl.trans(lo))
                 part = tl.dot(x_hi, tl.trans(hi), part)
+                if STAGE == 3:
+                    part -= 136.0 * tl.sum(x_lo.to(tl.float32) + x_hi.to(tl.float32), axis=1)[:, None]
                 acc += part * ws[None, :]
     if STAGE == 0:
         tl.store(out_ptr + pid_k * N + offs_n, tl.sum(bits, axis=1).to(tl.float32), n_mask)
@@ -103,7 +145,8 @@ def stage_call(stage: str, x: torch.Tensor, p: dict, out: torch.Tensor, tile: tu
     m, k = x.shape
     kg, n, _ = p["qweight"].shape
     return _stage_kernel[(triton.cdiv(n, bn), sk)](
-        x, p["qweight"], p["wscale"], out, m, k, n, kg, x.stride(0), p["qweight"].stride(0), p["qweight"].stride(1),
+        x, p["smooth_inv"], p["qweight"], p["wscale"], out, m, k, n, kg, x.stride(0), p["qweight"].stride(0),
+        p["qweight"].stride(1),
         STAGE=STAGES[stage], FP4=p["fmt"] == "fp4", BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=bn,
         SPLIT_K=sk, num_warps=warps, num_stages=stages,
     )  # fmt: skip
@@ -134,12 +177,16 @@ def main() -> None:
             print(f"{k}x{n} M={m}: bf16 {bf16:.1f} us, 4-bit floor {floor_us(k, n):.1f} us", flush=True)
             for tile in TILES:
                 row = {"k": k, "n": n, "m": m, "tile": tile, "bf16": bf16}
+                partials = {}
                 for stage in STAGES:
+                    out.zero_()
                     compiled = stage_call(stage, x, p, out, tile)
+                    partials[stage] = out[: tile[1]].clone()
                     row[f"{stage}_regs"] = compiled.n_regs
                     row[stage] = bench_stream(
                         [lambda c=c: stage_call(stage, x, c, out, tile) for c in copies]
                     )
+                row["asm_matches"] = bool(torch.equal(partials["dot"], partials["asm_dot"]))
                 cfg = dict(zip(("BLOCK_N", "SPLIT_K", "num_warps", "num_stages"), tile))
                 for name, finish, in_flight in VARIANTS:
 
@@ -154,9 +201,9 @@ def main() -> None:
                 small_m_triton.FINISH_IN_FLIGHT = default_in_flight
                 rows.append(row)
                 kernel = ", ".join(f"{name} {row[name]:.1f}" for name, _, _ in VARIANTS)
+                stages = " | ".join(f"{st} {row[st]:.1f} ({row[st + '_regs']} regs)" for st in STAGES)
                 print(
-                    f"  tile {tile}: read {row['read']:.1f} ({row['read_regs']} regs) | decode {row['decode']:.1f} "
-                    f"({row['decode_regs']}) | dot {row['dot']:.1f} ({row['dot_regs']}) | kernel: {kernel}",
+                    f"  tile {tile}: {stages} | asm decode exact: {row['asm_matches']} | kernel: {kernel}",
                     flush=True,
                 )
     if args.json:
