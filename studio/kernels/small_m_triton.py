@@ -220,29 +220,13 @@ def _finish_tile(
     m_mask = offs_m < M
     n_mask = offs_n < N
     mask = m_mask[:, None] & n_mask[None, :]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for s0 in range(0, n_splits, IN_FLIGHT):
-        for s in tl.static_range(IN_FLIGHT):
-            acc += tl.load(
-                part_ptr + ((s0 + s) * M + offs_m[:, None]) * N + offs_n[None, :],
-                mask & (tl.full([BLOCK_M, BLOCK_N], s0 + s, tl.int32) < n_splits),
-                0.0,
-                cache_modifier=".cg",
-            )
+    acc = _sum_of_splits(part_ptr, offs_m, offs_n, M, N, mask, n_splits, IN_FLIGHT, BLOCK_M, BLOCK_N)
     if HAS_BRANCH:
         srow = (offs_m // rows_per_sample) % S
         for r0 in range(0, R, LA_R):  # LA_R ranks at a time keeps the tiles small at any rank
             rr = r0 + tl.arange(0, LA_R)
             rmask = m_mask[:, None] & (rr < R)[None, :]
-            la = tl.zeros([BLOCK_M, LA_R], dtype=tl.float32)
-            for s0 in range(0, n_splits, IN_FLIGHT):
-                for s in tl.static_range(IN_FLIGHT):
-                    la += tl.load(
-                        la_ptr + ((s0 + s) * M + offs_m[:, None]) * R + rr[None, :],
-                        rmask & (tl.full([BLOCK_M, LA_R], s0 + s, tl.int32) < n_splits),
-                        0.0,
-                        cache_modifier=".cg",
-                    )
+            la = _sum_of_splits(la_ptr, offs_m, rr, M, R, rmask, n_splits, IN_FLIGHT, BLOCK_M, LA_R)
             st = tl.load(str_ptr + srow[:, None] * stride_sm + rr[None, :], rmask, 0.0)
             la = (la.to(tl.bfloat16).to(tl.float32) * st).to(tl.bfloat16)
             l2 = tl.load(
@@ -252,6 +236,25 @@ def _finish_tile(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, n_mask, 0.0)[None, :]
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask)
+
+
+@triton.jit
+def _sum_of_splits(
+    base_ptr, offs_m, offs_c, M, n_cols, mask, n_splits,
+    IN_FLIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """Sum over splits of ``[split, M, n_cols]`` fp32 partials at ``offs_m x offs_c``, in split
+    order, ``IN_FLIGHT`` loads at a time (read at L2: other programs wrote them)."""
+    total = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    for s0 in range(0, n_splits, IN_FLIGHT):
+        for s in tl.static_range(IN_FLIGHT):
+            total += tl.load(
+                base_ptr + ((s0 + s) * M + offs_m[:, None]) * n_cols + offs_c[None, :],
+                mask & (tl.full([BLOCK_M, BLOCK_C], s0 + s, tl.int32) < n_splits),
+                0.0,
+                cache_modifier=".cg",
+            )
+    return total
 
 
 @triton.jit
