@@ -52,7 +52,7 @@ def compile_for_hopper(fn: JITFunction, args: tuple, kwargs: dict) -> object:
     signature, constexprs, attrs = {}, {}, {}
     for i, param in enumerate(fn.params):
         value = values[param.name]
-        if param.is_constexpr or (isinstance(value, int) and value == 1):
+        if param.is_constexpr or (type(value) is int and value == 1):
             # (a launch specialises an integer argument equal to 1 into a constant, too)
             signature[param.name] = "constexpr"
             constexprs[(i,)] = value

@@ -213,7 +213,8 @@ def _finish_tile(
     Partials are read at L2 (``.cg``): in the one-launch form other programs wrote them.  The
     loops over splits are unrolled ``IN_FLIGHT`` at a time so that that many partial loads are
     in flight at once; each step of the loop waits one L2 round trip.  The one-launch kernel
-    takes 4 (``FINISH_IN_FLIGHT``): at M = 16 its times fell by up to 2 us against 1.  The
+    takes 4 (``FINISH_IN_FLIGHT``): at M = 16 its time fell against 1 in 8 of 14 tiles (by
+    up to 2 us) and rose in one (by 1.6 us, 5 %).  The
     epilogue kernel takes 1: with all splits in flight it measured 3-10 % slower at M = 64,
     where it runs (``bench/diag_small_m_stages.py``, docs/results.md).
     """
