@@ -201,6 +201,11 @@ def _w4_small_m_kernel(
                             tl.atomic_xchg(cnt_ptr + blk, 0)
 
 
+# Read once here, not per launch (the launch path of a decode step).
+_MOST_SPLITS = max(c.kwargs["SPLIT_K"] for c in _w4_small_m_kernel.configs)
+_NARROWEST_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _w4_small_m_kernel.configs)
+
+
 @triton.jit
 def _finish_tile(
     offs_m, offs_n, part_ptr, la_ptr, l2_ptr, str_ptr, bias_ptr, out_ptr,
@@ -328,15 +333,16 @@ def w4_linear_small_m_triton(
     r_pad = max(16, triton.next_power_of_2(max(r, 1)))
     la_r = min(LA_RANKS, r_pad)
     n_la = triton.cdiv(r, la_r)
-    # Room for the most splits autotuning may pick (or the forced config's).
-    splits = max(c.kwargs["SPLIT_K"] for c in _split_configs()) if config is None else config["SPLIT_K"]
+    # Room for the most splits and column blocks autotuning may pick (or the forced config's).
+    splits = _MOST_SPLITS if config is None else config["SPLIT_K"]
+    blocks = triton.cdiv(n, _NARROWEST_BLOCK_N if config is None else config["BLOCK_N"])
     part = torch.empty(splits, m, n, device=x.device, dtype=torch.float32)
     la = torch.empty(splits, m, max(r, 1), device=x.device, dtype=torch.float32)
     l1 = l1 if r else l1.new_zeros(k, 1)
     l2 = l2 if r else l2.new_zeros(n, 1)
     bias_t = bias.float().contiguous() if bias is not None else out
     block_m = max(16, triton.next_power_of_2(m))
-    _, cnt = zeroed_scratch(x.device, 0, triton.cdiv(n, min(c.kwargs["BLOCK_N"] for c in _split_configs())))
+    _, cnt = zeroed_scratch(x.device, 0, blocks)
     rows_per_sample = max(rows_per_sample, 1)
 
     def grid(meta: dict) -> tuple[int, int]:
