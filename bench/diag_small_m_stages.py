@@ -14,9 +14,12 @@ flush), with the same grid and loop as ``small_m_triton._w4_small_m_kernel``:
   in fp32, INT4's row-sum correction);
 - ``asm_dot``: as ``dot``, the codes decoded four bytes at a time by inline PTX
   (``_nibbles_by_asm``); its partials must equal ``dot``'s bit for bit (printed);
-- ``kernel``: the real launcher at that config: one launch with 1, 4 and 8 partial loads in
-  flight where a block is finished (``small_m_triton.FINISH_IN_FLIGHT``), and two launches
-  (the epilogue kernel keeps one in flight); bf16 ``F.linear`` beside.
+- ``swap_dot``, ``swap_asm``: as ``dot`` and ``asm_dot`` with the codes as the dot's left
+  operand (``[BLOCK_N, BLOCK_M]`` sums: Hopper's wgmma takes them from registers);
+- ``kernel``: the real launcher at that config, in each of ``VARIANTS``: one launch or two
+  (``finish``), codes through fp32, by bit patterns or by asm, and the codes as the dot's
+  left or right operand (``swap``); bf16 ``F.linear`` beside.  How far the variants' outputs
+  are from each other is printed too (summation order only: well under 1e-3).
 
 The registers per thread of each stage kernel as compiled on this GPU are printed too (the
 CPU's count, ``bench/diag_registers.py``, should agree).  Read: if ``read`` is already far
@@ -39,8 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_w4 import bench_stream, copies_for_cold_l2, make_w4  # noqa: E402
 from bench.diag_small_m import floor_us  # noqa: E402
-from studio.kernels import small_m_triton  # noqa: E402
-from studio.kernels.small_m_triton import _codes_as_bf16, w4_linear_small_m_triton  # noqa: E402
+from studio.kernels.small_m_triton import (  # noqa: E402
+    _codes_as_bf16,
+    _nibbles_by_asm,
+    w4_linear_small_m_triton,
+)
 
 TILES = [
     (64, 4, 4, 3),
@@ -51,38 +57,17 @@ TILES = [
     (128, 8, 8, 3),
     (32, 8, 4, 3),
 ]
-STAGES = {"read": 0, "decode": 1, "dot": 2, "scaled": 3, "asm_dot": 4}
-VARIANTS = [("last@1", "last", 1), ("last@4", "last", 4), ("last@8", "last", 8), ("epilogue", "epilogue", 1)]
-
-
-@triton.jit
-def _nibbles_by_asm(packed):
-    """INT4 codes of 4 packed bytes at a time as bf16 ``128 + code`` (low and high nibbles).
-
-    One ``prmt`` spreads two bytes over the two halves of a word, one ``lop3`` masks a nibble
-    into each half and ors in the bf16 exponent of 128; the high nibbles take a shift more.
-    About one instruction per code, where Triton's per-element decode takes about 2.5.
-    """
-    return tl.inline_asm_elementwise(
-        asm="""
-        {
-        .reg .b32 t0, t1;
-        prmt.b32 t0, $4, $4, 0x1100;
-        prmt.b32 t1, $4, $4, 0x3322;
-        lop3.b32 $0, t0, 0x000F000F, 0x43004300, 0xEA;
-        lop3.b32 $1, t1, 0x000F000F, 0x43004300, 0xEA;
-        shr.u32 t0, t0, 4;
-        shr.u32 t1, t1, 4;
-        lop3.b32 $2, t0, 0x000F000F, 0x43004300, 0xEA;
-        lop3.b32 $3, t1, 0x000F000F, 0x43004300, 0xEA;
-        }
-        """,
-        constraints="=r,=r,=r,=r,r",
-        args=[packed],
-        dtype=(tl.bfloat16, tl.bfloat16),
-        is_pure=True,
-        pack=4,
+STAGES = {"read": 0, "decode": 1, "dot": 2, "scaled": 3, "asm_dot": 4, "swap_dot": 5, "swap_asm": 6}
+#: The real kernel's variants: finish (one launch or two), codes by fp32 (``F``), by bit
+#: patterns (``M``) or by asm (``A``), and ``swap``: the codes as the dot's left operand (``S``).
+VARIANTS = {
+    f"{finish}-{'S' if swap else ''}{decode}": dict(
+        finish=finish, swap=swap, magic=decode != "F", asm=decode == "A"
     )
+    for finish in ("last", "epilogue")
+    for swap in (False, True)
+    for decode in ("F", "M", "A")
+}
 
 
 @triton.jit
@@ -102,13 +87,14 @@ def _stage_kernel(
     bits = tl.zeros([BLOCK_N, 32], dtype=tl.int32)
     summed = tl.zeros([BLOCK_N, 32], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for grp in range(pid_k * per_split, g_end):
         packed = tl.load(q_ptrs + grp * stride_qg, n_mask[:, None], 0)
         if STAGE == 0:
             bits ^= packed.to(tl.int32)
         else:
             ws = tl.load(ws_ptr + grp * N + offs_n, n_mask, 0.0)
-            if STAGE == 4:
+            if (STAGE == 4) | (STAGE == 6):
                 lo, hi = _nibbles_by_asm(packed)
             else:
                 lo = _codes_as_bf16(packed & 0xF, FP4)
@@ -126,15 +112,23 @@ def _stage_kernel(
                 if STAGE == 3:  # as the kernel: x * (1/s) in fp32, and INT4's row sums
                     x_lo = (x_lo.to(tl.float32) * tl.load(sinv_ptr + k_lo)[None, :]).to(tl.bfloat16)
                     x_hi = (x_hi.to(tl.float32) * tl.load(sinv_ptr + k_lo + 32)[None, :]).to(tl.bfloat16)
-                part = tl.dot(x_lo, tl.trans(lo))
-                part = tl.dot(x_hi, tl.trans(hi), part)
-                if STAGE == 3:
-                    part -= 136.0 * tl.sum(x_lo.to(tl.float32) + x_hi.to(tl.float32), axis=1)[:, None]
-                acc += part * ws[None, :]
+                if STAGE >= 5:  # weights as the left operand: [BLOCK_N, BLOCK_M] sums
+                    part_t = tl.dot(lo, tl.trans(x_lo))
+                    part_t = tl.dot(hi, tl.trans(x_hi), part_t)
+                    acc_t += part_t * ws[:, None]
+                else:
+                    part = tl.dot(x_lo, tl.trans(lo))
+                    part = tl.dot(x_hi, tl.trans(hi), part)
+                    if STAGE == 3:
+                        part -= 136.0 * tl.sum(x_lo.to(tl.float32) + x_hi.to(tl.float32), axis=1)[:, None]
+                    acc += part * ws[None, :]
     if STAGE == 0:
         tl.store(out_ptr + pid_k * N + offs_n, tl.sum(bits, axis=1).to(tl.float32), n_mask)
     elif STAGE == 1:
         tl.store(out_ptr + pid_k * N + offs_n, tl.sum(summed, axis=1), n_mask)
+    elif STAGE >= 5:
+        dst = out_ptr + (pid_k * M + offs_m[None, :]) * N + offs_n[:, None]
+        tl.store(dst, acc_t, (offs_m < M)[None, :] & n_mask[:, None])
     else:
         dst = out_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :]
         tl.store(dst, acc, (offs_m < M)[:, None] & n_mask[None, :])
@@ -160,7 +154,6 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = []
-    default_in_flight = small_m_triton.FINISH_IN_FLIGHT
     for shape in args.shapes.split(","):
         k, n = (int(v) for v in shape.split("x"))
         w_bf16 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
@@ -188,22 +181,25 @@ def main() -> None:
                     )
                 row["asm_matches"] = bool(torch.equal(partials["dot"], partials["asm_dot"]))
                 cfg = dict(zip(("BLOCK_N", "SPLIT_K", "num_warps", "num_stages"), tile))
-                for name, finish, in_flight in VARIANTS:
+                outs = {}
+                for name, variant in VARIANTS.items():
 
                     def real(c: dict) -> torch.Tensor:
                         return w4_linear_small_m_triton(
                             x, c["smooth_inv"], c["qweight"], c["wscale"], "int4", c["l1"], c["l2"],
-                            c["strength"], 1, bias, config=cfg, finish=finish,
+                            c["strength"], 1, bias, config=cfg, **variant,
                         )  # fmt: skip
 
-                    small_m_triton.FINISH_IN_FLIGHT = in_flight
+                    outs[name] = real(copies[0]).float()
                     row[name] = bench_stream([lambda c=c: real(c) for c in copies])
-                small_m_triton.FINISH_IN_FLIGHT = default_in_flight
+                first = outs["last-F"]
+                row["worst_rel_diff"] = max(((o - first).norm() / first.norm()).item() for o in outs.values())
                 rows.append(row)
-                kernel = ", ".join(f"{name} {row[name]:.1f}" for name, _, _ in VARIANTS)
+                kernel = ", ".join(f"{name} {row[name]:.1f}" for name in VARIANTS)
                 stages = " | ".join(f"{st} {row[st]:.1f} ({row[st + '_regs']} regs)" for st in STAGES)
                 print(
-                    f"  tile {tile}: {stages} | asm decode exact: {row['asm_matches']} | kernel: {kernel}",
+                    f"  tile {tile}: {stages} | asm decode exact: {row['asm_matches']} | kernel: {kernel}"
+                    f" | variants differ by {row['worst_rel_diff']:.1e}",
                     flush=True,
                 )
     if args.json:

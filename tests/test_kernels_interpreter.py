@@ -62,15 +62,16 @@ def check_small_m() -> None:
         expect = w4_linear_small_m(*args)
         # la_first False: in the interpreter's program order the branch slices arrive last and
         # finish every column block; True: the column programs do (what the GPU mostly sees)
+        # swap: the codes as the dot's left operand
         variants = [
-            (True, 1, "last", True),
-            (False, 2, "last", True),
-            (False, 2, "last", False),
-            (True, 2, "epilogue", True),
+            (True, 1, "last", True, False),
+            (False, 2, "last", True, False),
+            (False, 2, "last", False, True),
+            (True, 2, "epilogue", True, True),
         ]
-        for magic, split, finish, la_first in variants:
+        for magic, split, finish, la_first, swap in variants:
             cfg = {"BLOCK_N": 32, "SPLIT_K": split, "num_warps": 4, "num_stages": 1}
-            kw = dict(magic=magic, finish=finish, la_first=la_first)
+            kw = dict(magic=magic, finish=finish, la_first=la_first, swap=swap)
             out = w4_linear_small_m_triton(*args, config=cfg, **kw)
             err = _rel(out, expect)
             assert out.shape == (m, n) and err < 5e-3, (m, split, kw, err)

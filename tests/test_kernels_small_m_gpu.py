@@ -44,15 +44,20 @@ def _case(m: int, k: int, n: int, r: int, fmt: str, seed: int = 0) -> tuple:
     return x, sinv, qw, ws, fmt, l1, l2, strength, max(1, m // 2), bias
 
 
+@pytest.mark.parametrize("swap", [False, True])
 @pytest.mark.parametrize("magic", [None, True, False])
 @pytest.mark.parametrize("fmt", ["int4", "fp4"])
 @pytest.mark.parametrize("m,k,n,r", SHAPES)
-def test_small_m_matches_reference(m: int, k: int, n: int, r: int, fmt: str, magic: bool | None) -> None:
+def test_small_m_matches_reference(
+    m: int, k: int, n: int, r: int, fmt: str, magic: bool | None, swap: bool
+) -> None:
     args = _case(m, k, n, r, fmt)
-    out = w4_linear_small_m_triton(*args, magic=magic)
     expect = w4_linear_small_m(*args)
-    assert out.dtype == torch.bfloat16 and out.shape == (m, n)
-    assert torch.isfinite(out).all() and _rel(out, expect) < 5e-3
+    # INT4's bit-built codes both ways: by inline PTX and by Triton's integer ops
+    for asm in (True, False) if fmt == "int4" and magic else (None,):
+        out = w4_linear_small_m_triton(*args, magic=magic, swap=swap, asm=asm)
+        assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+        assert torch.isfinite(out).all() and _rel(out, expect) < 5e-3, asm
 
 
 @pytest.mark.parametrize("fmt", ["int4", "fp4"])
@@ -61,10 +66,12 @@ def test_small_m_every_config(cfg: dict, fmt: str) -> None:
     args = _case(17, 1000, 520, 48, fmt, seed=1)
     expect = w4_linear_small_m(*args)
     for magic in (True, False):
-        out = w4_linear_small_m_triton(*args, config=cfg, magic=magic)
-        assert _rel(out, expect) < 5e-3
-        # no atomics: identical run to run
-        assert torch.equal(out, w4_linear_small_m_triton(*args, config=cfg, magic=magic))
+        for swap in (False, True):
+            kw = dict(config=cfg, magic=magic, swap=swap)
+            out = w4_linear_small_m_triton(*args, **kw)
+            assert _rel(out, expect) < 5e-3, kw
+            # no atomics: identical run to run
+            assert torch.equal(out, w4_linear_small_m_triton(*args, **kw)), kw
 
 
 def test_auto_takes_the_small_m_path_and_fp32_inputs_work() -> None:

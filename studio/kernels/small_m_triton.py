@@ -33,6 +33,8 @@ select, INT4's adds the row sums), so ``use_magic`` picks by format and M from w
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -87,9 +89,39 @@ def _codes_as_bf16(codes, FP4: tl.constexpr):
     return bits.to(tl.bfloat16, bitcast=True)
 
 
+@triton.jit
+def _nibbles_by_asm(packed):
+    """INT4 codes of 4 packed bytes at a time as bf16 ``128 + code`` (low and high nibbles).
+
+    One ``prmt`` spreads two bytes over the two halves of a word, one ``lop3`` masks a nibble
+    into each half and ors in the bf16 exponent of 128; the high nibbles take a shift more.
+    About one instruction per code, where Triton's per-element decode takes about 2.5.
+    """
+    return tl.inline_asm_elementwise(
+        asm="""
+        {
+        .reg .b32 t0, t1;
+        prmt.b32 t0, $4, $4, 0x1100;
+        prmt.b32 t1, $4, $4, 0x3322;
+        lop3.b32 $0, t0, 0x000F000F, 0x43004300, 0xEA;
+        lop3.b32 $1, t1, 0x000F000F, 0x43004300, 0xEA;
+        shr.u32 t0, t0, 4;
+        shr.u32 t1, t1, 4;
+        lop3.b32 $2, t0, 0x000F000F, 0x43004300, 0xEA;
+        lop3.b32 $3, t1, 0x000F000F, 0x43004300, 0xEA;
+        }
+        """,
+        constraints="=r,=r,=r,=r,r",
+        args=[packed],
+        dtype=(tl.bfloat16, tl.bfloat16),
+        is_pure=True,
+        pack=4,
+    )
+
+
 @triton.autotune(
     configs=_split_configs(),
-    key=["M_BUCKET", "N", "KG", "N_LA", "MAGIC", "FINISH_LAST"],
+    key=["M_BUCKET", "N", "KG", "N_LA", "MAGIC", "FINISH_LAST", "SWAP_AB", "ASM_DECODE"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
@@ -101,7 +133,7 @@ def _w4_small_m_kernel(
     FP4: tl.constexpr, MAGIC: tl.constexpr, LA_R: tl.constexpr,
     DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
     FINISH_LAST: tl.constexpr, FINISH_IN_FLIGHT: tl.constexpr, LA_FIRST: tl.constexpr,
-    HAS_BRANCH: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SWAP_AB: tl.constexpr, ASM_DECODE: tl.constexpr, HAS_BRANCH: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -121,7 +153,10 @@ def _w4_small_m_kernel(
     if (col >= 0) & (col < n_blocks):  # a column block of the 4-bit GEMM
         offs_n = col * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if SWAP_AB:
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         q_ptrs = q_ptr + offs_n[:, None] * stride_qn + offs_j[None, :]
         # (a hand prefetch of the next group's codes, as in gemm_w4_triton, measured slower
         # here: up to 33 % at M = 16 with INT4, within 7 % otherwise; docs/results.md)
@@ -137,16 +172,34 @@ def _w4_small_m_kernel(
             )
             xs_lo = (x_lo * tl.load(sinv_ptr + k_lo, k_lo < K, 0.0)[None, :]).to(DOT_DTYPE)
             xs_hi = (x_hi * tl.load(sinv_ptr + k_lo + 32, k_lo + 32 < K, 0.0)[None, :]).to(DOT_DTYPE)
-            if MAGIC:
-                part = tl.dot(xs_lo, tl.trans(_codes_as_bf16(packed & 0xF, FP4).to(DOT_DTYPE)))
-                part = tl.dot(xs_hi, tl.trans(_codes_as_bf16(packed >> 4, FP4).to(DOT_DTYPE)), part)
-                if not FP4:  # the codes were 128 + c: take 136 * sum(x) back (exact in fp32)
-                    row_sum = tl.sum(xs_lo.to(tl.float32) + xs_hi.to(tl.float32), axis=1)
-                    part -= 136.0 * row_sum[:, None]
+            if MAGIC & ASM_DECODE:  # (INT4 only) four bytes per instruction pair
+                lo, hi = _nibbles_by_asm(packed)
+            elif MAGIC:
+                lo = _codes_as_bf16(packed & 0xF, FP4)
+                hi = _codes_as_bf16(packed >> 4, FP4)
             else:
-                part = tl.dot(xs_lo, tl.trans(_decode(packed & 0xF, FP4).to(DOT_DTYPE)))
-                part = tl.dot(xs_hi, tl.trans(_decode(packed >> 4, FP4).to(DOT_DTYPE)), part)
-            acc += part * ws[None, :]
+                lo = _decode(packed & 0xF, FP4)
+                hi = _decode(packed >> 4, FP4)
+            lo = lo.to(DOT_DTYPE)
+            hi = hi.to(DOT_DTYPE)
+            if SWAP_AB:  # [BLOCK_N, BLOCK_M] = codes @ x^T: the codes are a register operand
+                part = tl.dot(lo, tl.trans(xs_lo))
+                part = tl.dot(hi, tl.trans(xs_hi), part)
+            else:
+                part = tl.dot(xs_lo, tl.trans(lo))
+                part = tl.dot(xs_hi, tl.trans(hi), part)
+            if MAGIC and not FP4:  # the codes were 128 + c: take 136 * sum(x) back (exact in fp32)
+                row_sum = tl.sum(xs_lo.to(tl.float32) + xs_hi.to(tl.float32), axis=1)
+                if SWAP_AB:
+                    part -= 136.0 * row_sum[None, :]
+                else:
+                    part -= 136.0 * row_sum[:, None]
+            if SWAP_AB:
+                acc += part * ws[:, None]
+            else:
+                acc += part * ws[None, :]
+        if SWAP_AB:
+            acc = tl.trans(acc)
         dst = part_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :]
         tl.store(dst, acc, m_mask[:, None] & n_mask[None, :])
         if FINISH_LAST:
@@ -286,6 +339,11 @@ def use_magic(fmt: str, m: int) -> bool:
     return fmt == "int4" and m <= 16
 
 
+def use_swap(m: int) -> bool:
+    """Codes as the left operand of the dot (Hopper's wgmma takes them from registers)."""
+    return False
+
+
 def finish_for(m: int) -> str:
     """One launch where it measured faster on H100 (M <= 16), the epilogue kernel above.
 
@@ -312,6 +370,8 @@ def w4_linear_small_m_triton(
     magic: bool | None = None,
     finish: str | None = None,
     la_first: bool = True,
+    swap: bool | None = None,
+    asm: bool | None = None,
 ) -> torch.Tensor:
     """``[M, N]`` in ``x.dtype``; shapes as ``studio.kernels.w4_linear``, ``M <= 64`` expected.
 
@@ -321,8 +381,17 @@ def w4_linear_small_m_triton(
     partials) or ``"epilogue"`` (a second kernel does); None: ``finish_for(m)``.
     ``la_first``: the branch-slice programs come first in the grid (False: last; the tests run
     both, so that either kind of program finishing a block is covered).
+    ``swap``: codes as the dot's left operand (``use_swap``); None: ``use_swap(m)``.
+    ``asm``: INT4 bit-built codes decoded by inline PTX (``_nibbles_by_asm``); None: wherever
+    it can run (INT4 with ``magic``, not under ``TRITON_INTERPRET``, which runs no PTX).
     """
     finish = finish_for(x.shape[0]) if finish is None else finish
+    magic = use_magic(fmt, x.shape[0]) if magic is None else magic
+    swap = use_swap(x.shape[0]) if swap is None else swap
+    can_asm = fmt == "int4" and magic and os.environ.get("TRITON_INTERPRET") != "1"
+    if asm and not can_asm:
+        raise ValueError("asm decoding needs INT4, magic=True and a GPU (not TRITON_INTERPRET)")
+    asm = can_asm if asm is None else asm
     if finish not in ("last", "epilogue"):
         raise ValueError(f"finish must be 'last' or 'epilogue', not {finish!r}")
     x = x.contiguous()
@@ -358,7 +427,7 @@ def w4_linear_small_m_triton(
             strength.stride(0), out.stride(0),
         ),
         dict(
-            FP4=fmt == "fp4", MAGIC=use_magic(fmt, m) if magic is None else magic, LA_R=la_r,
+            FP4=fmt == "fp4", MAGIC=magic, SWAP_AB=swap, ASM_DECODE=asm, LA_R=la_r,
             DOT_DTYPE=branch_dot_dtype(), BLOCK_M=block_m, FINISH_LAST=finish == "last",
             FINISH_IN_FLIGHT=FINISH_IN_FLIGHT, LA_FIRST=la_first,
             HAS_BRANCH=r > 0, HAS_BIAS=bias is not None,
