@@ -58,14 +58,16 @@ TILES = [
     (32, 8, 4, 3),
 ]
 STAGES = {"read": 0, "decode": 1, "dot": 2, "scaled": 3, "asm_dot": 4, "swap_dot": 5, "swap_asm": 6}
-#: The real kernel's variants: finish (one launch or two), codes by fp32 (``F``), by bit
-#: patterns (``M``) or by asm (``A``), and ``swap``: the codes as the dot's left operand (``S``).
+#: The real kernel's variants: finish (one launch or two), codes through fp32 (``F``), by bit
+#: patterns (``M``) or by asm (``A``); ``S``: the codes as the dot's left operand (``swap``);
+#: ``P``: ``bf16(x * 1/s)`` by a small kernel first (``prescale``).
 VARIANTS = {
-    f"{finish}-{'S' if swap else ''}{decode}": dict(
-        finish=finish, swap=swap, magic=decode != "F", asm=decode == "A"
+    f"{finish}-{'S' if swap else ''}{'P' if prescale else ''}{decode}": dict(
+        finish=finish, swap=swap, prescale=prescale, magic=decode != "F", asm=decode == "A"
     )
     for finish in ("last", "epilogue")
     for swap in (False, True)
+    for prescale in (False, True)
     for decode in ("F", "M", "A")
 }
 
@@ -150,8 +152,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="3072x3072,3072x12288")
     parser.add_argument("--ms", default="16,64")
+    parser.add_argument("--tiles", default=None, help="indices into TILES, e.g. 0,1 (default: all)")
+    parser.add_argument("--stages", default=",".join(STAGES), help="stage kernels to time ('' for none)")
+    parser.add_argument(
+        "--variants", default="last-F,last-M,last-A,last-SF,last-SM,last-SA,epilogue-F,epilogue-SM",
+        help=f"real-kernel variants, of: {','.join(VARIANTS)}",
+    )  # fmt: skip
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    tiles = TILES if args.tiles is None else [TILES[int(i)] for i in args.tiles.split(",")]
+    stages_run = [st for st in args.stages.split(",") if st]
+    variants = {name: VARIANTS[name] for name in args.variants.split(",")}
     torch.manual_seed(0)
     rows = []
     for shape in args.shapes.split(","):
@@ -168,10 +179,10 @@ def main() -> None:
             out = torch.empty(16, m, n, device="cuda")
             bf16 = bench_stream([lambda w=w: torch.nn.functional.linear(x, w) for w in bf16_copies])
             print(f"{k}x{n} M={m}: bf16 {bf16:.1f} us, 4-bit floor {floor_us(k, n):.1f} us", flush=True)
-            for tile in TILES:
+            for tile in tiles:
                 row = {"k": k, "n": n, "m": m, "tile": tile, "bf16": bf16}
                 partials = {}
-                for stage in STAGES:
+                for stage in stages_run:
                     out.zero_()
                     compiled = stage_call(stage, x, p, out, tile)
                     partials[stage] = out[: tile[1]].clone()
@@ -179,10 +190,11 @@ def main() -> None:
                     row[stage] = bench_stream(
                         [lambda c=c: stage_call(stage, x, c, out, tile) for c in copies]
                     )
-                row["asm_matches"] = bool(torch.equal(partials["dot"], partials["asm_dot"]))
+                if "dot" in partials and "asm_dot" in partials:
+                    row["asm_matches"] = bool(torch.equal(partials["dot"], partials["asm_dot"]))
                 cfg = dict(zip(("BLOCK_N", "SPLIT_K", "num_warps", "num_stages"), tile))
                 outs = {}
-                for name, variant in VARIANTS.items():
+                for name, variant in variants.items():
 
                     def real(c: dict) -> torch.Tensor:
                         return w4_linear_small_m_triton(
@@ -192,13 +204,13 @@ def main() -> None:
 
                     outs[name] = real(copies[0]).float()
                     row[name] = bench_stream([lambda c=c: real(c) for c in copies])
-                first = outs["last-F"]
+                first = next(iter(outs.values()))
                 row["worst_rel_diff"] = max(((o - first).norm() / first.norm()).item() for o in outs.values())
                 rows.append(row)
-                kernel = ", ".join(f"{name} {row[name]:.1f}" for name in VARIANTS)
-                stages = " | ".join(f"{st} {row[st]:.1f} ({row[st + '_regs']} regs)" for st in STAGES)
+                kernel = ", ".join(f"{name} {row[name]:.1f}" for name in variants)
+                stages = " | ".join(f"{st} {row[st]:.1f} ({row[st + '_regs']} regs)" for st in stages_run)
                 print(
-                    f"  tile {tile}: {stages} | asm decode exact: {row['asm_matches']} | kernel: {kernel}"
+                    f"  tile {tile}: {stages} | asm decode exact: {row.get('asm_matches')} | kernel: {kernel}"
                     f" | variants differ by {row['worst_rel_diff']:.1e}",
                     flush=True,
                 )

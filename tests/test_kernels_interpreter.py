@@ -52,8 +52,15 @@ def _case(m: int, k: int, n: int, r: int, fmt: str, seed: int) -> tuple:
 
 def check_small_m() -> None:
     from studio.kernels.reference_small_m import w4_linear_small_m
-    from studio.kernels.small_m_triton import w4_linear_small_m_triton
+    from studio.kernels.small_m_triton import scaled_activations, w4_linear_small_m_triton
     from studio.kernels.split_k_scratch import _SCRATCH
+
+    # the scaling pre-kernel rounds as torch does (to nearest even), pads with zeros past K
+    x, sinv = _case(19, 200, 8, 0, "int4", seed=0)[:2]
+    xs, sums = scaled_activations(x, sinv, row_sums=True)
+    expect = torch.nn.functional.pad((x.float() * sinv).to(torch.bfloat16), (0, 56))
+    assert torch.equal(xs, expect) and xs.shape == (19, 256)
+    assert torch.allclose(sums, expect.float().view(19, 4, 64).sum(-1), rtol=1e-6, atol=1e-5)
 
     # rank 48: two branch-slice programs, one of them partly past R; rank 0: no branch
     cases = [(7, 320, 136, 48, "int4"), (16, 200, 72, 0, "fp4"), (33, 448, 40, 16, "fp4")]  # 33: 3 strips
@@ -62,16 +69,17 @@ def check_small_m() -> None:
         expect = w4_linear_small_m(*args)
         # la_first False: in the interpreter's program order the branch slices arrive last and
         # finish every column block; True: the column programs do (what the GPU mostly sees)
-        # swap: the codes as the dot's left operand
+        # swap: the codes as the dot's left operand; prescale: bf16(x * 1/s) by a kernel first
         variants = [
-            (True, 1, "last", True, False),
-            (False, 2, "last", True, False),
-            (False, 2, "last", False, True),
-            (True, 2, "epilogue", True, True),
+            (True, 1, "last", True, False, False),
+            (False, 2, "last", True, False, True),
+            (False, 2, "last", False, True, False),
+            (True, 2, "epilogue", True, True, True),
+            (True, 2, "last", True, False, True),
         ]
-        for magic, split, finish, la_first, swap in variants:
+        for magic, split, finish, la_first, swap, prescale in variants:
             cfg = {"BLOCK_N": 32, "SPLIT_K": split, "num_warps": 4, "num_stages": 1}
-            kw = dict(magic=magic, finish=finish, la_first=la_first, swap=swap)
+            kw = dict(magic=magic, finish=finish, la_first=la_first, swap=swap, prescale=prescale)
             out = w4_linear_small_m_triton(*args, config=cfg, **kw)
             err = _rel(out, expect)
             assert out.shape == (m, n) and err < 5e-3, (m, split, kw, err)

@@ -13,7 +13,7 @@ import torch
 from studio import kernels
 from studio.kernels import reference as ref
 from studio.kernels.reference_small_m import w4_linear_small_m
-from studio.kernels.small_m_triton import _split_configs, w4_linear_small_m_triton
+from studio.kernels.small_m_triton import _split_configs, scaled_activations, w4_linear_small_m_triton
 
 pytestmark = pytest.mark.gpu
 
@@ -44,18 +44,23 @@ def _case(m: int, k: int, n: int, r: int, fmt: str, seed: int = 0) -> tuple:
     return x, sinv, qw, ws, fmt, l1, l2, strength, max(1, m // 2), bias
 
 
-@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize(
+    "variant", [{}, {"swap": False, "prescale": False}, {"swap": True, "prescale": True}], ids=str
+)
 @pytest.mark.parametrize("magic", [None, True, False])
 @pytest.mark.parametrize("fmt", ["int4", "fp4"])
 @pytest.mark.parametrize("m,k,n,r", SHAPES)
 def test_small_m_matches_reference(
-    m: int, k: int, n: int, r: int, fmt: str, magic: bool | None, swap: bool
+    m: int, k: int, n: int, r: int, fmt: str, magic: bool | None, variant: dict
 ) -> None:
+    """The defaults autotuned; either operand order, with and without the scaling pre-kernel,
+    at one tile (``test_small_m_every_config`` runs the others)."""
     args = _case(m, k, n, r, fmt)
     expect = w4_linear_small_m(*args)
+    config = {"BLOCK_N": 64, "SPLIT_K": 4, "num_warps": 4, "num_stages": 3} if variant else None
     # INT4's bit-built codes both ways: by inline PTX and by Triton's integer ops
     for asm in (True, False) if fmt == "int4" and magic else (None,):
-        out = w4_linear_small_m_triton(*args, magic=magic, swap=swap, asm=asm)
+        out = w4_linear_small_m_triton(*args, magic=magic, asm=asm, config=config, **variant)
         assert out.dtype == torch.bfloat16 and out.shape == (m, n)
         assert torch.isfinite(out).all() and _rel(out, expect) < 5e-3, asm
 
@@ -66,12 +71,20 @@ def test_small_m_every_config(cfg: dict, fmt: str) -> None:
     args = _case(17, 1000, 520, 48, fmt, seed=1)
     expect = w4_linear_small_m(*args)
     for magic in (True, False):
-        for swap in (False, True):
-            kw = dict(config=cfg, magic=magic, swap=swap)
+        for swap, prescale in ((False, False), (True, True)):
+            kw = dict(config=cfg, magic=magic, swap=swap, prescale=prescale)
             out = w4_linear_small_m_triton(*args, **kw)
             assert _rel(out, expect) < 5e-3, kw
             # no atomics: identical run to run
             assert torch.equal(out, w4_linear_small_m_triton(*args, **kw)), kw
+
+
+def test_scaled_activations_round_as_torch_and_pad_with_zeros() -> None:
+    x, sinv = _case(37, 1000, 8, 0, "int4")[:2]
+    xs, sums = scaled_activations(x, sinv, row_sums=True)
+    expect = torch.nn.functional.pad((x.float() * sinv).to(torch.bfloat16), (0, 24))
+    assert torch.equal(xs, expect)
+    assert torch.allclose(sums, expect.float().view(37, 16, 64).sum(-1), rtol=1e-6, atol=1e-4)
 
 
 def test_auto_takes_the_small_m_path_and_fp32_inputs_work() -> None:

@@ -90,6 +90,43 @@ def _codes_as_bf16(codes, FP4: tl.constexpr):
 
 
 @triton.jit
+def _bf16_nearest_even(v):
+    """fp32 -> bf16 rounded to nearest even by integer ops, as the GPU's conversion rounds.
+
+    By hand because the Triton interpreter's conversion truncates (Triton 3.9), which put the
+    interpreter tests' error past their bound; on the GPU this is a few integer operations
+    per activation, once per launch.  Infinities and NaNs stay what they are.
+    """
+    bits = v.to(tl.uint32, bitcast=True)
+    bits += 0x7FFF + ((bits >> 16) & 1)
+    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _scale_x_kernel(
+    x_ptr, sinv_ptr, xs_ptr, rs_ptr, M, K, KG, stride_xm,
+    ROW_SUMS: tl.constexpr, BLOCK_M: tl.constexpr, GROUPS: tl.constexpr,
+):  # fmt: skip
+    """``xs = bf16(x * 1/s)`` as ``[M, KG * 64]`` (zeros past K) and, for INT4's bit-built
+    codes, each group's row sums of ``xs`` in fp32, ``[M, KG]``: once per launch, where
+    every column program used to redo them for its own columns."""
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_g = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)
+    kk = offs_g[:, None] * 64 + tl.arange(0, 64)[None, :]
+    rows = (offs_m < M)[:, None, None]
+    x = tl.load(x_ptr + offs_m[:, None, None] * stride_xm + kk[None], rows & (kk < K)[None], 0.0)
+    xs = _bf16_nearest_even(x.to(tl.float32) * tl.load(sinv_ptr + kk, kk < K, 0.0)[None])
+    tl.store(xs_ptr + offs_m[:, None, None] * (KG * 64) + kk[None], xs, rows & (offs_g < KG)[None, :, None])
+    if ROW_SUMS:
+        sums = tl.sum(xs.to(tl.float32), axis=2)
+        tl.store(
+            rs_ptr + offs_m[:, None] * KG + offs_g[None, :],
+            sums,
+            (offs_m < M)[:, None] & (offs_g < KG)[None, :],
+        )
+
+
+@triton.jit
 def _nibbles_by_asm(packed):
     """INT4 codes of 4 packed bytes at a time as bf16 ``128 + code`` (low and high nibbles).
 
@@ -121,19 +158,19 @@ def _nibbles_by_asm(packed):
 
 @triton.autotune(
     configs=_split_configs(),
-    key=["M_BUCKET", "N", "KG", "N_LA", "MAGIC", "FINISH_LAST", "SWAP_AB", "ASM_DECODE"],
+    key=["M_BUCKET", "N", "KG", "N_LA", "MAGIC", "FINISH_LAST", "SWAP_AB", "ASM_DECODE", "PRESCALED"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
 def _w4_small_m_kernel(
-    x_ptr, sinv_ptr, q_ptr, ws_ptr, l1_ptr, part_ptr, la_ptr, cnt_ptr,
+    x_ptr, sinv_ptr, xs_ptr, rs_ptr, q_ptr, ws_ptr, l1_ptr, part_ptr, la_ptr, cnt_ptr,
     l2_ptr, str_ptr, bias_ptr, out_ptr,
     M, K, N, KG, R, N_LA, M_BUCKET, S, rows_per_sample,
     stride_xm, stride_qg, stride_qn, stride_wsg, stride_l1k, stride_l2n, stride_sm, stride_om,
     FP4: tl.constexpr, MAGIC: tl.constexpr, LA_R: tl.constexpr,
     DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
     FINISH_LAST: tl.constexpr, FINISH_IN_FLIGHT: tl.constexpr, LA_FIRST: tl.constexpr,
-    SWAP_AB: tl.constexpr, ASM_DECODE: tl.constexpr, HAS_BRANCH: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SWAP_AB: tl.constexpr, ASM_DECODE: tl.constexpr, PRESCALED: tl.constexpr, HAS_BRANCH: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -164,14 +201,18 @@ def _w4_small_m_kernel(
             packed = tl.load(q_ptrs + grp * stride_qg, n_mask[:, None], 0)
             ws = tl.load(ws_ptr + grp * stride_wsg + offs_n, n_mask, 0.0)
             k_lo = grp * 64 + offs_j
-            xmask_lo = m_mask[:, None] & (k_lo < K)[None, :]
-            xmask_hi = m_mask[:, None] & (k_lo + 32 < K)[None, :]
-            x_lo = tl.load(x_ptr + offs_m[:, None] * stride_xm + k_lo[None, :], xmask_lo, 0.0).to(tl.float32)
-            x_hi = tl.load(x_ptr + offs_m[:, None] * stride_xm + k_lo[None, :] + 32, xmask_hi, 0.0).to(
-                tl.float32
-            )
-            xs_lo = (x_lo * tl.load(sinv_ptr + k_lo, k_lo < K, 0.0)[None, :]).to(DOT_DTYPE)
-            xs_hi = (x_hi * tl.load(sinv_ptr + k_lo + 32, k_lo + 32 < K, 0.0)[None, :]).to(DOT_DTYPE)
+            if PRESCALED:  # bf16(x * 1/s), padded to whole groups, from _scale_x_kernel
+                xs_row = xs_ptr + offs_m[:, None] * (KG * 64) + k_lo[None, :]
+                xs_lo = tl.load(xs_row, m_mask[:, None], 0.0).to(DOT_DTYPE)
+                xs_hi = tl.load(xs_row + 32, m_mask[:, None], 0.0).to(DOT_DTYPE)
+            else:
+                xmask_lo = m_mask[:, None] & (k_lo < K)[None, :]
+                xmask_hi = m_mask[:, None] & (k_lo + 32 < K)[None, :]
+                x_row = x_ptr + offs_m[:, None] * stride_xm + k_lo[None, :]
+                x_lo = tl.load(x_row, xmask_lo, 0.0).to(tl.float32)
+                x_hi = tl.load(x_row + 32, xmask_hi, 0.0).to(tl.float32)
+                xs_lo = (x_lo * tl.load(sinv_ptr + k_lo, k_lo < K, 0.0)[None, :]).to(DOT_DTYPE)
+                xs_hi = (x_hi * tl.load(sinv_ptr + k_lo + 32, k_lo + 32 < K, 0.0)[None, :]).to(DOT_DTYPE)
             if MAGIC & ASM_DECODE:  # (INT4 only) four bytes per instruction pair
                 lo, hi = _nibbles_by_asm(packed)
             elif MAGIC:
@@ -189,7 +230,10 @@ def _w4_small_m_kernel(
                 part = tl.dot(xs_lo, tl.trans(lo))
                 part = tl.dot(xs_hi, tl.trans(hi), part)
             if MAGIC and not FP4:  # the codes were 128 + c: take 136 * sum(x) back (exact in fp32)
-                row_sum = tl.sum(xs_lo.to(tl.float32) + xs_hi.to(tl.float32), axis=1)
+                if PRESCALED:
+                    row_sum = tl.load(rs_ptr + offs_m * KG + grp, m_mask, 0.0)
+                else:
+                    row_sum = tl.sum(xs_lo.to(tl.float32) + xs_hi.to(tl.float32), axis=1)
                 if SWAP_AB:
                     part -= 136.0 * row_sum[None, :]
                 else:
@@ -339,6 +383,26 @@ def use_magic(fmt: str, m: int) -> bool:
     return fmt == "int4" and m <= 16
 
 
+def scaled_activations(
+    x: torch.Tensor, smooth_inv: torch.Tensor, row_sums: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(bf16(x * smooth_inv) [M, KG * 64] zero-padded, its row sums per group [M, KG] fp32)``;
+    the sums are left empty unless ``row_sums`` (only INT4's bit-built codes need them)."""
+    m, k = x.shape
+    kg = triton.cdiv(k, 64)
+    xs = torch.empty(m, kg * 64, device=x.device, dtype=torch.bfloat16)
+    sums = torch.empty(m, kg if row_sums else 0, device=x.device, dtype=torch.float32)
+    _scale_x_kernel[(triton.cdiv(kg, 4), triton.cdiv(m, 16))](
+        x, smooth_inv, xs, sums, m, k, kg, x.stride(0), ROW_SUMS=row_sums, BLOCK_M=16, GROUPS=4
+    )  # fmt: skip
+    return xs, sums
+
+
+def use_prescale(m: int) -> bool:
+    """``bf16(x * 1/s)`` by a small kernel before the GEMM (``_scale_x_kernel``)."""
+    return False
+
+
 def use_swap(m: int) -> bool:
     """Codes as the left operand of the dot (Hopper's wgmma takes them from registers)."""
     return False
@@ -372,6 +436,7 @@ def w4_linear_small_m_triton(
     la_first: bool = True,
     swap: bool | None = None,
     asm: bool | None = None,
+    prescale: bool | None = None,
 ) -> torch.Tensor:
     """``[M, N]`` in ``x.dtype``; shapes as ``studio.kernels.w4_linear``, ``M <= 64`` expected.
 
@@ -384,6 +449,8 @@ def w4_linear_small_m_triton(
     ``swap``: codes as the dot's left operand (``use_swap``); None: ``use_swap(m)``.
     ``asm``: INT4 bit-built codes decoded by inline PTX (``_nibbles_by_asm``); None: wherever
     it can run (INT4 with ``magic``, not under ``TRITON_INTERPRET``, which runs no PTX).
+    ``prescale``: ``bf16(x * 1/s)`` (and INT4's row sums) by a small kernel first, instead of
+    in every column program; None: ``use_prescale(m)``.
     """
     finish = finish_for(x.shape[0]) if finish is None else finish
     magic = use_magic(fmt, x.shape[0]) if magic is None else magic
@@ -392,6 +459,7 @@ def w4_linear_small_m_triton(
     if asm and not can_asm:
         raise ValueError("asm decoding needs INT4, magic=True and a GPU (not TRITON_INTERPRET)")
     asm = can_asm if asm is None else asm
+    prescale = use_prescale(x.shape[0]) if prescale is None else prescale
     if finish not in ("last", "epilogue"):
         raise ValueError(f"finish must be 'last' or 'epilogue', not {finish!r}")
     x = x.contiguous()
@@ -413,6 +481,7 @@ def w4_linear_small_m_triton(
     block_m = max(16, triton.next_power_of_2(m))
     _, cnt = zeroed_scratch(x.device, 0, blocks)
     rows_per_sample = max(rows_per_sample, 1)
+    xs, row_sums = scaled_activations(x, smooth_inv, magic and fmt == "int4") if prescale else (x, out)
 
     def grid(meta: dict) -> tuple[int, int]:
         return (triton.cdiv(n, meta["BLOCK_N"]) + n_la, meta["SPLIT_K"])
@@ -421,13 +490,13 @@ def w4_linear_small_m_triton(
         _w4_small_m_kernel,
         grid,
         (
-            x, smooth_inv, qweight, wscale, l1, part, la, cnt, l2, strength, bias_t, out,
+            x, smooth_inv, xs, row_sums, qweight, wscale, l1, part, la, cnt, l2, strength, bias_t, out,
             m, k, n, kg, max(r, 1), n_la, triton.next_power_of_2(max(m, 16)), strength.shape[0], rows_per_sample,
             x.stride(0), qweight.stride(0), qweight.stride(1), wscale.stride(0), l1.stride(0), l2.stride(0),
             strength.stride(0), out.stride(0),
         ),
         dict(
-            FP4=fmt == "fp4", MAGIC=magic, SWAP_AB=swap, ASM_DECODE=asm, LA_R=la_r,
+            FP4=fmt == "fp4", MAGIC=magic, SWAP_AB=swap, ASM_DECODE=asm, PRESCALED=prescale, LA_R=la_r,
             DOT_DTYPE=branch_dot_dtype(), BLOCK_M=block_m, FINISH_LAST=finish == "last",
             FINISH_IN_FLIGHT=FINISH_IN_FLIGHT, LA_FIRST=la_first,
             HAS_BRANCH=r > 0, HAS_BIAS=bias is not None,
