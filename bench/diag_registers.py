@@ -3,7 +3,7 @@
     python bench/diag_registers.py [--k 3072] [--n 3072] [--rank 32]
 
 No GPU needed (``studio/kernels/hopper_compile.py``).  For each autotuning config, at
-M = 16 and 64, INT4 (bit-built codes at M = 16, as ``use_magic``) and both ways of
+M = 16 and 64, INT4 (with the launcher's defaults: ``use_magic``, ``use_swap``...) and both ways of
 finishing: the registers per thread, the blocks per SM those registers allow (65,536
 registers per SM, allocated per warp in steps of 256) and the stack frame (where ptxas puts
 spilled registers).  A streaming kernel with few warps per SM keeps few weight bytes in

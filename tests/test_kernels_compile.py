@@ -31,14 +31,15 @@ def _small_m_launches() -> None:
         args = (x, torch.ones(448), qw, ws, fmt, l1, l2, torch.ones(2, r), 8, torch.randn(136))
         # every config (SPLIT_K = 1, the block shapes) once; the other variants with one
         for cfg in _split_configs() if magic is None else _split_configs()[:1]:
-            # either operand order, with and without the scaling pre-kernel (magic None: INT4's
-            # bit-built codes, decoded by asm)
+            # either operand order, with and without the scaling pre-kernel
             for swap, prescale in ((False, False), (True, True)):
                 kw = dict(magic=magic, swap=swap, prescale=prescale)
                 w4_linear_small_m_triton(*args, config=cfg.all_kwargs(), **kw)
-    # the two-launch form (its epilogue kernel) and the other program order, once each
+    # the two-launch form (its epilogue kernel), the other program order and INT4's codes by
+    # inline PTX, once each
     cfg = _split_configs()[0].all_kwargs()
     w4_linear_small_m_triton(*args, config=cfg, finish="epilogue", la_first=False)
+    w4_linear_small_m_triton(*args, config=cfg, magic=True, asm=True)
 
 
 def _prefill_launches() -> None:

@@ -27,8 +27,14 @@ dot then carries ``136 * sum(x)`` too much, subtracted per group (the dot is exa
 8-bit by 8-bit mantissas).  FP4's E2M1 code maps straight onto the bf16 of its FP8 value.
 ``MAGIC=False`` converts through fp32 (``_decode``): an int-to-float conversion per weight,
 at a quarter of the integer rate on H100.  Neither wins everywhere (FP4's bit path needs a
-select, INT4's adds the row sums), so ``use_magic`` picks by format and M from what
-``bench/diag_small_m.py`` measured.
+select, INT4's adds the row sums), so ``use_magic`` picks by format from what was measured.
+
+Operand order (``SWAP_AB``): the dot is taken as ``codes @ x^T`` (``[BLOCK_N, BLOCK_M]``
+sums), so that the decoded codes are the left operand, which Hopper's wgmma reads from
+registers; as the right operand they went through shared memory every group at M = 64.
+Two measured options stay for ``bench/diag_small_m_stages.py``, off by default:
+``ASM_DECODE`` (INT4 codes four bytes at a time by inline PTX) and ``PRESCALED``
+(``bf16(x * 1/s)`` and INT4's row sums by ``_scale_x_kernel`` once, not per column program).
 """
 
 from __future__ import annotations
@@ -50,6 +56,11 @@ LA_RANKS = 32
 
 #: Partial loads in flight at once where the one-launch kernel finishes a column block.
 FINISH_IN_FLIGHT = 4
+
+#: INT4 codes by inline PTX by default: no.  Its decode stage alone is faster (13.5 against
+#: 16.2 us at 3072x12288, M = 16), but in the whole kernel it measured within 2 % either way
+#: at M = 64 and up to 7 % slower at M = 16 (``bench/diag_small_m_stages.py``, tenth session).
+USE_ASM_DECODE = False
 
 
 def _split_configs() -> list[triton.Config]:
@@ -375,12 +386,15 @@ def _small_m_epilogue_kernel(
 
 
 def use_magic(fmt: str, m: int) -> bool:
-    """Bit-built codes where they measured faster on H100: INT4 at M <= 16 (docs/results.md).
+    """Bit-built codes where they measured faster on H100: INT4, with the codes as the dot's
+    left operand (``use_swap``), at M = 16 and 64 alike (docs/results.md).
 
-    FP4's bit path (a select per code) lost on every FLUX shape, and INT4's row-sum correction
-    lost at M = 64 (``bench/diag_small_m.py``, best tile each way, 2026-11-23).
+    FP4's bit path (a select per code) lost on every FLUX shape (``bench/diag_small_m.py``,
+    2026-11-23).  INT4's row-sum correction lost at M = 64 with the codes as the right operand;
+    as the left one it won by 2-6 % at the best tile (``bench/diag_small_m_stages.py``,
+    two runs, 3072x3072 and 3072x12288, tenth session).
     """
-    return fmt == "int4" and m <= 16
+    return fmt == "int4"
 
 
 def scaled_activations(
@@ -399,13 +413,21 @@ def scaled_activations(
 
 
 def use_prescale(m: int) -> bool:
-    """``bf16(x * 1/s)`` by a small kernel before the GEMM (``_scale_x_kernel``)."""
+    """No scaling pre-kernel: its launch cost what it saved (``bench/diag_small_m_stages.py``,
+    tenth session: at the best tile within -7 % .. +8 % of scaling in every column program,
+    over 3072x3072 and 3072x12288 at M = 16 and 64; docs/results.md)."""
     return False
 
 
 def use_swap(m: int) -> bool:
-    """Codes as the left operand of the dot (Hopper's wgmma takes them from registers)."""
-    return False
+    """The codes as the dot's left operand, everywhere: Hopper's wgmma then takes them from
+    registers.  As the right operand they are stored to shared memory per group at M = 64
+    (wgmma), and at M = 16 the mma.sync tile is 16 rows by few columns.  Measured on H100
+    (``bench/diag_small_m_stages.py``, best tile, tenth session): M = 16 11.7 -> 10.2 us
+    (3072x3072) and 26.5 -> 23.3 us (3072x12288); M = 64 (two launches) 17.9 -> 16.8 us and
+    45.0 -> 43.9 us.
+    """
+    return True
 
 
 def finish_for(m: int) -> str:
@@ -447,18 +469,17 @@ def w4_linear_small_m_triton(
     ``la_first``: the branch-slice programs come first in the grid (False: last; the tests run
     both, so that either kind of program finishing a block is covered).
     ``swap``: codes as the dot's left operand (``use_swap``); None: ``use_swap(m)``.
-    ``asm``: INT4 bit-built codes decoded by inline PTX (``_nibbles_by_asm``); None: wherever
-    it can run (INT4 with ``magic``, not under ``TRITON_INTERPRET``, which runs no PTX).
+    ``asm``: INT4 bit-built codes decoded by inline PTX (``_nibbles_by_asm``, GPU only);
+    None: not (``USE_ASM_DECODE``).
     ``prescale``: ``bf16(x * 1/s)`` (and INT4's row sums) by a small kernel first, instead of
     in every column program; None: ``use_prescale(m)``.
     """
     finish = finish_for(x.shape[0]) if finish is None else finish
     magic = use_magic(fmt, x.shape[0]) if magic is None else magic
     swap = use_swap(x.shape[0]) if swap is None else swap
-    can_asm = fmt == "int4" and magic and os.environ.get("TRITON_INTERPRET") != "1"
-    if asm and not can_asm:
+    if asm and not (fmt == "int4" and magic and os.environ.get("TRITON_INTERPRET") != "1"):
         raise ValueError("asm decoding needs INT4, magic=True and a GPU (not TRITON_INTERPRET)")
-    asm = can_asm if asm is None else asm
+    asm = USE_ASM_DECODE if asm is None else asm
     prescale = use_prescale(x.shape[0]) if prescale is None else prescale
     if finish not in ("last", "epilogue"):
         raise ValueError(f"finish must be 'last' or 'epilogue', not {finish!r}")
