@@ -61,6 +61,12 @@ def check_small_m() -> None:
     expect = torch.nn.functional.pad((x.float() * sinv).to(torch.bfloat16), (0, 56))
     assert torch.equal(xs, expect) and xs.shape == (19, 256)
     assert torch.allclose(sums, expect.float().view(19, 4, 64).sum(-1), rtol=1e-6, atol=1e-5)
+    # infinities stay, NaNs stay NaN (also one whose payload is only in the low 16 bits)
+    specials = torch.tensor([[float("inf"), -float("inf"), float("nan"), 0.0] * 16])
+    specials[0, 3::4] = torch.tensor([0x7F800001], dtype=torch.int32).view(torch.float32)
+    xs = scaled_activations(specials, torch.ones(64), row_sums=False)[0].float()
+    assert xs[0, 0::4].eq(float("inf")).all() and xs[0, 1::4].eq(-float("inf")).all()
+    assert xs[0, 2::4].isnan().all() and xs[0, 3::4].isnan().all()
 
     # rank 48: two branch-slice programs, one of them partly past R; rank 0: no branch
     cases = [(7, 320, 136, 48, "int4"), (16, 200, 72, 0, "fp4"), (33, 448, 40, 16, "fp4")]  # 33: 3 strips

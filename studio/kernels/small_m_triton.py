@@ -106,11 +106,13 @@ def _bf16_nearest_even(v):
 
     By hand because the Triton interpreter's conversion truncates (Triton 3.9), which put the
     interpreter tests' error past their bound; on the GPU this is a few integer operations
-    per activation, once per launch.  Infinities and NaNs stay what they are.
+    per activation, once per launch.  Infinities stay infinite; NaNs become bf16's quiet NaN
+    (rounding would turn a NaN whose payload lies in the low 16 bits into an infinity).
     """
     bits = v.to(tl.uint32, bitcast=True)
     bits += 0x7FFF + ((bits >> 16) & 1)
-    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    rounded = (bits >> 16).to(tl.uint16)
+    return tl.where(v != v, 0x7FC0, rounded).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
@@ -119,8 +121,8 @@ def _scale_x_kernel(
     ROW_SUMS: tl.constexpr, BLOCK_M: tl.constexpr, GROUPS: tl.constexpr,
 ):  # fmt: skip
     """``xs = bf16(x * 1/s)`` as ``[M, KG * 64]`` (zeros past K) and, for INT4's bit-built
-    codes, each group's row sums of ``xs`` in fp32, ``[M, KG]``: once per launch, where
-    every column program used to redo them for its own columns."""
+    codes, each group's row sums of ``xs`` in fp32, ``[M, KG]``: once per launch, instead of
+    in every column program for its own columns (``PRESCALED``, off by default)."""
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_g = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)
     kk = offs_g[:, None] * 64 + tl.arange(0, 64)[None, :]
@@ -421,10 +423,10 @@ def use_prescale(m: int) -> bool:
 
 def use_swap(m: int) -> bool:
     """The codes as the dot's left operand, everywhere: Hopper's wgmma then takes them from
-    registers.  As the right operand they are stored to shared memory per group at M = 64
-    (wgmma), and at M = 16 the mma.sync tile is 16 rows by few columns.  Measured on H100
-    (``bench/diag_small_m_stages.py``, best tile, tenth session): M = 16 11.7 -> 10.2 us
-    (3072x3072) and 26.5 -> 23.3 us (3072x12288); M = 64 (two launches) 17.9 -> 16.8 us and
+    registers.  As the right operand they were stored to shared memory every group at M = 64
+    (a wgmma reading both operands there), and at M = 16 they fed an mma.sync.  Measured on
+    H100 (``bench/diag_small_m_stages.py``, best tile, tenth session): M = 16 11.7 -> 10.3 us
+    (3072x3072) and 26.7 -> 23.1 us (3072x12288); M = 64 (two launches) 17.9 -> 16.9 us and
     45.0 -> 43.9 us.
     """
     return True
