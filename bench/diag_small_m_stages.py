@@ -17,9 +17,12 @@ flush), with the same grid and loop as ``small_m_triton._w4_small_m_kernel``:
 - ``swap_dot``, ``swap_asm``: as ``dot`` and ``asm_dot`` with the codes as the dot's left
   operand (``[BLOCK_N, BLOCK_M]`` sums: Hopper's wgmma takes them from registers);
 - ``kernel``: the real launcher at that config, in each of ``VARIANTS``: one launch or two
-  (``finish``), codes through fp32, by bit patterns or by asm, and the codes as the dot's
-  left or right operand (``swap``); bf16 ``F.linear`` beside.  How far the variants' outputs
-  are from each other is printed too (summation order only: well under 1e-3).
+  (``finish``), codes through fp32, by bit patterns or by asm, the codes as the dot's left
+  or right operand (``swap``), the activations scaled by a pre-kernel (``prescale``) and the
+  codes times their group scale before the dot (``scale_codes``); bf16 ``F.linear`` beside.
+  Names: ``{finish}-{S}{P}{C}{F|M|A}``.  How far the variants' outputs are from each other is
+  printed too (summation order only: under 1e-4; with ``C``, the bf16 rounding of each
+  scaled code too: about 2e-3).
 
 The registers per thread of each stage kernel as compiled on this GPU are printed too (the
 CPU's count, ``bench/diag_registers.py``, should agree).  Read: if ``read`` is already far
@@ -56,18 +59,28 @@ TILES = [
     (64, 8, 4, 3),
     (128, 8, 8, 3),
     (32, 8, 4, 3),
+    (64, 8, 4, 5),
+    (128, 8, 4, 5),
+    (128, 4, 4, 4),
+    (64, 16, 4, 5),
 ]
 STAGES = {"read": 0, "decode": 1, "dot": 2, "scaled": 3, "asm_dot": 4, "swap_dot": 5, "swap_asm": 6}
 #: The real kernel's variants: finish (one launch or two), codes through fp32 (``F``), by bit
 #: patterns (``M``) or by asm (``A``); ``S``: the codes as the dot's left operand (``swap``);
 #: ``P``: ``bf16(x * 1/s)`` by a small kernel first (``prescale``).
 VARIANTS = {
-    f"{finish}-{'S' if swap else ''}{'P' if prescale else ''}{decode}": dict(
-        finish=finish, swap=swap, prescale=prescale, magic=decode != "F", asm=decode == "A"
+    f"{finish}-{'S' if swap else ''}{'P' if prescale else ''}{'C' if scaled else ''}{decode}": dict(
+        finish=finish,
+        swap=swap,
+        prescale=prescale,
+        scale_codes=scaled,
+        magic=decode != "F",
+        asm=decode == "A",
     )
     for finish in ("last", "epilogue")
     for swap in (False, True)
     for prescale in (False, True)
+    for scaled in (False, True)
     for decode in ("F", "M", "A")
 }
 

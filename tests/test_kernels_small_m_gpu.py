@@ -79,6 +79,31 @@ def test_small_m_every_config(cfg: dict, fmt: str) -> None:
             assert torch.equal(out, w4_linear_small_m_triton(*args, **kw)), kw
 
 
+@pytest.mark.parametrize(
+    "variant", [{}, {"swap": False, "prescale": False}, {"swap": True, "prescale": True}], ids=str
+)
+@pytest.mark.parametrize("magic", [True, False])
+@pytest.mark.parametrize("fmt", ["int4", "fp4"])
+@pytest.mark.parametrize("m,k,n,r", SHAPES)
+def test_scaled_codes_round_as_their_reference(
+    m: int, k: int, n: int, r: int, fmt: str, magic: bool, variant: dict
+) -> None:
+    """Codes times their group scale, rounded to bf16 before the dot, as ``reference_small_m``
+    models it: with fp32 in and out (no output rounding) only the summation order is left."""
+    args = _case(m, k, n, r, fmt, seed=4)
+    x32 = args[0].float()
+    expect = w4_linear_small_m(x32, *args[1:], scaled_codes=True)
+    fixed = {"BLOCK_N": 64, "SPLIT_K": 4, "num_warps": 4, "num_stages": 5}
+    for config in (fixed,) if variant else (None, fixed):  # autotuned with the defaults only
+        out = w4_linear_small_m_triton(
+            x32, *args[1:], magic=magic, scale_codes=True, config=config, **variant
+        )
+        assert out.dtype == torch.float32 and out.shape == (m, n)
+        assert _rel(out, expect) < 2e-4, config
+        bf16_out = w4_linear_small_m_triton(*args, magic=magic, scale_codes=True, config=config, **variant)
+        assert _rel(bf16_out, w4_linear_small_m(*args, scaled_codes=True)) < 5e-3
+
+
 def test_scaled_activations_round_as_torch_and_pad_with_zeros() -> None:
     x, sinv = _case(37, 1000, 8, 0, "int4")[:2]
     xs, sums = scaled_activations(x, sinv, row_sums=True)

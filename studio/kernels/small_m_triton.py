@@ -116,6 +116,23 @@ def _bf16_nearest_even(v):
 
 
 @triton.jit
+def _times_group_scale(codes, ws, OFFSET: tl.constexpr, ROUND_BY_BITS: tl.constexpr):
+    """``bf16(code * bf16(ws))`` for decoded codes (``OFFSET``: INT4's bit-built ``128 + c``, less
+    136 first, exactly).  bf16 arithmetic on the GPU (``sub``/``mul.bf16x2``, one rounding of
+    the exact product); ``ROUND_BY_BITS`` (the interpreter, whose bf16 arithmetic and
+    conversions truncate) computes in fp32, exact here, and rounds to nearest even by hand."""
+    if ROUND_BY_BITS:
+        v = codes.to(tl.float32)
+        if OFFSET:
+            v -= 136.0
+        return _bf16_nearest_even(v * _bf16_nearest_even(ws).to(tl.float32))
+    v = codes.to(tl.bfloat16)
+    if OFFSET:
+        v -= 136.0
+    return v * ws.to(tl.bfloat16)
+
+
+@triton.jit
 def _scale_x_kernel(
     x_ptr, sinv_ptr, xs_ptr, rs_ptr, M, K, KG, stride_xm,
     ROW_SUMS: tl.constexpr, BLOCK_M: tl.constexpr, GROUPS: tl.constexpr,
@@ -171,7 +188,18 @@ def _nibbles_by_asm(packed):
 
 @triton.autotune(
     configs=_split_configs(),
-    key=["M_BUCKET", "N", "KG", "N_LA", "MAGIC", "FINISH_LAST", "SWAP_AB", "ASM_DECODE", "PRESCALED"],
+    key=[
+        "M_BUCKET",
+        "N",
+        "KG",
+        "N_LA",
+        "MAGIC",
+        "FINISH_LAST",
+        "SWAP_AB",
+        "ASM_DECODE",
+        "PRESCALED",
+        "SCALED_CODES",
+    ],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
@@ -183,7 +211,8 @@ def _w4_small_m_kernel(
     FP4: tl.constexpr, MAGIC: tl.constexpr, LA_R: tl.constexpr,
     DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
     FINISH_LAST: tl.constexpr, FINISH_IN_FLIGHT: tl.constexpr, LA_FIRST: tl.constexpr,
-    SWAP_AB: tl.constexpr, ASM_DECODE: tl.constexpr, PRESCALED: tl.constexpr, HAS_BRANCH: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SWAP_AB: tl.constexpr, ASM_DECODE: tl.constexpr, PRESCALED: tl.constexpr, SCALED_CODES: tl.constexpr,
+    ROUND_BY_BITS: tl.constexpr, HAS_BRANCH: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -207,6 +236,7 @@ def _w4_small_m_kernel(
             acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         else:
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_hi = tl.zeros_like(acc)  # (SCALED_CODES: the high nibbles' sums)
         q_ptrs = q_ptr + offs_n[:, None] * stride_qn + offs_j[None, :]
         # (a hand prefetch of the next group's codes, as in gemm_w4_triton, measured slower
         # here: up to 33 % at M = 16 with INT4, within 7 % otherwise; docs/results.md)
@@ -234,27 +264,39 @@ def _w4_small_m_kernel(
             else:
                 lo = _decode(packed & 0xF, FP4)
                 hi = _decode(packed >> 4, FP4)
-            lo = lo.to(DOT_DTYPE)
-            hi = hi.to(DOT_DTYPE)
-            if SWAP_AB:  # [BLOCK_N, BLOCK_M] = codes @ x^T: the codes are a register operand
-                part = tl.dot(lo, tl.trans(xs_lo))
-                part = tl.dot(hi, tl.trans(xs_hi), part)
-            else:
-                part = tl.dot(xs_lo, tl.trans(lo))
-                part = tl.dot(xs_hi, tl.trans(hi), part)
-            if MAGIC and not FP4:  # the codes were 128 + c: take 136 * sum(x) back (exact in fp32)
-                if PRESCALED:
-                    row_sum = tl.load(rs_ptr + offs_m * KG + grp, m_mask, 0.0)
+            if SCALED_CODES:  # bf16(code * scale): the sums need no per-group work after the dot
+                lo = _times_group_scale(lo, ws[:, None], MAGIC and not FP4, ROUND_BY_BITS).to(DOT_DTYPE)
+                hi = _times_group_scale(hi, ws[:, None], MAGIC and not FP4, ROUND_BY_BITS).to(DOT_DTYPE)
+                if SWAP_AB:  # two chains: each dot waits on nothing of this group's other
+                    acc = tl.dot(lo, tl.trans(xs_lo), acc)
+                    acc_hi = tl.dot(hi, tl.trans(xs_hi), acc_hi)
                 else:
-                    row_sum = tl.sum(xs_lo.to(tl.float32) + xs_hi.to(tl.float32), axis=1)
+                    acc = tl.dot(xs_lo, tl.trans(lo), acc)
+                    acc_hi = tl.dot(xs_hi, tl.trans(hi), acc_hi)
+            else:  # exact codes, each group's partial dot scaled in fp32
+                lo = lo.to(DOT_DTYPE)
+                hi = hi.to(DOT_DTYPE)
+                if SWAP_AB:  # [BLOCK_N, BLOCK_M] = codes @ x^T: the codes are a register operand
+                    part = tl.dot(lo, tl.trans(xs_lo))
+                    part = tl.dot(hi, tl.trans(xs_hi), part)
+                else:
+                    part = tl.dot(xs_lo, tl.trans(lo))
+                    part = tl.dot(xs_hi, tl.trans(hi), part)
+                if MAGIC and not FP4:  # the codes were 128 + c: take 136 * sum(x) back (exact in fp32)
+                    if PRESCALED:
+                        row_sum = tl.load(rs_ptr + offs_m * KG + grp, m_mask, 0.0)
+                    else:
+                        row_sum = tl.sum(xs_lo.to(tl.float32) + xs_hi.to(tl.float32), axis=1)
+                    if SWAP_AB:
+                        part -= 136.0 * row_sum[None, :]
+                    else:
+                        part -= 136.0 * row_sum[:, None]
                 if SWAP_AB:
-                    part -= 136.0 * row_sum[None, :]
+                    acc += part * ws[:, None]
                 else:
-                    part -= 136.0 * row_sum[:, None]
-            if SWAP_AB:
-                acc += part * ws[:, None]
-            else:
-                acc += part * ws[None, :]
+                    acc += part * ws[None, :]
+        if SCALED_CODES:
+            acc += acc_hi
         if SWAP_AB:
             acc = tl.trans(acc)
         dst = part_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :]
@@ -421,6 +463,11 @@ def use_prescale(m: int) -> bool:
     return False
 
 
+def use_scaled_codes(m: int) -> bool:
+    """Codes times their group scale in bf16 before the dot: not yet measured on the GPU."""
+    return False
+
+
 def use_swap(m: int) -> bool:
     """The codes as the dot's left operand, everywhere: Hopper's wgmma then takes them from
     registers.  As the right operand they were stored to shared memory every group at M = 64
@@ -461,6 +508,7 @@ def w4_linear_small_m_triton(
     swap: bool | None = None,
     asm: bool | None = None,
     prescale: bool | None = None,
+    scale_codes: bool | None = None,
 ) -> torch.Tensor:
     """``[M, N]`` in ``x.dtype``; shapes as ``studio.kernels.w4_linear``, ``M <= 64`` expected.
 
@@ -475,6 +523,9 @@ def w4_linear_small_m_triton(
     None: not (``USE_ASM_DECODE``).
     ``prescale``: ``bf16(x * 1/s)`` (and INT4's row sums) by a small kernel first, instead of
     in every column program; None: ``use_prescale(m)``.
+    ``scale_codes``: each code times its group scale, rounded to bf16, before the dot
+    (``reference_small_m`` with ``scaled_codes=True``), instead of each group's partial dot
+    scaled in fp32; None: ``use_scaled_codes(m)``.
     """
     finish = finish_for(x.shape[0]) if finish is None else finish
     magic = use_magic(fmt, x.shape[0]) if magic is None else magic
@@ -483,6 +534,7 @@ def w4_linear_small_m_triton(
         raise ValueError("asm decoding needs INT4, magic=True and a GPU (not TRITON_INTERPRET)")
     asm = USE_ASM_DECODE if asm is None else asm
     prescale = use_prescale(x.shape[0]) if prescale is None else prescale
+    scale_codes = use_scaled_codes(x.shape[0]) if scale_codes is None else scale_codes
     if finish not in ("last", "epilogue"):
         raise ValueError(f"finish must be 'last' or 'epilogue', not {finish!r}")
     x = x.contiguous()
@@ -504,7 +556,11 @@ def w4_linear_small_m_triton(
     block_m = max(16, triton.next_power_of_2(m))
     _, cnt = zeroed_scratch(x.device, 0, blocks)
     rows_per_sample = max(rows_per_sample, 1)
-    xs, row_sums = scaled_activations(x, smooth_inv, magic and fmt == "int4") if prescale else (x, out)
+    xs, row_sums = (
+        scaled_activations(x, smooth_inv, magic and fmt == "int4" and not scale_codes)
+        if prescale
+        else (x, out)
+    )
 
     def grid(meta: dict) -> tuple[int, int]:
         return (triton.cdiv(n, meta["BLOCK_N"]) + n_la, meta["SPLIT_K"])
@@ -519,7 +575,8 @@ def w4_linear_small_m_triton(
             strength.stride(0), out.stride(0),
         ),
         dict(
-            FP4=fmt == "fp4", MAGIC=magic, SWAP_AB=swap, ASM_DECODE=asm, PRESCALED=prescale, LA_R=la_r,
+            FP4=fmt == "fp4", MAGIC=magic, SWAP_AB=swap, ASM_DECODE=asm, PRESCALED=prescale,
+            SCALED_CODES=scale_codes, ROUND_BY_BITS=os.environ.get("TRITON_INTERPRET") == "1", LA_R=la_r,
             DOT_DTYPE=branch_dot_dtype(), BLOCK_M=block_m, FINISH_LAST=finish == "last",
             FINISH_IN_FLIGHT=FINISH_IN_FLIGHT, LA_FIRST=la_first,
             HAS_BRANCH=r > 0, HAS_BIAS=bias is not None,
