@@ -63,6 +63,9 @@ TILES = [
     (128, 8, 4, 5),
     (128, 4, 4, 4),
     (64, 16, 4, 5),
+    (128, 2, 4, 4),
+    (128, 4, 4, 5),
+    (256, 4, 8, 4),
 ]
 STAGES = {"read": 0, "decode": 1, "dot": 2, "scaled": 3, "asm_dot": 4, "swap_dot": 5, "swap_asm": 6}
 #: The real kernel's variants: finish (one launch or two), codes through fp32 (``F``), by bit

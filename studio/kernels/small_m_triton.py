@@ -2,8 +2,8 @@
 
 The maths and the reasons are in ``reference_small_m.py`` (the oracle).
 
-``_w4_small_m_kernel``, grid (branch slices + column blocks, ``SPLIT_K``).  Program
-``(pid_n, pid_k)`` on a column block owns ``BLOCK_N`` output channels and one run of groups
+``_w4_small_m_kernel``, grid ``(branch slices + column blocks) * SPLIT_K`` on one axis, every
+branch slice first.  Program ``(col, pid_k)`` on a column block owns ``BLOCK_N`` output channels and one run of groups
 along K; per group of 64 it loads the packed codes ``[BLOCK_N, 32]`` once (the bytes that
 bound this path), turns both nibbles into bf16, takes two K = 32 dots with the bf16
 activations and scales the partial sums by the group scale in fp32.  The branch-slice
@@ -214,15 +214,28 @@ def _w4_small_m_kernel(
     SWAP_AB: tl.constexpr, ASM_DECODE: tl.constexpr, PRESCALED: tl.constexpr, SCALED_CODES: tl.constexpr,
     ROUND_BY_BITS: tl.constexpr, HAS_BRANCH: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    # One grid axis: every split's branch-slice programs before every column program
+    # (``LA_FIRST``), so that the column programs arrive last.  With a 2-D (program, split)
+    # grid the last split's slices started after most column programs; where those were fast
+    # (scaled codes and pre-scaled activations) a slice arrived last at every block and
+    # finished them all, one after another: 4-10x the kernel's time at 3072x12288.
+    pid = tl.program_id(0)
     n_blocks = tl.cdiv(N, BLOCK_N)
-    if LA_FIRST:  # the short branch-slice programs first, so that column programs arrive last
-        col = pid_n - N_LA
-        la_idx = pid_n
+    n_slice_programs = N_LA * SPLIT_K
+    if LA_FIRST:
+        first_col = n_slice_programs
+        first_la = 0
     else:
-        col = pid_n
-        la_idx = pid_n - n_blocks
+        first_col = 0
+        first_la = n_blocks * SPLIT_K
+    if (pid >= first_col) & (pid < first_col + n_blocks * SPLIT_K):
+        col = (pid - first_col) % n_blocks
+        pid_k = (pid - first_col) // n_blocks
+        la_idx = -1
+    else:
+        col = -1
+        la_idx = (pid - first_la) % N_LA
+        pid_k = (pid - first_la) // N_LA
     offs_m = tl.arange(0, BLOCK_M)
     offs_j = tl.arange(0, 32)
     m_mask = offs_m < M
@@ -562,8 +575,8 @@ def w4_linear_small_m_triton(
         else (x, out)
     )
 
-    def grid(meta: dict) -> tuple[int, int]:
-        return (triton.cdiv(n, meta["BLOCK_N"]) + n_la, meta["SPLIT_K"])
+    def grid(meta: dict) -> tuple[int]:
+        return ((triton.cdiv(n, meta["BLOCK_N"]) + n_la) * meta["SPLIT_K"],)
 
     split = launch_autotuned(
         _w4_small_m_kernel,
