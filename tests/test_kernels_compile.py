@@ -31,9 +31,9 @@ def _small_m_launches() -> None:
         args = (x, torch.ones(448), qw, ws, fmt, l1, l2, torch.ones(2, r), 8, torch.randn(136))
         # every config (SPLIT_K = 1, the block shapes) once; the other variants with one
         for cfg in _split_configs() if magic is None else _split_configs()[:1]:
-            # either operand order, with and without the scaling pre-kernel
-            for swap, prescale in ((False, False), (True, True)):
-                kw = dict(magic=magic, swap=swap, prescale=prescale)
+            # either operand order, with and without the scaling pre-kernel and scaled codes
+            for swap, prescale, scaled in ((False, False, False), (True, True, True), (True, False, True)):
+                kw = dict(magic=magic, swap=swap, prescale=prescale, scale_codes=scaled)
                 w4_linear_small_m_triton(*args, config=cfg.all_kwargs(), **kw)
     # the two-launch form (its epilogue kernel), the other program order and INT4's codes by
     # inline PTX, once each

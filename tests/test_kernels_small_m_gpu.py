@@ -44,19 +44,22 @@ def _case(m: int, k: int, n: int, r: int, fmt: str, seed: int = 0) -> tuple:
     return x, sinv, qw, ws, fmt, l1, l2, strength, max(1, m // 2), bias
 
 
-@pytest.mark.parametrize(
-    "variant", [{}, {"swap": False, "prescale": False}, {"swap": True, "prescale": True}], ids=str
-)
+EXACT = {"scale_codes": False}  # each group's partial dot scaled in fp32, not the codes
+
+VARIANTS = [{}, {"swap": False, "prescale": False} | EXACT, {"swap": True, "prescale": True} | EXACT]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=str)
 @pytest.mark.parametrize("magic", [None, True, False])
 @pytest.mark.parametrize("fmt", ["int4", "fp4"])
 @pytest.mark.parametrize("m,k,n,r", SHAPES)
 def test_small_m_matches_reference(
     m: int, k: int, n: int, r: int, fmt: str, magic: bool | None, variant: dict
 ) -> None:
-    """The defaults autotuned; either operand order, with and without the scaling pre-kernel,
-    at one tile (``test_small_m_every_config`` runs the others)."""
+    """The defaults autotuned; with exact codes, either operand order, with and without the
+    scaling pre-kernel, at one tile (``test_small_m_every_config`` runs the others)."""
     args = _case(m, k, n, r, fmt)
-    expect = w4_linear_small_m(*args)
+    expect = w4_linear_small_m(*args, scaled_codes=variant.get("scale_codes", True))
     config = {"BLOCK_N": 64, "SPLIT_K": 4, "num_warps": 4, "num_stages": 3} if variant else None
     # INT4's bit-built codes both ways: by inline PTX and by Triton's integer ops
     for asm in (True, False) if fmt == "int4" and magic else (None,):
@@ -69,39 +72,31 @@ def test_small_m_matches_reference(
 @pytest.mark.parametrize("cfg", [c.all_kwargs() for c in _split_configs()], ids=str)
 def test_small_m_every_config(cfg: dict, fmt: str) -> None:
     args = _case(17, 1000, 520, 48, fmt, seed=1)
-    expect = w4_linear_small_m(*args)
+    expect = {scaled: w4_linear_small_m(*args, scaled_codes=scaled) for scaled in (True, False)}
     for magic in (True, False):
-        for swap, prescale in ((False, False), (True, True)):
-            kw = dict(config=cfg, magic=magic, swap=swap, prescale=prescale)
+        for swap, prescale, scaled in ((False, False, False), (True, True, True)):
+            kw = dict(config=cfg, magic=magic, swap=swap, prescale=prescale, scale_codes=scaled)
             out = w4_linear_small_m_triton(*args, **kw)
-            assert _rel(out, expect) < 5e-3, kw
+            assert _rel(out, expect[scaled]) < 5e-3, kw
             # no atomics: identical run to run
             assert torch.equal(out, w4_linear_small_m_triton(*args, **kw)), kw
 
 
-@pytest.mark.parametrize(
-    "variant", [{}, {"swap": False, "prescale": False}, {"swap": True, "prescale": True}], ids=str
-)
-@pytest.mark.parametrize("magic", [True, False])
 @pytest.mark.parametrize("fmt", ["int4", "fp4"])
 @pytest.mark.parametrize("m,k,n,r", SHAPES)
-def test_scaled_codes_round_as_their_reference(
-    m: int, k: int, n: int, r: int, fmt: str, magic: bool, variant: dict
-) -> None:
+def test_scaled_codes_round_as_their_reference(m: int, k: int, n: int, r: int, fmt: str) -> None:
     """Codes times their group scale, rounded to bf16 before the dot, as ``reference_small_m``
     models it: with fp32 in and out (no output rounding) only the summation order is left."""
     args = _case(m, k, n, r, fmt, seed=4)
     x32 = args[0].float()
     expect = w4_linear_small_m(x32, *args[1:], scaled_codes=True)
     fixed = {"BLOCK_N": 64, "SPLIT_K": 4, "num_warps": 4, "num_stages": 5}
-    for config in (fixed,) if variant else (None, fixed):  # autotuned with the defaults only
-        out = w4_linear_small_m_triton(
-            x32, *args[1:], magic=magic, scale_codes=True, config=config, **variant
-        )
+    variants = [{}]  # the defaults, autotuned; then both decodes, operand orders, pre-kernel or not
+    variants += [dict(config=fixed, magic=magic, swap=magic, prescale=magic) for magic in (True, False)]
+    for kw in variants:
+        out = w4_linear_small_m_triton(x32, *args[1:], scale_codes=True, **kw)
         assert out.dtype == torch.float32 and out.shape == (m, n)
-        assert _rel(out, expect) < 2e-4, config
-        bf16_out = w4_linear_small_m_triton(*args, magic=magic, scale_codes=True, config=config, **variant)
-        assert _rel(bf16_out, w4_linear_small_m(*args, scaled_codes=True)) < 5e-3
+        assert _rel(out, expect) < 2e-4, kw
 
 
 def test_scaled_activations_round_as_torch_and_pad_with_zeros() -> None:

@@ -38,14 +38,15 @@ def w4_linear_small_m(
     strength: torch.Tensor,
     rows_per_sample: int,
     bias: torch.Tensor | None,
-    scaled_codes: bool = False,
+    scaled_codes: bool = True,
 ) -> torch.Tensor:
     """The small-M layer in float32 with the kernel's roundings; shapes as ``studio.kernels.w4_linear``.
 
-    ``scaled_codes``: the kernel's other form, which rounds each code times its group scale
-    to bf16 (``bf16(code * bf16(scale))``) and takes one dot over all of K, so that the sums
-    need no work per group (a relative error of at most 2**-9 per weight, against the 4-bit
-    codes' own error of about 2**-4).
+    ``scaled_codes`` (the GPU kernel's default, ``small_m_triton.use_scaled_codes``): each code
+    times its group scale is rounded to bf16 (``bf16(code * bf16(scale))``) and one dot runs
+    over all of K, so that the sums need no work per group.  That rounding costs a relative
+    error of at most 2**-9 per weight (about 2e-3 on the outputs), against the 4-bit codes' own
+    of about 2**-4.  False: the codes exact, each group's partial dot scaled in fp32.
     """
     m, k = x.shape
     kp = padded_k(k)

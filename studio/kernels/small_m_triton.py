@@ -470,15 +470,25 @@ def scaled_activations(
 
 
 def use_prescale(m: int) -> bool:
-    """No scaling pre-kernel: its launch cost what it saved (``bench/diag_small_m_stages.py``,
-    tenth session: at the best tile within -7 % .. +8 % of scaling in every column program,
-    over 3072x3072 and 3072x12288 at M = 16 and 64; docs/results.md)."""
-    return False
+    """The scaling pre-kernel above the one-launch rows.  With scaled codes (``use_scaled_codes``)
+    the activations then reach the dot straight from a pipelined load, which lets its wgmmas
+    run asynchronously: at M = 64 the best tile went 19.1 -> 14.4 us (3072x3072) and
+    39.3 -> 28.0 us (3072x12288).  At M = 16 it was a wash (10.0 -> 10.8 us and 19.5 ->
+    19.3 us; ``bench/diag_small_m_stages.py``, eleventh session), and its launch is one more
+    where the kernel runs in one.
+    """
+    return m > SMALL_M_ONE_LAUNCH
 
 
 def use_scaled_codes(m: int) -> bool:
-    """Codes times their group scale in bf16 before the dot: not yet measured on the GPU."""
-    return False
+    """Codes times their group scale in bf16 before the dot, everywhere (``reference_small_m``'s
+    default too).  The sums then need no work per group, so Triton keeps the wgmmas in flight
+    across groups, where the fp32 scaling of each group's partial dot waited for every one.
+    Measured on H100 (``bench/diag_small_m_stages.py``, best tile, eleventh session): M = 16
+    10.3 -> 10.0 us (3072x3072) and 20.8 -> 19.5 us (3072x12288); M = 64, with the scaling
+    pre-kernel (``use_prescale``), 17.0 -> 14.4 us and 38.8 -> 28.0 us.
+    """
+    return True
 
 
 def use_swap(m: int) -> bool:
