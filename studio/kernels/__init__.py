@@ -116,10 +116,11 @@ def pick_path(m: int, k: int, n: int, on_gpu: bool, path: str = "auto") -> str:
     if not on_gpu:
         return "fused"  # the CPU reference runs the fused maths
     if m <= SMALL_M_MAX:
-        # Measured on H100 (docs/results.md): the small-M path won where N <= K (3072x3072,
-        # 12288x3072); where N > K (3072x9216, 3072x12288) the fused one won at M = 64, and
-        # the small one at M <= 16 since it runs in one launch there (3.6 % over two runs).
-        return "small" if n <= k or m <= SMALL_M_ONE_LAUNCH else "fused"
+        # Measured on H100 (bench/bench_w4.py, docs/results.md): the small-M path won on all
+        # four FLUX shapes at M = 16 and, since its scaled codes (eleventh session), at M = 64
+        # too: INT4 rank 32, 17.2 / 27.8 / 28.7 / 31.0 us against the fused path's 26.6 /
+        # 37.0 / 39.1 / 69.5 us (where N > K the fused one had won at M = 64 before).
+        return "small"
     # (cuBLAS FP8 needs N % 16 == 0: the large-M path would pad other N; the fused kernel does not)
     return "prefill" if m >= PREFILL_MIN_M and n % 16 == 0 else "fused"
 

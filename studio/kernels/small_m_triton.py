@@ -5,8 +5,10 @@ The maths and the reasons are in ``reference_small_m.py`` (the oracle).
 ``_w4_small_m_kernel``, grid ``(branch slices + column blocks) * SPLIT_K`` on one axis, every
 branch slice first.  Program ``(col, pid_k)`` on a column block owns ``BLOCK_N`` output channels and one run of groups
 along K; per group of 64 it loads the packed codes ``[BLOCK_N, 32]`` once (the bytes that
-bound this path), turns both nibbles into bf16, takes two K = 32 dots with the bf16
-activations and scales the partial sums by the group scale in fp32.  The branch-slice
+bound this path), turns both nibbles into bf16 weights (code times group scale:
+``SCALED_CODES``) and adds two K = 32 dots with the bf16 activations to two running sums
+(one per nibble, so that no dot waits for the other); with exact codes it scales each
+group's partial dots by the group scale in fp32 instead.  The branch-slice
 programs each compute one 32-rank slice of ``x @ l1`` over the same run of K (so the branch
 input costs no launch of its own and ``l1`` is read once, not once per column block: that
 re-read was 3x the weight bytes at 96 ranks).  Both write per-split partials, then count
@@ -33,8 +35,10 @@ Operand order (``SWAP_AB``): the dot is taken as ``codes @ x^T`` (``[BLOCK_N, BL
 sums), so that the decoded codes are the left operand, which Hopper's wgmma reads from
 registers; as the right operand they went through shared memory every group at M = 64.
 Two measured options stay for ``bench/diag_small_m_stages.py``, off by default:
-``ASM_DECODE`` (INT4 codes four bytes at a time by inline PTX) and ``PRESCALED``
-(``bf16(x * 1/s)`` and INT4's row sums by ``_scale_x_kernel`` once, not per column program).
+``ASM_DECODE`` (INT4 codes four bytes at a time by inline PTX) and exact codes
+(``SCALED_CODES`` off).  ``PRESCALED`` (``bf16(x * 1/s)``, and INT4's row sums for exact bit-built
+codes, by ``_scale_x_kernel`` once, not per column program) is on above 16 rows: with scaled
+codes it lets the dots run asynchronously (``use_prescale``).
 """
 
 from __future__ import annotations
@@ -471,11 +475,13 @@ def scaled_activations(
 
 def use_prescale(m: int) -> bool:
     """The scaling pre-kernel above the one-launch rows.  With scaled codes (``use_scaled_codes``)
-    the activations then reach the dot straight from a pipelined load, which lets its wgmmas
-    run asynchronously: at M = 64 the best tile went 19.1 -> 14.4 us (3072x3072) and
-    39.3 -> 28.0 us (3072x12288).  At M = 16 it was a wash (10.0 -> 10.8 us and 19.5 ->
-    19.3 us; ``bench/diag_small_m_stages.py``, eleventh session), and its launch is one more
-    where the kernel runs in one.
+    the activations then reach the dot straight from a pipelined load into shared memory,
+    which lets Triton keep its wgmmas in flight (the activations scaled in registers are
+    stored to shared memory first, and each dot waits).  At M = 64 (two launches) the best
+    tile went 15.3 -> 14.6 us (3072x3072) and 33.7 -> 28.5 us (3072x12288); without scaled
+    codes the pre-kernel lost (16.7 -> 18.0 us, 39.6 -> 39.3 us).  At M = 16 it was a wash
+    (10.0 -> 10.8 us and 19.5 -> 19.3 us; ``bench/diag_small_m_stages.py``, eleventh session),
+    and there it adds a launch to a kernel that runs in one.
     """
     return m > SMALL_M_ONE_LAUNCH
 
@@ -485,8 +491,9 @@ def use_scaled_codes(m: int) -> bool:
     default too).  The sums then need no work per group, so Triton keeps the wgmmas in flight
     across groups, where the fp32 scaling of each group's partial dot waited for every one.
     Measured on H100 (``bench/diag_small_m_stages.py``, best tile, eleventh session): M = 16
-    10.3 -> 10.0 us (3072x3072) and 20.8 -> 19.5 us (3072x12288); M = 64, with the scaling
-    pre-kernel (``use_prescale``), 17.0 -> 14.4 us and 38.8 -> 28.0 us.
+    10.3 -> 10.0 us (3072x3072) and 20.8 -> 19.5 us (3072x12288); M = 64 (two launches)
+    16.7 -> 15.3 us and 39.6 -> 33.7 us, and with the scaling pre-kernel too
+    (``use_prescale``) 14.6 and 28.5 us.
     """
     return True
 
