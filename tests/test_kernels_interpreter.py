@@ -37,17 +37,9 @@ def _within_one_fp8_step(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _case(m: int, k: int, n: int, r: int, fmt: str, seed: int) -> tuple:
-    from studio.kernels import reference as ref
+    from kernel_cases import small_m_case
 
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
-    x[:, :3] *= 40
-    sinv = torch.rand(k, generator=gen) + 0.5
-    l1 = (torch.randn(k, r, generator=gen) * 0.05).to(torch.bfloat16)
-    l2 = (torch.randn(n, r, generator=gen) * 0.05).to(torch.bfloat16)
-    strength = torch.rand(2, r, generator=gen)
-    qw, ws = ref.quantize_weight(torch.randn(n, k, generator=gen), fmt)
-    return x, sinv, qw, ws, fmt, l1, l2, strength, max(1, m // 2), torch.randn(n, generator=gen)
+    return small_m_case(m, k, n, r, fmt, seed)
 
 
 def check_small_m() -> None:

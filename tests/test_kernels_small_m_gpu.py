@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_cases import small_m_case
 
 from studio import kernels
-from studio.kernels import reference as ref
 from studio.kernels.reference_small_m import w4_linear_small_m
 from studio.kernels.small_m_triton import _split_configs, scaled_activations, w4_linear_small_m_triton
 
@@ -32,16 +32,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _case(m: int, k: int, n: int, r: int, fmt: str, seed: int = 0) -> tuple:
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
-    x[:, :3] *= 40
-    sinv = torch.rand(k, device="cuda", generator=g) + 0.5
-    l1 = (torch.randn(k, r, device="cuda", generator=g) * 0.05).to(torch.bfloat16)
-    l2 = (torch.randn(n, r, device="cuda", generator=g) * 0.05).to(torch.bfloat16)
-    strength = torch.rand(2, r, device="cuda", generator=g)
-    qw, ws = ref.quantize_weight(torch.randn(n, k, device="cuda", generator=g), fmt)
-    bias = torch.randn(n, device="cuda", generator=g)
-    return x, sinv, qw, ws, fmt, l1, l2, strength, max(1, m // 2), bias
+    return small_m_case(m, k, n, r, fmt, seed, device="cuda")
 
 
 EXACT = {"scale_codes": False}  # each group's partial dot scaled in fp32, not the codes
