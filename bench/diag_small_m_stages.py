@@ -21,8 +21,8 @@ flush), with the same grid and loop as ``small_m_triton._w4_small_m_kernel``:
   or right operand (``swap``), the activations scaled by a pre-kernel (``prescale``) and the
   codes times their group scale before the dot (``scale_codes``); bf16 ``F.linear`` beside.
   Names: ``{finish}-{S}{P}{C}{F|M|A}``.  How far the variants' outputs are from each other is
-  printed too (summation order only: under 1e-4; with ``C``, the bf16 rounding of each
-  scaled code too: about 2e-3).
+  printed too (summation order only: under 1e-4; between variants with and without ``C``,
+  the bf16 rounding of each scaled code too: about 1e-3 on these random weights).
 
 The registers per thread of each stage kernel as compiled on this GPU are printed too (the
 CPU's count, ``bench/diag_registers.py``, should agree).  Read: if ``read`` is already far

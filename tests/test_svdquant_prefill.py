@@ -140,6 +140,10 @@ def test_small_m_reference_is_more_accurate_than_the_fp8_paths(fmt: str) -> None
     exact = (x.double() * q.smooth_inv.double()) @ w.t() + q.bias.double()
     small = _rel(w4_linear_small_m(*no_branch), exact)
     assert small < 0.2 * _rel(ref.w4_linear(*no_branch), exact), small
+    # the default rounds each code times its scale to bf16 (2**-9 per weight): a little
+    # further from the exact value than the exact codes, still far closer than FP8
+    exact_codes = _rel(w4_linear_small_m(*no_branch, scaled_codes=False), exact)
+    assert exact_codes < small < 4e-3, (exact_codes, small)
     assert small < 0.2 * _rel(rp.w4_linear_prefill(*no_branch), exact), small
     # With the branch (in bf16, as the fused path runs it)
     dense = x.double() @ q.dequantized_weight().double().t() + q.bias.double()

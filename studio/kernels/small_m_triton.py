@@ -3,8 +3,8 @@
 The maths and the reasons are in ``reference_small_m.py`` (the oracle).
 
 ``_w4_small_m_kernel``, grid ``(branch slices + column blocks) * SPLIT_K`` on one axis, every
-branch slice first.  Program ``(col, pid_k)`` on a column block owns ``BLOCK_N`` output channels and one run of groups
-along K; per group of 64 it loads the packed codes ``[BLOCK_N, 32]`` once (the bytes that
+branch slice first.  Program ``(col, pid_k)`` on a column block owns ``BLOCK_N`` output
+channels and one run of groups along K; per group of 64 it loads the packed codes ``[BLOCK_N, 32]`` once (the bytes that
 bound this path), turns both nibbles into bf16 weights (code times group scale:
 ``SCALED_CODES``) and adds two K = 32 dots with the bf16 activations to two running sums
 (one per nibble, so that no dot waits for the other); with exact codes it scales each
