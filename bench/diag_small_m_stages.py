@@ -66,24 +66,46 @@ TILES = [
     (128, 2, 4, 4),
     (128, 4, 4, 5),
     (256, 4, 8, 4),
+    # twelfth session: deeper pipelines with fewer splits, and splits of 3 / 6
+    (128, 2, 4, 8),
+    (128, 4, 4, 6),
+    (128, 3, 4, 6),
+    (256, 2, 8, 6),
+    (64, 4, 4, 8),
+    (128, 1, 4, 8),
+    (256, 4, 8, 5),
+    (128, 6, 4, 4),
+    (64, 6, 4, 6),
+    (256, 3, 8, 5),
 ]
 STAGES = {"read": 0, "decode": 1, "dot": 2, "scaled": 3, "asm_dot": 4, "swap_dot": 5, "swap_asm": 6}
 #: The real kernel's variants: finish (one launch or two), codes through fp32 (``F``), by bit
 #: patterns (``M``) or by asm (``A``); ``S``: the codes as the dot's left operand (``swap``);
-#: ``P``: ``bf16(x * 1/s)`` by a small kernel first (``prescale``).
+#: ``P``: ``bf16(x * 1/s)`` by a small kernel first (``prescale``); ``C``: scaled codes; ``L``:
+#: the codes and scales prefetched into L2 (``prefetch``); ``D``: programmatic dependent
+#: launches (``pdl``); ``2``: two groups per loop step (``group_step``).
 VARIANTS = {
-    f"{finish}-{'S' if swap else ''}{'P' if prescale else ''}{'C' if scaled else ''}{decode}": dict(
+    (
+        f"{finish}-{'S' if swap else ''}{'P' if prescale else ''}{'C' if scaled else ''}"
+        f"{'L' if prefetch else ''}{'D' if pdl else ''}{'2' if step == 2 else ''}{decode}"
+    ): dict(
         finish=finish,
         swap=swap,
         prescale=prescale,
         scale_codes=scaled,
         magic=decode != "F",
         asm=decode == "A",
+        prefetch=prefetch,
+        pdl=pdl,
+        group_step=step,
     )
     for finish in ("last", "epilogue")
     for swap in (False, True)
     for prescale in (False, True)
     for scaled in (False, True)
+    for prefetch in (False, True)
+    for pdl in (False, True)
+    for step in (1, 2)
     for decode in ("F", "M", "A")
 }
 
@@ -174,9 +196,17 @@ def main() -> None:
         "--variants", default="last-F,last-M,last-A,last-SF,last-SM,last-SA,epilogue-F,epilogue-SM",
         help=f"real-kernel variants, of: {','.join(VARIANTS)}",
     )  # fmt: skip
+    parser.add_argument(
+        "--tile-list", default=None, help="tiles as BLOCK_N,SPLIT_K,warps,stages;... (not --tiles)"
+    )
+    parser.add_argument(
+        "--hot", action="store_true", help="also time each variant on one weight copy (L2 warm: no DRAM read)"
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     tiles = TILES if args.tiles is None else [TILES[int(i)] for i in args.tiles.split(",")]
+    if args.tile_list:
+        tiles = [tuple(int(v) for v in t.split(",")) for t in args.tile_list.split(";")]
     stages_run = [st for st in args.stages.split(",") if st]
     variants = {name: VARIANTS[name] for name in args.variants.split(",")}
     torch.manual_seed(0)
@@ -220,10 +250,15 @@ def main() -> None:
 
                     outs[name] = real(copies[0]).float()
                     row[name] = bench_stream([lambda c=c: real(c) for c in copies])
+                    if args.hot:
+                        row[name + "_hot"] = bench_stream([lambda: real(copies[0])])
                 first = next(iter(outs.values()))
                 row["worst_rel_diff"] = max(((o - first).norm() / first.norm()).item() for o in outs.values())
                 rows.append(row)
-                kernel = ", ".join(f"{name} {row[name]:.1f}" for name in variants)
+                kernel = ", ".join(
+                    f"{name} {row[name]:.1f}" + (f" (hot {row[name + '_hot']:.1f})" if args.hot else "")
+                    for name in variants
+                )
                 stages = " | ".join(f"{st} {row[st]:.1f} ({row[st + '_regs']} regs)" for st in stages_run)
                 print(
                     f"  tile {tile}: {stages} | asm decode exact: {row.get('asm_matches')} | kernel: {kernel}"
