@@ -253,7 +253,7 @@ def print_table(rows: list[dict], ranks: list[int]) -> None:
     cols += [f"w4+lr{r0}_unfused"]
     cols += [f"fused_int4_r{r0}", f"prefill_int4_r{r0}", f"small_int4_r{r0}"]
     cols += [f"fused_fp4_r{r0}", f"prefill_fp4_r{r0}", f"small_fp4_r{r0}"]
-    cols += [f"int4_r{r0}", f"fp4_r{r0}", f"int4_r{r1}", f"fp4_r{r1}"]
+    cols += [f"int4_r{r0}", f"fp4_r{r0}"] + ([f"int4_r{r1}", f"fp4_r{r1}"] if r1 != r0 else [])
     print("\ntimes in us (CUDA-graph replay median, L2 flushed before each call)")
     print("| K x N | M | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 2) + "|")
@@ -268,10 +268,11 @@ def print_table(rows: list[dict], ranks: list[int]) -> None:
     for row in rows:
         fmt = "int4" if row[f"int4_r{r0}"] <= row[f"fp4_r{r0}"] else "fp4"
         t = row[f"{fmt}_r{r0}"]
+        more_ranks = f"{row[f'{fmt}_r{r1}'] / t - 1:+.1%}" if r1 != r0 else "-"  # (one rank: not measured)
         print(
             f"| {row['K']}x{row['N']} | {row['M']} | {row['bf16'] / t:.2f}x | {t / row['fp8_bare']:.2f} | "
             f"{t / row['fp8_q']:.2f} | {row['int4_wo'] / t:.2f}x | {row[f'w4+lr{r0}_unfused'] / t:.2f}x | "
-            f"{row[f'{fmt}_r{r1}'] / t - 1:+.1%} | {fmt} |"
+            f"{more_ranks} | {fmt} |"
         )
 
 
@@ -335,6 +336,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write all numbers here")
     parser.add_argument("--no-accuracy", action="store_true")
     parser.add_argument("--ms", default=None, help="comma-separated M values (default: all)")
+    parser.add_argument("--shapes", default=None, help="comma-separated KxN shapes (default: the FLUX ones)")
     parser.add_argument(
         "--prepass", choices=["rows", "split"], default=None, help="large-M pre-pass (default: the layer's)"
     )
@@ -347,6 +349,8 @@ def main() -> None:
     ranks = [int(r) for r in args.ranks.split(",")]
     shapes, ms = (SHAPES[:1], [16, 4608]) if args.quick else (SHAPES, MS)
     ms = [int(m) for m in args.ms.split(",")] if args.ms else ms
+    if args.shapes:
+        shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
     from studio.kernels import prefill_triton
 
     print(

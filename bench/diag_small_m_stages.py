@@ -81,31 +81,22 @@ TILES = [
 STAGES = {"read": 0, "decode": 1, "dot": 2, "scaled": 3, "asm_dot": 4, "swap_dot": 5, "swap_asm": 6}
 #: The real kernel's variants: finish (one launch or two), codes through fp32 (``F``), by bit
 #: patterns (``M``) or by asm (``A``); ``S``: the codes as the dot's left operand (``swap``);
-#: ``P``: ``bf16(x * 1/s)`` by a small kernel first (``prescale``); ``C``: scaled codes; ``L``:
-#: the codes and scales prefetched into L2 (``prefetch``); ``D``: programmatic dependent
-#: launches (``pdl``); ``2``: two groups per loop step (``group_step``).
+#: ``P``: ``bf16(x * 1/s)`` by a small kernel first (``prescale``); ``C``: scaled codes.
+#: (Commit 66ec51d also had ``L``, the codes prefetched into L2, ``D``, programmatic dependent
+#: launches, and ``2``, two groups per loop step: measured in the twelfth session, none kept.)
 VARIANTS = {
-    (
-        f"{finish}-{'S' if swap else ''}{'P' if prescale else ''}{'C' if scaled else ''}"
-        f"{'L' if prefetch else ''}{'D' if pdl else ''}{'2' if step == 2 else ''}{decode}"
-    ): dict(
+    f"{finish}-{'S' if swap else ''}{'P' if prescale else ''}{'C' if scaled else ''}{decode}": dict(
         finish=finish,
         swap=swap,
         prescale=prescale,
         scale_codes=scaled,
         magic=decode != "F",
         asm=decode == "A",
-        prefetch=prefetch,
-        pdl=pdl,
-        group_step=step,
     )
     for finish in ("last", "epilogue")
     for swap in (False, True)
     for prescale in (False, True)
     for scaled in (False, True)
-    for prefetch in (False, True)
-    for pdl in (False, True)
-    for step in (1, 2)
     for decode in ("F", "M", "A")
 }
 

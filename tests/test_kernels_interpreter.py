@@ -68,21 +68,17 @@ def check_small_m() -> None:
         # la_first False: in the interpreter's program order the branch slices arrive last and
         # finish every column block; True: the column programs do (what the GPU mostly sees)
         # swap: the codes as the dot's left operand; prescale: bf16(x * 1/s) by a kernel first;
-        # scaled: the codes times their group scale before the dot; step: groups per loop step
-        # (2: with an odd count of groups per split too, so a step's second group is masked)
+        # scaled: the codes times their group scale before the dot
         variants = [
-            (True, 1, "last", True, False, False, False, 1),
-            (False, 2, "last", True, False, True, False, 1),
-            (False, 2, "last", False, True, False, True, 1),
-            (True, 2, "epilogue", True, True, True, True, 1),
-            (True, 2, "last", True, False, True, True, 1),
-            (True, 2, "last", True, True, True, True, 2),
-            (False, 2, "epilogue", False, True, False, False, 2),
+            (True, 1, "last", True, False, False, False),
+            (False, 2, "last", True, False, True, False),
+            (False, 2, "last", False, True, False, True),
+            (True, 2, "epilogue", True, True, True, True),
+            (True, 2, "last", True, False, True, True),
         ]
-        for magic, split, finish, la_first, swap, prescale, scaled, step in variants:
+        for magic, split, finish, la_first, swap, prescale, scaled in variants:
             cfg = {"BLOCK_N": 32, "SPLIT_K": split, "num_warps": 4, "num_stages": 1}
             kw = dict(magic=magic, finish=finish, la_first=la_first, swap=swap, prescale=prescale)
-            kw["group_step"] = step
             out = w4_linear_small_m_triton(*args, config=cfg, scale_codes=scaled, **kw)
             err = _rel(out, expect[scaled])
             assert out.shape == (m, n) and err < 5e-3, (m, split, kw, scaled, err)
@@ -90,12 +86,11 @@ def check_small_m() -> None:
     # the scaled codes round as the reference models them: fp32 in and out, the activations
     # scaled by the pre-kernel (the interpreter's own bf16 conversions truncate) and no branch
     # (whose bf16 roundings it truncates too) leave only the summation order
-    for fmt, magic, step in (("int4", True, 1), ("fp4", False, 1), ("fp4", True, 1), ("int4", True, 2)):
+    for fmt, magic in (("int4", True), ("fp4", False), ("fp4", True)):
         args = (_case(9, 320, 72, 0, fmt, seed=5)[0].float(),) + _case(9, 320, 72, 0, fmt, seed=5)[1:]
         cfg = {"BLOCK_N": 32, "SPLIT_K": 2, "num_warps": 4, "num_stages": 1}
-        kw = dict(magic=magic, prescale=True, scale_codes=True, group_step=step)
-        out = w4_linear_small_m_triton(*args, config=cfg, **kw)
-        assert _rel(out, w4_linear_small_m(*args, scaled_codes=True)) < 1e-5, (fmt, magic, step)
+        out = w4_linear_small_m_triton(*args, config=cfg, magic=magic, prescale=True, scale_codes=True)
+        assert _rel(out, w4_linear_small_m(*args, scaled_codes=True)) < 1e-5, (fmt, magic)
 
 
 def check_codes_as_bf16() -> None:

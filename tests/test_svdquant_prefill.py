@@ -165,6 +165,22 @@ def test_path_choice() -> None:
         kernels.pick_path(1, 1, 1, on_gpu=True, path="fast")
 
 
+def test_small_path_launch_choices() -> None:
+    """One launch up to 16 rows; the scaling pre-kernel above them, and for layers of at least
+    2^24 weights at any row count (measured: docs/results.md, twelfth session)."""
+    pytest.importorskip("triton")
+    from studio.kernels import small_m_triton as sm
+
+    assert sm.finish_for(16) == "last" and sm.finish_for(17) == "epilogue"
+    assert not sm.use_prescale(16, 3072, 3072)
+    assert (
+        sm.use_prescale(16, 3072, 9216)
+        and sm.use_prescale(16, 12288, 3072)
+        and sm.use_prescale(1, 4096, 4096)
+    )
+    assert sm.use_prescale(17, 64, 64) and not sm.use_prescale(16, 4096, 4095)
+
+
 @pytest.mark.parametrize("path", ["fused", "prefill", "small"])
 def test_an_empty_batch_gives_an_empty_output(path: str) -> None:
     qweight, wscale = ref.quantize_weight(torch.randn(32, 128), "int4")

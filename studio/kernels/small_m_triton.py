@@ -37,8 +37,8 @@ registers; as the right operand they went through shared memory every group at M
 Two measured options stay for ``bench/diag_small_m_stages.py``, off by default:
 ``ASM_DECODE`` (INT4 codes four bytes at a time by inline PTX) and exact codes
 (``SCALED_CODES`` off).  ``PRESCALED`` (``bf16(x * 1/s)``, and INT4's row sums for exact bit-built
-codes, by ``_scale_x_kernel`` once, not per column program) is on above 16 rows: with scaled
-codes it lets the dots run asynchronously (``use_prescale``).
+codes, by ``_scale_x_kernel`` once, not per column program) is on above 16 rows and for large
+layers: with scaled codes it lets the dots run asynchronously (``use_prescale``).
 """
 
 from __future__ import annotations
@@ -139,14 +139,11 @@ def _times_group_scale(codes, ws, OFFSET: tl.constexpr, ROUND_BY_BITS: tl.conste
 @triton.jit
 def _scale_x_kernel(
     x_ptr, sinv_ptr, xs_ptr, rs_ptr, M, K, KG, stride_xm,
-    ROW_SUMS: tl.constexpr, BLOCK_M: tl.constexpr, GROUPS: tl.constexpr, GDC: tl.constexpr,
+    ROW_SUMS: tl.constexpr, BLOCK_M: tl.constexpr, GROUPS: tl.constexpr,
 ):  # fmt: skip
     """``xs = bf16(x * 1/s)`` as ``[M, KG * 64]`` (zeros past K) and, for INT4's bit-built
     codes, each group's row sums of ``xs`` in fp32, ``[M, KG]``: once per launch, instead of
     in every column program for its own columns (``PRESCALED``, off by default)."""
-    if GDC:  # x may come from the kernel before; the GEMM after may start its prefetch now
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_g = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)
     kk = offs_g[:, None] * 64 + tl.arange(0, 64)[None, :]
@@ -193,28 +190,6 @@ def _nibbles_by_asm(packed):
     )
 
 
-@triton.jit
-def _prefetch_l2(base_ptr, n_bytes, first, step, LINES: tl.constexpr):
-    """Ask L2 for the 128-byte lines ``first, first + step, ...`` of ``n_bytes`` at ``base_ptr``.
-
-    ``prefetch.global.L2`` by inline PTX (Triton has no prefetch of its own): the request
-    returns at once, so a few programs can put a whole layer's codes in flight in the
-    launch's first microseconds, in the order the column programs read them.
-    """
-    base = base_ptr.to(tl.pointer_type(tl.uint8))
-    n_lines = tl.cdiv(n_bytes, 128)
-    for j0 in range(first, n_lines, step * LINES):
-        line = tl.minimum(j0 + tl.arange(0, LINES) * step, n_lines - 1)
-        tl.inline_asm_elementwise(
-            asm="prefetch.global.L2 [$1];\n mov.u32 $0, 0;",
-            constraints="=r,l",
-            args=[base + line.to(tl.int64) * 128],
-            dtype=tl.int32,
-            is_pure=False,
-            pack=1,
-        )
-
-
 @triton.autotune(
     configs=_split_configs(),
     key=[
@@ -228,9 +203,6 @@ def _prefetch_l2(base_ptr, n_bytes, first, step, LINES: tl.constexpr):
         "ASM_DECODE",
         "PRESCALED",
         "SCALED_CODES",
-        "PREFETCH_L2",
-        "GDC",
-        "GROUP_STEP",
     ],
     prune_configs_by={"early_config_prune": _prune},
 )
@@ -238,14 +210,13 @@ def _prefetch_l2(base_ptr, n_bytes, first, step, LINES: tl.constexpr):
 def _w4_small_m_kernel(
     x_ptr, sinv_ptr, xs_ptr, rs_ptr, q_ptr, ws_ptr, l1_ptr, part_ptr, la_ptr, cnt_ptr,
     l2_ptr, str_ptr, bias_ptr, out_ptr,
-    M, K, N, KG, R, N_LA, M_BUCKET, S, rows_per_sample, n_prefetchers, q_bytes, ws_bytes,
+    M, K, N, KG, R, N_LA, M_BUCKET, S, rows_per_sample,
     stride_xm, stride_qg, stride_qn, stride_wsg, stride_l1k, stride_l2n, stride_sm, stride_om,
     FP4: tl.constexpr, MAGIC: tl.constexpr, LA_R: tl.constexpr,
     DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
     FINISH_LAST: tl.constexpr, FINISH_IN_FLIGHT: tl.constexpr, LA_FIRST: tl.constexpr,
     SWAP_AB: tl.constexpr, ASM_DECODE: tl.constexpr, PRESCALED: tl.constexpr, SCALED_CODES: tl.constexpr,
     ROUND_BY_BITS: tl.constexpr, HAS_BRANCH: tl.constexpr, HAS_BIAS: tl.constexpr,
-    PREFETCH_L2: tl.constexpr, GDC: tl.constexpr, GROUP_STEP: tl.constexpr,
 ):  # fmt: skip
     # One grid axis: every split's branch-slice programs before every column program
     # (``LA_FIRST``), so that the column programs arrive last.  With a 2-D (program, split)
@@ -253,14 +224,6 @@ def _w4_small_m_kernel(
     # (scaled codes and pre-scaled activations) a slice arrived last at every block and
     # finished them all, one after another: 4-10x the kernel's time at 3072x12288.
     pid = tl.program_id(0)
-    if PREFETCH_L2:  # the first programs put every code and scale in flight to L2 at once
-        prefetchers = tl.minimum(n_prefetchers, tl.num_programs(0))
-        if pid < prefetchers:
-            _prefetch_l2(q_ptr, q_bytes, pid, prefetchers, 256)
-            _prefetch_l2(ws_ptr, ws_bytes, pid, prefetchers, 256)
-    if GDC:  # launched early (programmatic dependent launch): the weights need no wait, x does
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     n_blocks = tl.cdiv(N, BLOCK_N)
     n_slice_programs = N_LA * SPLIT_K
     if LA_FIRST:
@@ -291,83 +254,66 @@ def _w4_small_m_kernel(
         else:
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_hi = tl.zeros_like(acc)  # (SCALED_CODES: the high nibbles' sums)
-        acc_2 = tl.zeros_like(acc)  # (SCALED_CODES and GROUP_STEP 2: the second group's)
-        acc_2hi = tl.zeros_like(acc)
         q_ptrs = q_ptr + offs_n[:, None] * stride_qn + offs_j[None, :]
         # (a hand prefetch of the next group's codes, as in gemm_w4_triton, measured slower
         # here: up to 33 % at M = 16 with INT4, within 7 % otherwise; docs/results.md)
-        for grp0 in range(pid_k * per_split, g_end, GROUP_STEP):
-            for step in tl.static_range(GROUP_STEP):  # (GROUP_STEP groups per step, unrolled)
-                grp = grp0 + step
-                valid = tl.full([1], grp, tl.int32) < g_end  # ([1]: the interpreter masks with tensors only)
-                packed = tl.load(q_ptrs + grp * stride_qg, n_mask[:, None] & valid, 0)
-                ws = tl.load(ws_ptr + grp * stride_wsg + offs_n, n_mask & valid, 0.0)
-                k_lo = grp * 64 + offs_j
-                if PRESCALED:  # bf16(x * 1/s), padded to whole groups, from _scale_x_kernel
-                    xs_row = xs_ptr + offs_m[:, None] * (KG * 64) + k_lo[None, :]
-                    xs_lo = tl.load(xs_row, m_mask[:, None] & valid, 0.0).to(DOT_DTYPE)
-                    xs_hi = tl.load(xs_row + 32, m_mask[:, None] & valid, 0.0).to(DOT_DTYPE)
+        for grp in range(pid_k * per_split, g_end):
+            packed = tl.load(q_ptrs + grp * stride_qg, n_mask[:, None], 0)
+            ws = tl.load(ws_ptr + grp * stride_wsg + offs_n, n_mask, 0.0)
+            k_lo = grp * 64 + offs_j
+            if PRESCALED:  # bf16(x * 1/s), padded to whole groups, from _scale_x_kernel
+                xs_row = xs_ptr + offs_m[:, None] * (KG * 64) + k_lo[None, :]
+                xs_lo = tl.load(xs_row, m_mask[:, None], 0.0).to(DOT_DTYPE)
+                xs_hi = tl.load(xs_row + 32, m_mask[:, None], 0.0).to(DOT_DTYPE)
+            else:
+                xmask_lo = m_mask[:, None] & (k_lo < K)[None, :]
+                xmask_hi = m_mask[:, None] & (k_lo + 32 < K)[None, :]
+                x_row = x_ptr + offs_m[:, None] * stride_xm + k_lo[None, :]
+                x_lo = tl.load(x_row, xmask_lo, 0.0).to(tl.float32)
+                x_hi = tl.load(x_row + 32, xmask_hi, 0.0).to(tl.float32)
+                xs_lo = (x_lo * tl.load(sinv_ptr + k_lo, k_lo < K, 0.0)[None, :]).to(DOT_DTYPE)
+                xs_hi = (x_hi * tl.load(sinv_ptr + k_lo + 32, k_lo + 32 < K, 0.0)[None, :]).to(DOT_DTYPE)
+            if MAGIC & ASM_DECODE:  # (INT4 only) four bytes per instruction pair
+                lo, hi = _nibbles_by_asm(packed)
+            elif MAGIC:
+                lo = _codes_as_bf16(packed & 0xF, FP4)
+                hi = _codes_as_bf16(packed >> 4, FP4)
+            else:
+                lo = _decode(packed & 0xF, FP4)
+                hi = _decode(packed >> 4, FP4)
+            if SCALED_CODES:  # bf16(code * scale): the sums need no per-group work after the dot
+                lo = _times_group_scale(lo, ws[:, None], MAGIC and not FP4, ROUND_BY_BITS).to(DOT_DTYPE)
+                hi = _times_group_scale(hi, ws[:, None], MAGIC and not FP4, ROUND_BY_BITS).to(DOT_DTYPE)
+                if SWAP_AB:  # two chains: each dot waits on nothing of this group's other
+                    acc = tl.dot(lo, tl.trans(xs_lo), acc)
+                    acc_hi = tl.dot(hi, tl.trans(xs_hi), acc_hi)
                 else:
-                    xmask_lo = m_mask[:, None] & (k_lo < K)[None, :] & valid
-                    xmask_hi = m_mask[:, None] & (k_lo + 32 < K)[None, :] & valid
-                    x_row = x_ptr + offs_m[:, None] * stride_xm + k_lo[None, :]
-                    x_lo = tl.load(x_row, xmask_lo, 0.0).to(tl.float32)
-                    x_hi = tl.load(x_row + 32, xmask_hi, 0.0).to(tl.float32)
-                    xs_lo = (x_lo * tl.load(sinv_ptr + k_lo, k_lo < K, 0.0)[None, :]).to(DOT_DTYPE)
-                    xs_hi = (x_hi * tl.load(sinv_ptr + k_lo + 32, k_lo + 32 < K, 0.0)[None, :]).to(DOT_DTYPE)
-                if MAGIC & ASM_DECODE:  # (INT4 only) four bytes per instruction pair
-                    lo, hi = _nibbles_by_asm(packed)
-                elif MAGIC:
-                    lo = _codes_as_bf16(packed & 0xF, FP4)
-                    hi = _codes_as_bf16(packed >> 4, FP4)
+                    acc = tl.dot(xs_lo, tl.trans(lo), acc)
+                    acc_hi = tl.dot(xs_hi, tl.trans(hi), acc_hi)
+            else:  # exact codes, each group's partial dot scaled in fp32
+                lo = lo.to(DOT_DTYPE)
+                hi = hi.to(DOT_DTYPE)
+                if SWAP_AB:  # [BLOCK_N, BLOCK_M] = codes @ x^T: the codes are a register operand
+                    part = tl.dot(lo, tl.trans(xs_lo))
+                    part = tl.dot(hi, tl.trans(xs_hi), part)
                 else:
-                    lo = _decode(packed & 0xF, FP4)
-                    hi = _decode(packed >> 4, FP4)
-                if SCALED_CODES:  # bf16(code * scale): the sums need no per-group work after the dot
-                    lo = _times_group_scale(lo, ws[:, None], MAGIC and not FP4, ROUND_BY_BITS).to(DOT_DTYPE)
-                    hi = _times_group_scale(hi, ws[:, None], MAGIC and not FP4, ROUND_BY_BITS).to(DOT_DTYPE)
-                    # One chain per nibble and step: a dot whose sum another dot of the same
-                    # iteration reads is waited for (Triton's Hopper pipeliner).
-                    if step == 0:
-                        if SWAP_AB:
-                            acc = tl.dot(lo, tl.trans(xs_lo), acc)
-                            acc_hi = tl.dot(hi, tl.trans(xs_hi), acc_hi)
-                        else:
-                            acc = tl.dot(xs_lo, tl.trans(lo), acc)
-                            acc_hi = tl.dot(xs_hi, tl.trans(hi), acc_hi)
+                    part = tl.dot(xs_lo, tl.trans(lo))
+                    part = tl.dot(xs_hi, tl.trans(hi), part)
+                if MAGIC and not FP4:  # the codes were 128 + c: take 136 * sum(x) back (exact in fp32)
+                    if PRESCALED:
+                        row_sum = tl.load(rs_ptr + offs_m * KG + grp, m_mask, 0.0)
                     else:
-                        if SWAP_AB:
-                            acc_2 = tl.dot(lo, tl.trans(xs_lo), acc_2)
-                            acc_2hi = tl.dot(hi, tl.trans(xs_hi), acc_2hi)
-                        else:
-                            acc_2 = tl.dot(xs_lo, tl.trans(lo), acc_2)
-                            acc_2hi = tl.dot(xs_hi, tl.trans(hi), acc_2hi)
-                else:  # exact codes, each group's partial dot scaled in fp32
-                    lo = lo.to(DOT_DTYPE)
-                    hi = hi.to(DOT_DTYPE)
-                    if SWAP_AB:  # [BLOCK_N, BLOCK_M] = codes @ x^T: the codes are a register operand
-                        part = tl.dot(lo, tl.trans(xs_lo))
-                        part = tl.dot(hi, tl.trans(xs_hi), part)
-                    else:
-                        part = tl.dot(xs_lo, tl.trans(lo))
-                        part = tl.dot(xs_hi, tl.trans(hi), part)
-                    if MAGIC and not FP4:  # the codes were 128 + c: take 136 * sum(x) back (exact in fp32)
-                        if PRESCALED:
-                            row_sum = tl.load(rs_ptr + offs_m * KG + grp, m_mask & valid, 0.0)
-                        else:
-                            row_sum = tl.sum(xs_lo.to(tl.float32) + xs_hi.to(tl.float32), axis=1)
-                        if SWAP_AB:
-                            part -= 136.0 * row_sum[None, :]
-                        else:
-                            part -= 136.0 * row_sum[:, None]
+                        row_sum = tl.sum(xs_lo.to(tl.float32) + xs_hi.to(tl.float32), axis=1)
                     if SWAP_AB:
-                        acc += part * ws[:, None]
+                        part -= 136.0 * row_sum[None, :]
                     else:
-                        acc += part * ws[None, :]
+                        part -= 136.0 * row_sum[:, None]
+                if SWAP_AB:
+                    acc += part * ws[:, None]
+                else:
+                    acc += part * ws[None, :]
         if SCALED_CODES:
             acc += acc_hi
-            if GROUP_STEP == 2:
-                acc += acc_2 + acc_2hi
         if SWAP_AB:
             acc = tl.trans(acc)
         dst = part_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :]
@@ -423,15 +369,6 @@ def _w4_small_m_kernel(
                             )  # fmt: skip
                             tl.atomic_xchg(cnt_ptr + blk, 0)
 
-
-def _prefetchers(device: torch.device) -> int:
-    """Programs that prefetch (``PREFETCH_L2``): one per SM, all in the first wave."""
-    if device.type != "cuda":  # (compiled on the CPU for Hopper: the H100's count)
-        return 132
-    return _SMS.setdefault(device, torch.cuda.get_device_properties(device).multi_processor_count)
-
-
-_SMS: dict = {}
 
 # Read once here, not per launch (the launch path of a decode step).
 _MOST_SPLITS = max(c.kwargs["SPLIT_K"] for c in _w4_small_m_kernel.configs)
@@ -500,10 +437,8 @@ def _small_m_epilogue_kernel(
     part_ptr, la_ptr, l2_ptr, str_ptr, bias_ptr, out_ptr,
     M, N, R, S, rows_per_sample, stride_l2n, stride_sm, stride_om, n_splits,
     HAS_BRANCH: tl.constexpr, HAS_BIAS: tl.constexpr, LA_R: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GDC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    if GDC:  # launched early (programmatic dependent launch): wait for the partials
-        tl.extra.cuda.gdc_wait()
     _finish_tile(
         tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N),
         part_ptr, la_ptr, l2_ptr, str_ptr, bias_ptr, out_ptr, M, N, R, S, rows_per_sample, stride_l2n,
@@ -524,57 +459,41 @@ def use_magic(fmt: str, m: int) -> bool:
 
 
 def scaled_activations(
-    x: torch.Tensor, smooth_inv: torch.Tensor, row_sums: bool, pdl: bool = False
+    x: torch.Tensor, smooth_inv: torch.Tensor, row_sums: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(bf16(x * smooth_inv) [M, KG * 64] zero-padded, its row sums per group [M, KG] fp32)``;
-    the sums are left empty unless ``row_sums`` (only INT4's bit-built codes need them).
-    ``pdl``: launched as a programmatic dependent launch (``use_pdl``)."""
+    the sums are left empty unless ``row_sums`` (only INT4's bit-built codes need them)."""
     m, k = x.shape
     kg = triton.cdiv(k, 64)
     xs = torch.empty(m, kg * 64, device=x.device, dtype=torch.bfloat16)
     sums = torch.empty(m, kg if row_sums else 0, device=x.device, dtype=torch.float32)
     _scale_x_kernel[(triton.cdiv(kg, 4), triton.cdiv(m, 16))](
-        x, smooth_inv, xs, sums, m, k, kg, x.stride(0), ROW_SUMS=row_sums, BLOCK_M=16, GROUPS=4,
-        GDC=pdl, **_pdl_launch(pdl),
+        x, smooth_inv, xs, sums, m, k, kg, x.stride(0), ROW_SUMS=row_sums, BLOCK_M=16, GROUPS=4
     )  # fmt: skip
     return xs, sums
 
 
-def _pdl_launch(pdl: bool) -> dict:
-    """The launch option of a programmatic dependent launch (none in the interpreter)."""
-    return {"launch_pdl": True} if pdl else {}
+#: Weights (K x N) from which the scaling pre-kernel also runs at M <= 16 (``use_prescale``).
+PRESCALE_MIN_WEIGHTS = 1 << 24
 
 
-def _on_gpu_compiler() -> bool:
-    return os.environ.get("TRITON_INTERPRET") != "1"
+def use_prescale(m: int, k: int, n: int) -> bool:
+    """The scaling pre-kernel above the one-launch rows, and at any M for large layers.
 
-
-def use_prefetch(m: int) -> bool:
-    """Whether the first programs prefetch the layer's codes and scales into L2 (to be measured)."""
-    return False
-
-
-def group_step_for(m: int) -> int:
-    """Groups per loop step of a column program (to be measured)."""
-    return 1
-
-
-def use_pdl(m: int) -> bool:
-    """Whether the path's kernels are programmatic dependent launches (to be measured)."""
-    return False
-
-
-def use_prescale(m: int) -> bool:
-    """The scaling pre-kernel above the one-launch rows.  With scaled codes (``use_scaled_codes``)
-    the activations then reach the dot straight from a pipelined load into shared memory,
-    which lets Triton keep its wgmmas in flight (the activations scaled in registers are
-    stored to shared memory first, and each dot waits).  At M = 64 (two launches) the best
-    tile went 15.3 -> 14.6 us (3072x3072) and 33.7 -> 28.5 us (3072x12288); without scaled
-    codes the pre-kernel lost (16.7 -> 18.0 us, 39.6 -> 39.3 us).  At M = 16 it was a wash
-    (10.0 -> 10.8 us and 19.5 -> 19.3 us; ``bench/diag_small_m_stages.py``, eleventh session),
-    and there it adds a launch to a kernel that runs in one.
+    With scaled codes (``use_scaled_codes``) the activations then reach the dot straight from
+    a pipelined load into shared memory, which lets Triton keep its wgmmas in flight (the
+    activations scaled in registers are stored to shared memory first, and each dot waits),
+    and each column program no longer scales its own copy of them.  At M = 64 (two launches)
+    the best tile went 15.3 -> 14.6 us (3072x3072) and 33.7 -> 28.5 us (3072x12288); without
+    scaled codes the pre-kernel lost (16.7 -> 18.0 us, 39.6 -> 39.3 us; eleventh session).
+    At M = 16 it adds a launch to a kernel that runs in one, which a layer of K x N >=
+    ``PRESCALE_MIN_WEIGHTS`` earns back: in the tiles of ``bench/diag_small_m_stages.py``
+    (INT4, twelfth session) it was faster in every tile of 3072x9216 (best 20.0 -> 19.2 us)
+    and 3072x12288 (best 20.5 -> 20.4 us, others by up to 3.1 us), by 1.3-4.9 us in every
+    tile of 12288x3072 (best 22.0 -> 19.7 us), but slower at the best tile of 3072x3072
+    (10.2 -> 10.7 us).
     """
-    return m > SMALL_M_ONE_LAUNCH
+    return m > SMALL_M_ONE_LAUNCH or k * n >= PRESCALE_MIN_WEIGHTS
 
 
 def use_scaled_codes(m: int) -> bool:
@@ -630,9 +549,6 @@ def w4_linear_small_m_triton(
     asm: bool | None = None,
     prescale: bool | None = None,
     scale_codes: bool | None = None,
-    prefetch: bool | None = None,
-    pdl: bool | None = None,
-    group_step: int | None = None,
 ) -> torch.Tensor:
     """``[M, N]`` in ``x.dtype``; shapes as ``studio.kernels.w4_linear``, ``M <= 64`` expected.
 
@@ -646,17 +562,10 @@ def w4_linear_small_m_triton(
     ``asm``: INT4 bit-built codes decoded by inline PTX (``_nibbles_by_asm``, GPU only);
     None: not (``USE_ASM_DECODE``).
     ``prescale``: ``bf16(x * 1/s)`` (and INT4's row sums) by a small kernel first, instead of
-    in every column program; None: ``use_prescale(m)``.
+    in every column program; None: ``use_prescale(m, k, n)``.
     ``scale_codes``: each code times its group scale, rounded to bf16, before the dot
     (``reference_small_m`` with ``scaled_codes=True``), instead of each group's partial dot
     scaled in fp32; None: ``use_scaled_codes(m)``.
-    ``prefetch``: the first programs (one per SM) ask L2 for all of the layer's codes and
-    scales at the launch's start (``_prefetch_l2``, GPU only); None: ``use_prefetch(m)``.
-    ``pdl``: every kernel of the path is a programmatic dependent launch: it may start while
-    the kernel before it in the stream finishes, and waits for it (``gdc_wait``) before it
-    reads anything but the weights (GPU only); None: ``use_pdl(m)``.
-    ``group_step``: groups of 64 per step of a column program's loop (1 or 2, unrolled: more
-    independent work between the waits); None: ``group_step_for(m)``.
     """
     finish = finish_for(x.shape[0]) if finish is None else finish
     magic = use_magic(fmt, x.shape[0]) if magic is None else magic
@@ -664,17 +573,8 @@ def w4_linear_small_m_triton(
     if asm and not (fmt == "int4" and magic and os.environ.get("TRITON_INTERPRET") != "1"):
         raise ValueError("asm decoding needs INT4, magic=True and a GPU (not TRITON_INTERPRET)")
     asm = USE_ASM_DECODE if asm is None else asm
-    prescale = use_prescale(x.shape[0]) if prescale is None else prescale
+    prescale = use_prescale(x.shape[0], x.shape[1], qweight.shape[1]) if prescale is None else prescale
     scale_codes = use_scaled_codes(x.shape[0]) if scale_codes is None else scale_codes
-    group_step = group_step_for(x.shape[0]) if group_step is None else group_step
-    if group_step not in (1, 2):
-        raise ValueError(f"group_step must be 1 or 2, not {group_step!r}")
-    if (prefetch or pdl) and not _on_gpu_compiler():
-        raise ValueError("prefetch and pdl need a GPU (not TRITON_INTERPRET)")
-    prefetch = use_prefetch(x.shape[0]) and _on_gpu_compiler() if prefetch is None else prefetch
-    pdl = use_pdl(x.shape[0]) and _on_gpu_compiler() if pdl is None else pdl
-    # Prefetched as flat buffers: only where they are (codes [KG, N, 32], scales [KG, N]).
-    prefetch = prefetch and qweight.is_contiguous() and wscale.is_contiguous()
     if finish not in ("last", "epilogue"):
         raise ValueError(f"finish must be 'last' or 'epilogue', not {finish!r}")
     x = x.contiguous()
@@ -697,7 +597,7 @@ def w4_linear_small_m_triton(
     _, cnt = zeroed_scratch(x.device, 0, blocks)
     rows_per_sample = max(rows_per_sample, 1)
     xs, row_sums = (
-        scaled_activations(x, smooth_inv, magic and fmt == "int4" and not scale_codes, pdl)
+        scaled_activations(x, smooth_inv, magic and fmt == "int4" and not scale_codes)
         if prescale
         else (x, out)
     )
@@ -711,7 +611,6 @@ def w4_linear_small_m_triton(
         (
             x, smooth_inv, xs, row_sums, qweight, wscale, l1, part, la, cnt, l2, strength, bias_t, out,
             m, k, n, kg, max(r, 1), n_la, triton.next_power_of_2(max(m, 16)), strength.shape[0], rows_per_sample,
-            _prefetchers(x.device) if prefetch else 0, qweight.numel(), wscale.numel() * wscale.element_size(),
             x.stride(0), qweight.stride(0), qweight.stride(1), wscale.stride(0), l1.stride(0), l2.stride(0),
             strength.stride(0), out.stride(0),
         ),
@@ -720,8 +619,7 @@ def w4_linear_small_m_triton(
             SCALED_CODES=scale_codes, ROUND_BY_BITS=os.environ.get("TRITON_INTERPRET") == "1", LA_R=la_r,
             DOT_DTYPE=branch_dot_dtype(), BLOCK_M=block_m, FINISH_LAST=finish == "last",
             FINISH_IN_FLIGHT=FINISH_IN_FLIGHT, LA_FIRST=la_first,
-            HAS_BRANCH=r > 0, HAS_BIAS=bias is not None, PREFETCH_L2=prefetch, GDC=pdl,
-            GROUP_STEP=group_step, **_pdl_launch(pdl),
+            HAS_BRANCH=r > 0, HAS_BIAS=bias is not None,
         ),
         config,
         "SPLIT_K",
@@ -733,6 +631,6 @@ def w4_linear_small_m_triton(
             m, n, max(r, 1), strength.shape[0], rows_per_sample, l2.stride(0), strength.stride(0),
             out.stride(0), split,
             HAS_BRANCH=r > 0, HAS_BIAS=bias is not None, LA_R=la_r, DOT_DTYPE=branch_dot_dtype(),
-            BLOCK_M=16, BLOCK_N=32, GDC=pdl, **_pdl_launch(pdl),
+            BLOCK_M=16, BLOCK_N=32,
         )  # fmt: skip
     return out
