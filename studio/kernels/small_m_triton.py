@@ -143,7 +143,7 @@ def _scale_x_kernel(
 ):  # fmt: skip
     """``xs = bf16(x * 1/s)`` as ``[M, KG * 64]`` (zeros past K) and, for INT4's bit-built
     codes, each group's row sums of ``xs`` in fp32, ``[M, KG]``: once per launch, instead of
-    in every column program for its own columns (``PRESCALED``, off by default)."""
+    in every column program for its own columns (``PRESCALED``, chosen by ``use_prescale``)."""
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_g = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)
     kk = offs_g[:, None] * 64 + tl.arange(0, 64)[None, :]
@@ -567,10 +567,11 @@ def w4_linear_small_m_triton(
     (``reference_small_m`` with ``scaled_codes=True``), instead of each group's partial dot
     scaled in fp32; None: ``use_scaled_codes(m)``.
     """
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     finish = finish_for(x.shape[0]) if finish is None else finish
     magic = use_magic(fmt, x.shape[0]) if magic is None else magic
     swap = use_swap(x.shape[0]) if swap is None else swap
-    if asm and not (fmt == "int4" and magic and os.environ.get("TRITON_INTERPRET") != "1"):
+    if asm and not (fmt == "int4" and magic and not interpreted):
         raise ValueError("asm decoding needs INT4, magic=True and a GPU (not TRITON_INTERPRET)")
     asm = USE_ASM_DECODE if asm is None else asm
     prescale = use_prescale(x.shape[0], x.shape[1], qweight.shape[1]) if prescale is None else prescale
@@ -616,7 +617,7 @@ def w4_linear_small_m_triton(
         ),
         dict(
             FP4=fmt == "fp4", MAGIC=magic, SWAP_AB=swap, ASM_DECODE=asm, PRESCALED=prescale,
-            SCALED_CODES=scale_codes, ROUND_BY_BITS=os.environ.get("TRITON_INTERPRET") == "1", LA_R=la_r,
+            SCALED_CODES=scale_codes, ROUND_BY_BITS=interpreted, LA_R=la_r,
             DOT_DTYPE=branch_dot_dtype(), BLOCK_M=block_m, FINISH_LAST=finish == "last",
             FINISH_IN_FLIGHT=FINISH_IN_FLIGHT, LA_FIRST=la_first,
             HAS_BRANCH=r > 0, HAS_BIAS=bias is not None,
