@@ -17,10 +17,11 @@ flush), with the same grid and loop as ``small_m_triton._w4_small_m_kernel``:
 - ``swap_dot``, ``swap_asm``: as ``dot`` and ``asm_dot`` with the codes as the dot's left
   operand (``[BLOCK_N, BLOCK_M]`` sums: Hopper's wgmma takes them from registers);
 - ``kernel``: the real launcher at that config, in each of ``VARIANTS``: one launch or two
-  (``finish``), codes through fp32, by bit patterns or by asm, the codes as the dot's left
+  (``finish``), codes through fp32, by bit patterns, by asm or by asm in the wgmma operand's
+  order (``fragment_order``), the codes as the dot's left
   or right operand (``swap``), the activations scaled by a pre-kernel (``prescale``) and the
   codes times their group scale before the dot (``scale_codes``); bf16 ``F.linear`` beside.
-  Names: ``{finish}-{S}{P}{C}{F|M|A}``.  How far the variants' outputs are from each other is
+  Names: ``{finish}-{S}{P}{C}{F|M|A|R}``.  How far the variants' outputs are from each other is
   printed too (summation order only: under 1e-4; between variants with and without ``C``,
   the bf16 rounding of each scaled code too: about 1e-3 on these random weights).
 
@@ -80,7 +81,8 @@ TILES = [
 ]
 STAGES = {"read": 0, "decode": 1, "dot": 2, "scaled": 3, "asm_dot": 4, "swap_dot": 5, "swap_asm": 6}
 #: The real kernel's variants: finish (one launch or two), codes through fp32 (``F``), by bit
-#: patterns (``M``) or by asm (``A``); ``S``: the codes as the dot's left operand (``swap``);
+#: patterns (``M``), by asm (``A``) or by asm in the wgmma operand's order (``R``,
+#: ``fragment_order``); ``S``: the codes as the dot's left operand (``swap``);
 #: ``P``: ``bf16(x * 1/s)`` by a small kernel first (``prescale``); ``C``: scaled codes.
 #: (Commit 66ec51d also had ``L``, the codes prefetched into L2, ``D``, programmatic dependent
 #: launches, and ``2``, two groups per loop step: measured in the twelfth session, none kept.)
@@ -91,13 +93,14 @@ VARIANTS = {
         prescale=prescale,
         scale_codes=scaled,
         magic=decode != "F",
-        asm=decode == "A",
+        asm=decode in "AR",
+        fragment_order=decode == "R",
     )
     for finish in ("last", "epilogue")
     for swap in (False, True)
     for prescale in (False, True)
     for scaled in (False, True)
-    for decode in ("F", "M", "A")
+    for decode in ("F", "M", "A", "R")
 }
 
 

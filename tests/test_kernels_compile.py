@@ -40,6 +40,12 @@ def _small_m_launches() -> None:
     cfg = _split_configs()[0].all_kwargs()
     w4_linear_small_m_triton(*args, config=cfg, finish="epilogue", la_first=False)
     w4_linear_small_m_triton(*args, config=cfg, magic=True, asm=True)
+    # INT4's codes by inline PTX in the wgmma operand's order, at every config, with and
+    # without the scaling pre-kernel
+    for cfg in _split_configs():
+        for prescale in (False, True):
+            kw = dict(magic=True, swap=True, prescale=prescale, scale_codes=True, fragment_order=True)
+            w4_linear_small_m_triton(*args, config=cfg.all_kwargs(), **kw)
 
 
 def _prefill_launches() -> None:

@@ -59,6 +59,14 @@ def check_small_m() -> None:
     xs = scaled_activations(specials, torch.ones(64), row_sums=False)[0].float()
     assert xs[0, 0::4].eq(float("inf")).all() and xs[0, 1::4].eq(-float("inf")).all()
     assert xs[0, 2::4].isnan().all() and xs[0, 3::4].isnan().all()
+    # in fragment order, index k' of each 32 columns holds column 8q + 4s + 2t + b of k' =
+    # 16s + 8t + 2q + b (the order in which a wgmma thread holds its codes); the sums are the same
+    frag, frag_sums = scaled_activations(x, sinv, row_sums=True, fragment_order=True)
+    kp = torch.arange(32)
+    order = 8 * ((kp >> 1) & 3) + 4 * (kp >> 4) + 2 * ((kp >> 3) & 1) + (kp & 1)
+    assert sorted(order.tolist()) == list(range(32))
+    assert torch.equal(frag.view(19, 8, 32), expect.view(19, 8, 32)[:, :, order])
+    assert torch.allclose(frag_sums, sums, rtol=1e-6, atol=1e-5)
 
     # rank 48: two branch-slice programs, one of them partly past R; rank 0: no branch
     cases = [(7, 320, 136, 48, "int4"), (16, 200, 72, 0, "fp4"), (33, 448, 40, 16, "fp4")]  # 33: 3 strips
@@ -68,17 +76,21 @@ def check_small_m() -> None:
         # la_first False: in the interpreter's program order the branch slices arrive last and
         # finish every column block; True: the column programs do (what the GPU mostly sees)
         # swap: the codes as the dot's left operand; prescale: bf16(x * 1/s) by a kernel first;
-        # scaled: the codes times their group scale before the dot
+        # scaled: the codes times their group scale before the dot; frag: codes and activations
+        # in the wgmma operand's order
         variants = [
-            (True, 1, "last", True, False, False, False),
-            (False, 2, "last", True, False, True, False),
-            (False, 2, "last", False, True, False, True),
-            (True, 2, "epilogue", True, True, True, True),
-            (True, 2, "last", True, False, True, True),
+            (True, 1, "last", True, False, False, False, False),
+            (False, 2, "last", True, False, True, False, False),
+            (False, 2, "last", False, True, False, True, False),
+            (True, 2, "epilogue", True, True, True, True, False),
+            (True, 2, "last", True, False, True, True, False),
+            (True, 2, "last", True, True, True, True, True),
+            (True, 1, "last", False, True, False, False, True),
         ]
-        for magic, split, finish, la_first, swap, prescale, scaled in variants:
+        for magic, split, finish, la_first, swap, prescale, scaled, frag in variants:
             cfg = {"BLOCK_N": 32, "SPLIT_K": split, "num_warps": 4, "num_stages": 1}
             kw = dict(magic=magic, finish=finish, la_first=la_first, swap=swap, prescale=prescale)
+            kw |= dict(fragment_order=frag)
             out = w4_linear_small_m_triton(*args, config=cfg, scale_codes=scaled, **kw)
             err = _rel(out, expect[scaled])
             assert out.shape == (m, n) and err < 5e-3, (m, split, kw, scaled, err)
@@ -89,8 +101,10 @@ def check_small_m() -> None:
     for fmt, magic in (("int4", True), ("fp4", False), ("fp4", True)):
         args = (_case(9, 320, 72, 0, fmt, seed=5)[0].float(),) + _case(9, 320, 72, 0, fmt, seed=5)[1:]
         cfg = {"BLOCK_N": 32, "SPLIT_K": 2, "num_warps": 4, "num_stages": 1}
-        out = w4_linear_small_m_triton(*args, config=cfg, magic=magic, prescale=True, scale_codes=True)
-        assert _rel(out, w4_linear_small_m(*args, scaled_codes=True)) < 1e-5, (fmt, magic)
+        for frag in (False, True):
+            kw = dict(magic=magic, prescale=True, scale_codes=True, fragment_order=frag)
+            out = w4_linear_small_m_triton(*args, config=cfg, **kw)
+            assert _rel(out, w4_linear_small_m(*args, scaled_codes=True)) < 1e-5, (fmt, magic, frag)
 
 
 def check_codes_as_bf16() -> None:

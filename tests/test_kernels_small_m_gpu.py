@@ -65,8 +65,14 @@ def test_small_m_every_config(cfg: dict, fmt: str) -> None:
     args = _case(17, 1000, 520, 48, fmt, seed=1)
     expect = {scaled: w4_linear_small_m(*args, scaled_codes=scaled) for scaled in (True, False)}
     for magic in (True, False):
-        for swap, prescale, scaled in ((False, False, False), (True, True, True)):
+        for swap, prescale, scaled, frag in (
+            (False, False, False, False),
+            (True, True, True, False),
+            (True, True, True, True),  # the wgmma operand's order (INT4: by inline PTX)
+            (True, False, True, True),
+        ):
             kw = dict(config=cfg, magic=magic, swap=swap, prescale=prescale, scale_codes=scaled)
+            kw |= dict(fragment_order=frag)
             out = w4_linear_small_m_triton(*args, **kw)
             assert _rel(out, expect[scaled]) < 5e-3, kw
             # no atomics: identical run to run
@@ -84,6 +90,7 @@ def test_scaled_codes_round_as_their_reference(m: int, k: int, n: int, r: int, f
     fixed = {"BLOCK_N": 64, "SPLIT_K": 4, "num_warps": 4, "num_stages": 5}
     variants = [{}]  # the defaults, autotuned; then both decodes, operand orders, pre-kernel or not
     variants += [dict(config=fixed, magic=magic, swap=magic, prescale=magic) for magic in (True, False)]
+    variants += [dict(config=fixed, magic=True, prescale=pre, fragment_order=True) for pre in (True, False)]
     for kw in variants:
         out = w4_linear_small_m_triton(x32, *args[1:], scale_codes=True, **kw)
         assert out.dtype == torch.float32 and out.shape == (m, n)
@@ -96,6 +103,11 @@ def test_scaled_activations_round_as_torch_and_pad_with_zeros() -> None:
     expect = torch.nn.functional.pad((x.float() * sinv).to(torch.bfloat16), (0, 24))
     assert torch.equal(xs, expect)
     assert torch.allclose(sums, expect.float().view(37, 16, 64).sum(-1), rtol=1e-6, atol=1e-4)
+    # the wgmma operand's order within each 32 columns (index 16s + 8t + 2q + b holds 8q + 4s + 2t + b)
+    frag = scaled_activations(x, sinv, row_sums=False, fragment_order=True)[0]
+    kp = torch.arange(32, device=x.device)
+    order = 8 * ((kp >> 1) & 3) + 4 * (kp >> 4) + 2 * ((kp >> 3) & 1) + (kp & 1)
+    assert torch.equal(frag.view(37, 32, 32), expect.view(37, 32, 32)[:, :, order])
 
 
 def test_auto_takes_the_small_m_path_and_fp32_inputs_work() -> None:
