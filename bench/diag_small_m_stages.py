@@ -247,7 +247,9 @@ def main() -> None:
                     if args.hot:
                         row[name + "_hot"] = bench_stream([lambda: real(copies[0])])
                 first = next(iter(outs.values()))
-                row["worst_rel_diff"] = max(((o - first).norm() / first.norm()).item() for o in outs.values())
+                diffs = {name: ((o - first).norm() / first.norm()).item() for name, o in outs.items()}
+                row["worst_variant"] = max(diffs, key=diffs.get)
+                row["worst_rel_diff"] = diffs[row["worst_variant"]]
                 rows.append(row)
                 kernel = ", ".join(
                     f"{name} {row[name]:.1f}" + (f" (hot {row[name + '_hot']:.1f})" if args.hot else "")
@@ -256,7 +258,7 @@ def main() -> None:
                 stages = " | ".join(f"{st} {row[st]:.1f} ({row[st + '_regs']} regs)" for st in stages_run)
                 print(
                     f"  tile {tile}: {stages} | asm decode exact: {row.get('asm_matches')} | kernel: {kernel}"
-                    f" | variants differ by {row['worst_rel_diff']:.1e}",
+                    f" | variants differ by {row['worst_rel_diff']:.1e} ({row['worst_variant']})",
                     flush=True,
                 )
     if args.json:

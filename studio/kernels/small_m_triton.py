@@ -144,18 +144,18 @@ def _scale_x_kernel(
     """``xs = bf16(x * 1/s)`` as ``[M, KG * 64]`` (zeros past K) and, for INT4's bit-built
     codes, each group's row sums of ``xs`` in fp32, ``[M, KG]``: once per launch, instead of
     in every column program for its own columns (``PRESCALED``, chosen by ``use_prescale``).
-    ``FRAGMENT_ORDER``: each half group's 32 columns in ``fragment_k``'s order."""
+    ``FRAGMENT_ORDER``: each half group's 32 columns in ``_fragment_order``'s order."""
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_g = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)
-    cols = tl.arange(0, 64)
-    kk = offs_g[:, None] * 64 + cols[None, :]
-    if FRAGMENT_ORDER:
-        src = offs_g[:, None] * 64 + ((cols & 32) + fragment_k(cols & 31))[None, :]
-    else:
-        src = kk
+    kk = offs_g[:, None] * 64 + tl.arange(0, 64)[None, :]
     rows = (offs_m < M)[:, None, None]
-    x = tl.load(x_ptr + offs_m[:, None, None] * stride_xm + src[None], rows & (src < K)[None], 0.0)
-    xs = _bf16_nearest_even(x.to(tl.float32) * tl.load(sinv_ptr + src, src < K, 0.0)[None])
+    x = tl.load(x_ptr + offs_m[:, None, None] * stride_xm + kk[None], rows & (kk < K)[None], 0.0)
+    xs = _bf16_nearest_even(x.to(tl.float32) * tl.load(sinv_ptr + kk, kk < K, 0.0)[None])
+    if FRAGMENT_ORDER:  # each half group's 32 columns, as _fragment_order puts the codes
+        xs = tl.reshape(
+            _fragment_order(tl.reshape(xs, [BLOCK_M * GROUPS * 2, 32]), BLOCK_M * GROUPS * 2),
+            [BLOCK_M, GROUPS, 64],
+        )
     tl.store(xs_ptr + offs_m[:, None, None] * (KG * 64) + kk[None], xs, rows & (offs_g < KG)[None, :, None])
     if ROW_SUMS:
         sums = tl.sum(xs.to(tl.float32), axis=2)
@@ -177,18 +177,11 @@ def _fragment_order(v, BLOCK_N: tl.constexpr):
     reshape / permute / reshape below is a renaming of registers: Triton lays the result out
     as the operand with no conversion (checked on the sm_90 compile: no ``convert_layout``
     before the dot, the loop 331 -> 243 instructions in Triton 3.6).  The sum over K does not
-    care about order, so the activations are read in the same order (``fragment_k``).
+    care about order, so the activations are put in the same order, by this same function.
     """
     v = tl.reshape(v, [BLOCK_N, 4, 2, 2, 2])
     v = tl.permute(v, [0, 2, 3, 1, 4])
     return tl.reshape(v, [BLOCK_N, 32])
-
-
-@triton.jit
-def fragment_k(offs):
-    """The byte (``k`` within a half group) that index ``k'`` of ``_fragment_order`` holds,
-    for ``offs`` in ``0 .. 31``."""
-    return 8 * ((offs >> 1) & 3) + 4 * (offs >> 4) + 2 * ((offs >> 3) & 1) + (offs & 1)
 
 
 @triton.jit
@@ -292,10 +285,7 @@ def _w4_small_m_kernel(
         for grp in range(pid_k * per_split, g_end):
             packed = tl.load(q_ptrs + grp * stride_qg, n_mask[:, None], 0)
             ws = tl.load(ws_ptr + grp * stride_wsg + offs_n, n_mask, 0.0)
-            if FRAGMENT_ORDER:  # the activations in the order of the codes (_fragment_order)
-                k_lo = grp * 64 + fragment_k(offs_j)
-            else:
-                k_lo = grp * 64 + offs_j
+            k_lo = grp * 64 + offs_j
             if PRESCALED:  # bf16(x * 1/s), padded to whole groups, from _scale_x_kernel
                 xs_row = xs_ptr + offs_m[:, None] * (KG * 64) + grp * 64 + offs_j[None, :]
                 xs_lo = tl.load(xs_row, m_mask[:, None], 0.0).to(DOT_DTYPE)
@@ -308,6 +298,9 @@ def _w4_small_m_kernel(
                 x_hi = tl.load(x_row + 32, xmask_hi, 0.0).to(tl.float32)
                 xs_lo = (x_lo * tl.load(sinv_ptr + k_lo, k_lo < K, 0.0)[None, :]).to(DOT_DTYPE)
                 xs_hi = (x_hi * tl.load(sinv_ptr + k_lo + 32, k_lo + 32 < K, 0.0)[None, :]).to(DOT_DTYPE)
+                if FRAGMENT_ORDER:  # the activations in the order of the codes
+                    xs_lo = _fragment_order(xs_lo, BLOCK_M)
+                    xs_hi = _fragment_order(xs_hi, BLOCK_M)
             if MAGIC & ASM_DECODE:  # (INT4 only) four bytes per instruction pair
                 lo, hi = _nibbles_by_asm(packed)
             elif MAGIC:
@@ -504,7 +497,7 @@ def scaled_activations(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(bf16(x * smooth_inv) [M, KG * 64] zero-padded, its row sums per group [M, KG] fp32)``;
     the sums are left empty unless ``row_sums`` (only INT4's bit-built codes need them).
-    ``fragment_order``: each 32 columns in ``fragment_k``'s order (``use_fragment_order``)."""
+    ``fragment_order``: each 32 columns in ``_fragment_order``'s order (``use_fragment_order``)."""
     m, k = x.shape
     kg = triton.cdiv(k, 64)
     xs = torch.empty(m, kg * 64, device=x.device, dtype=torch.bfloat16)
