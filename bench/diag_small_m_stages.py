@@ -81,8 +81,8 @@ TILES = [
 ]
 STAGES = {"read": 0, "decode": 1, "dot": 2, "scaled": 3, "asm_dot": 4, "swap_dot": 5, "swap_asm": 6}
 #: The real kernel's variants: finish (one launch or two), codes through fp32 (``F``), by bit
-#: patterns (``M``), by asm (``A``) or by asm in the wgmma operand's order (``R``,
-#: ``fragment_order``); ``S``: the codes as the dot's left operand (``swap``);
+#: patterns (``M``), by asm (``A``) or in the wgmma operand's order (``R``, ``fragment_order``:
+#: by asm up to ``MAX_FRAGMENT_ASM_ROWS`` rows, by bit patterns above); ``S``: the codes as the dot's left operand (``swap``);
 #: ``P``: ``bf16(x * 1/s)`` by a small kernel first (``prescale``); ``C``: scaled codes.
 #: (Commit 66ec51d also had ``L``, the codes prefetched into L2, ``D``, programmatic dependent
 #: launches, and ``2``, two groups per loop step: measured in the twelfth session, none kept.)
@@ -93,7 +93,7 @@ VARIANTS = {
         prescale=prescale,
         scale_codes=scaled,
         magic=decode != "F",
-        asm=decode in "AR",
+        asm=True if decode == "A" else None if decode == "R" else False,
         fragment_order=decode == "R",
     )
     for finish in ("last", "epilogue")

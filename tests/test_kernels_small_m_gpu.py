@@ -79,13 +79,13 @@ def test_small_m_every_config(cfg: dict, fmt: str) -> None:
             assert torch.equal(out, w4_linear_small_m_triton(*args, **kw)), kw
 
 
-@pytest.mark.parametrize("asm", [True, False], ids=["asm", "tl"])
-@pytest.mark.parametrize("m", [16, 64])
+@pytest.mark.parametrize("m,asm", [(16, True), (16, False), (64, False)], ids=["16-asm", "16-tl", "64-tl"])
 @pytest.mark.parametrize("cfg", [c.all_kwargs() for c in _split_configs()], ids=str)
 def test_fragment_order_every_config(cfg: dict, m: int, asm: bool) -> None:
     """INT4 codes in the wgmma operand's order at every tile, 16 and 64 rows (one and two
-    launches), with and without the scaling pre-kernel, by inline PTX or Triton's integer ops."""
-    args = _case(m, 1000, 520, 48, "int4", seed=6)
+    launches), with and without the scaling pre-kernel, by inline PTX (at 16 rows: above,
+    ``MAX_FRAGMENT_ASM_ROWS`` refuses it) or Triton's integer ops."""
+    args = _case(m, 3072, 1024, 48, "int4", seed=6)  # 6 groups per split at 8 splits; N % 16 == 0
     expect = w4_linear_small_m(*args)
     for prescale in (True, False):
         kw = dict(config=cfg, magic=True, asm=asm, swap=True, prescale=prescale, fragment_order=True)

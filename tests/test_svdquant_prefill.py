@@ -179,6 +179,31 @@ def test_small_path_launch_choices() -> None:
         and sm.use_prescale(1, 4096, 4096)
     )
     assert sm.use_prescale(17, 64, 64) and not sm.use_prescale(16, 4096, 4095)
+    # the wgmma operand's order with the inline-PTX decode: INT4 bit-built codes as the left
+    # operand on a GPU, up to 16 rows (thirteenth session); asm in that order above is refused
+    assert sm.use_fragment_order("int4", True, True, False, 16)
+    assert not sm.use_fragment_order("int4", True, True, False, 17)
+    assert not any(
+        sm.use_fragment_order(*args, 16)
+        for args in [("fp4", True, True, False), ("int4", False, True, False), ("int4", True, False, False)]
+    )
+    assert not sm.use_fragment_order("int4", True, True, True, 16)  # (the interpreter has no inline PTX)
+    x = torch.zeros(17, 64, dtype=torch.bfloat16)
+    qw, ws = ref.quantize_weight(torch.randn(32, 64), "int4")
+    args = (
+        x,
+        torch.ones(64),
+        qw,
+        ws,
+        "int4",
+        torch.zeros(64, 16),
+        torch.zeros(32, 16),
+        torch.ones(1, 16),
+        1,
+        None,
+    )
+    with pytest.raises(ValueError, match="fragment order is limited to M <= 16"):
+        sm.w4_linear_small_m_triton(*args, magic=True, asm=True, fragment_order=True)
 
 
 @pytest.mark.parametrize("path", ["fused", "prefill", "small"])

@@ -544,17 +544,27 @@ def use_scaled_codes(m: int) -> bool:
     return True
 
 
-#: Codes decoded by inline PTX into the dot operand's own order by default: not yet measured.
-USE_FRAGMENT_ORDER = False
-
-
-def use_fragment_order(fmt: str, magic: bool, swap: bool, interpreted: bool) -> bool:
+def use_fragment_order(fmt: str, magic: bool, swap: bool, interpreted: bool, m: int) -> bool:
     """INT4's bit-built codes decoded eight at a time by ``_nibbles_by_asm`` and used in the
     wgmma operand's order (``_fragment_order``), on the GPU, with the codes as the left
-    operand.  On the sm_90 compile the loop goes from 331 to 243 instructions per group
-    (Triton 3.6; 351 -> 260 in 3.9): four-byte shared-memory reads instead of two-byte ones,
-    and no byte shuffles to build each thread's operand."""
-    return USE_FRAGMENT_ORDER and fmt == "int4" and magic and swap and not interpreted
+    operand, at M <= 16.  On the sm_90 compile the loop goes from 383 to 292 instructions per
+    group at the (128, 8, 4, 4) tile (Triton 3.6): eight-byte shared-memory reads instead of
+    two-byte ones, and no byte shuffles to build each thread's operand.  Measured on H100
+    (``bench/diag_small_m_stages.py``, fixed tiles, thirteenth session): at M = 16 faster in
+    43 of 46 tile-variant-shape cases; in the default variant's best tile 10.0 -> 9.8 us
+    (3072x3072), 17.7 -> 16.0 us (3072x9216), 21.9 -> 20.4 us (3072x12288) and 19.8 -> 19.0 us
+    (12288x3072).
+    Not at M > 16: there, at 128-column tiles of 4 warps, the inline-PTX decode in this order
+    gave wrong sums on H100 (Triton 3.6) in some runs (``MAX_FRAGMENT_ASM_ROWS``).
+    """
+    return fmt == "int4" and magic and swap and not interpreted and m <= MAX_FRAGMENT_ASM_ROWS
+
+
+#: Rows up to which the inline-PTX decode may run in fragment order.  Above them, at the
+#: (128, 8 | 16, 4, 4) tiles and 64 rows, its sums came out wrong on H100 in two of three
+#: runs (relative error 36-150); Triton's own decode in the same order was right at every
+#: tile, and so was every tile at 16 rows (``test_fragment_order_every_config``).
+MAX_FRAGMENT_ASM_ROWS = 16
 
 
 def use_swap(m: int) -> bool:
@@ -618,7 +628,8 @@ def w4_linear_small_m_triton(
     scaled in fp32; None: ``use_scaled_codes(m)``.
     ``fragment_order``: the decoded codes and the activations taken in the wgmma operand's
     order (``_fragment_order``: the same products, summed in another order); None:
-    ``use_fragment_order``.  It turns ``asm`` on by default where ``asm`` can run.
+    ``use_fragment_order``.  With it, ``asm`` defaults to on where it can run, up to
+    ``MAX_FRAGMENT_ASM_ROWS`` rows; ``asm=True`` with it above those rows is refused.
     """
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     finish = finish_for(x.shape[0]) if finish is None else finish
@@ -627,9 +638,20 @@ def w4_linear_small_m_triton(
     if asm and not (fmt == "int4" and magic and not interpreted):
         raise ValueError("asm decoding needs INT4, magic=True and a GPU (not TRITON_INTERPRET)")
     if fragment_order is None:
-        fragment_order = use_fragment_order(fmt, magic, swap, interpreted)
+        fragment_order = use_fragment_order(fmt, magic, swap, interpreted, x.shape[0])
     if asm is None:
-        asm = USE_ASM_DECODE or (fragment_order and fmt == "int4" and magic and not interpreted)
+        asm = USE_ASM_DECODE or (
+            fragment_order
+            and fmt == "int4"
+            and magic
+            and not interpreted
+            and x.shape[0] <= MAX_FRAGMENT_ASM_ROWS
+        )
+    if asm and fragment_order and x.shape[0] > MAX_FRAGMENT_ASM_ROWS:
+        raise ValueError(
+            f"asm decoding in fragment order is limited to M <= {MAX_FRAGMENT_ASM_ROWS} (it gave wrong "
+            "sums on H100 above that); pass asm=False for Triton's own decode"
+        )
     prescale = use_prescale(x.shape[0], x.shape[1], qweight.shape[1]) if prescale is None else prescale
     scale_codes = use_scaled_codes(x.shape[0]) if scale_codes is None else scale_codes
     if finish not in ("last", "epilogue"):
