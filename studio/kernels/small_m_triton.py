@@ -34,9 +34,11 @@ select, INT4's adds the row sums), so ``use_magic`` picks by format from what wa
 Operand order (``SWAP_AB``): the dot is taken as ``codes @ x^T`` (``[BLOCK_N, BLOCK_M]``
 sums), so that the decoded codes are the left operand, which Hopper's wgmma reads from
 registers; as the right operand they went through shared memory every group at M = 64.
-Two measured options stay for ``bench/diag_small_m_stages.py``, off by default:
-``ASM_DECODE`` (INT4 codes four bytes at a time by inline PTX) and exact codes
-(``SCALED_CODES`` off).  ``PRESCALED`` (``bf16(x * 1/s)``, and INT4's row sums for exact bit-built
+``FRAGMENT_ORDER`` (on for INT4 up to 16 rows, ``use_fragment_order``): INT4 codes decoded
+four bytes at a time by inline PTX (``ASM_DECODE``) and re-indexed into the order in which
+a wgmma thread holds its operand, the activations permuted the same way.  Two measured
+options stay for ``bench/diag_small_m_stages.py``, off by default: ``ASM_DECODE`` in the
+plain order, and exact codes (``SCALED_CODES`` off).  ``PRESCALED`` (``bf16(x * 1/s)``, and INT4's row sums for exact bit-built
 codes, by ``_scale_x_kernel`` once, not per column program) is on above 16 rows and for large
 layers: with scaled codes it lets the dots run asynchronously (``use_prescale``).
 """
@@ -61,7 +63,8 @@ LA_RANKS = 32
 #: Partial loads in flight at once where the one-launch kernel finishes a column block.
 FINISH_IN_FLIGHT = 4
 
-#: INT4 codes by inline PTX by default: no.  Its decode stage alone is faster (13.5 against
+#: INT4 codes by inline PTX in the plain order by default: no (in fragment order, yes:
+#: ``use_fragment_order``).  Its decode stage alone is faster (13.5 against
 #: 16.2 us at 3072x12288, M = 16), but in the whole kernel it measured within 2 % either way
 #: at M = 64 and up to 7 % slower at M = 16 (``bench/diag_small_m_stages.py``, tenth session).
 USE_ASM_DECODE = False
@@ -175,8 +178,8 @@ def _fragment_order(v, BLOCK_N: tl.constexpr):
     2q + 9`` of every 16 (mma.sync's operand too); a thread that decoded the 8 contiguous bytes
     ``8q .. 8q + 7`` of a row therefore holds exactly its operand's codes of that row, and the
     reshape / permute / reshape below is a renaming of registers: Triton lays the result out
-    as the operand with no conversion (checked on the sm_90 compile: no ``convert_layout``
-    before the dot, the loop 331 -> 243 instructions in Triton 3.6).  The sum over K does not
+    as the operand with no conversion (checked on the sm_90 compile, Triton 3.6: no
+    ``convert_layout`` before the dot; ``use_fragment_order`` gives the instruction counts).  The sum over K does not
     care about order, so the activations are put in the same order, by this same function.
     """
     v = tl.reshape(v, [BLOCK_N, 4, 2, 2, 2])
@@ -561,9 +564,10 @@ def use_fragment_order(fmt: str, magic: bool, swap: bool, interpreted: bool, m: 
 
 
 #: Rows up to which the inline-PTX decode may run in fragment order.  Above them, at the
-#: (128, 8 | 16, 4, 4) tiles and 64 rows, its sums came out wrong on H100 in two of three
-#: runs (relative error 36-150); Triton's own decode in the same order was right at every
-#: tile, and so was every tile at 16 rows (``test_fragment_order_every_config``).
+#: (128, 8 | 16, 4, 4) tiles and 64 rows, its sums came out wrong on H100 in each of three
+#: diag runs (relative error 36-150) and in one of 44 cases of ``test_fragment_order_every_config``
+#: (thirteenth session); Triton's own decode in the same order was right at every tile, and
+#: so was every tile at 16 rows.
 MAX_FRAGMENT_ASM_ROWS = 16
 
 
