@@ -21,3 +21,11 @@ def small_m_case(m: int, k: int, n: int, r: int, fmt: str, seed: int = 0, device
     qw, ws = ref.quantize_weight(torch.randn(n, k, device=device, generator=g), fmt)
     bias = torch.randn(n, device=device, generator=g)
     return x, sinv, qw, ws, fmt, l1, l2, strength, max(1, m // 2), bias
+
+
+def fragment_order_index(device: str = "cpu") -> torch.Tensor:
+    """The column of each half group (``0 .. 31``) that index ``k' = 16s + 8t + 2q + b`` holds
+    in ``small_m_triton._fragment_order``'s order: ``8q + 4s + 2t + b``, written out here as the
+    tests' independent oracle (the kernel gets it by a reshape and a permute)."""
+    kp = torch.arange(32, device=device)
+    return 8 * ((kp >> 1) & 3) + 4 * (kp >> 4) + 2 * ((kp >> 3) & 1) + (kp & 1)

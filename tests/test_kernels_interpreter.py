@@ -43,6 +43,8 @@ def _case(m: int, k: int, n: int, r: int, fmt: str, seed: int) -> tuple:
 
 
 def check_small_m() -> None:
+    from kernel_cases import fragment_order_index
+
     from studio.kernels.reference_small_m import w4_linear_small_m
     from studio.kernels.small_m_triton import scaled_activations, w4_linear_small_m_triton
     from studio.kernels.split_k_scratch import _SCRATCH
@@ -62,8 +64,7 @@ def check_small_m() -> None:
     # in fragment order, index k' of each 32 columns holds column 8q + 4s + 2t + b of k' =
     # 16s + 8t + 2q + b (the order in which a wgmma thread holds its codes); the sums are the same
     frag, frag_sums = scaled_activations(x, sinv, row_sums=True, fragment_order=True)
-    kp = torch.arange(32)
-    order = 8 * ((kp >> 1) & 3) + 4 * (kp >> 4) + 2 * ((kp >> 3) & 1) + (kp & 1)
+    order = fragment_order_index()
     assert sorted(order.tolist()) == list(range(32))
     assert torch.equal(frag.view(19, 8, 32), expect.view(19, 8, 32)[:, :, order])
     assert torch.allclose(frag_sums, sums, rtol=1e-6, atol=1e-5)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_cases import small_m_case
+from kernel_cases import fragment_order_index, small_m_case
 
 from studio import kernels
 from studio.kernels.reference_small_m import w4_linear_small_m
@@ -118,8 +118,7 @@ def test_scaled_activations_round_as_torch_and_pad_with_zeros() -> None:
     assert torch.allclose(sums, expect.float().view(37, 16, 64).sum(-1), rtol=1e-6, atol=1e-4)
     # the wgmma operand's order within each 32 columns (index 16s + 8t + 2q + b holds 8q + 4s + 2t + b)
     frag = scaled_activations(x, sinv, row_sums=False, fragment_order=True)[0]
-    kp = torch.arange(32, device=x.device)
-    order = 8 * ((kp >> 1) & 3) + 4 * (kp >> 4) + 2 * ((kp >> 3) & 1) + (kp & 1)
+    order = fragment_order_index(x.device)
     assert torch.equal(frag.view(37, 32, 32), expect.view(37, 32, 32)[:, :, order])
 
 

@@ -290,6 +290,8 @@ def _w4_small_m_kernel(
             ws = tl.load(ws_ptr + grp * stride_wsg + offs_n, n_mask, 0.0)
             k_lo = grp * 64 + offs_j
             if PRESCALED:  # bf16(x * 1/s), padded to whole groups, from _scale_x_kernel
+                # (grp * 64 + offs_j is k_lo, but the two compile to different schedules on
+                # sm_90; this form is the one timed and tested on the GPU, thirteenth session)
                 xs_row = xs_ptr + offs_m[:, None] * (KG * 64) + grp * 64 + offs_j[None, :]
                 xs_lo = tl.load(xs_row, m_mask[:, None], 0.0).to(DOT_DTYPE)
                 xs_hi = tl.load(xs_row + 32, m_mask[:, None], 0.0).to(DOT_DTYPE)
@@ -315,21 +317,20 @@ def _w4_small_m_kernel(
             if SCALED_CODES:  # bf16(code * scale): the sums need no per-group work after the dot
                 lo = _times_group_scale(lo, ws[:, None], MAGIC and not FP4, ROUND_BY_BITS).to(DOT_DTYPE)
                 hi = _times_group_scale(hi, ws[:, None], MAGIC and not FP4, ROUND_BY_BITS).to(DOT_DTYPE)
-                if FRAGMENT_ORDER:
-                    lo = _fragment_order(lo, BLOCK_N)
-                    hi = _fragment_order(hi, BLOCK_N)
+            else:  # exact codes, each group's partial dot scaled in fp32 (below)
+                lo = lo.to(DOT_DTYPE)
+                hi = hi.to(DOT_DTYPE)
+            if FRAGMENT_ORDER:
+                lo = _fragment_order(lo, BLOCK_N)
+                hi = _fragment_order(hi, BLOCK_N)
+            if SCALED_CODES:
                 if SWAP_AB:  # two chains: each dot waits on nothing of this group's other
                     acc = tl.dot(lo, tl.trans(xs_lo), acc)
                     acc_hi = tl.dot(hi, tl.trans(xs_hi), acc_hi)
                 else:
                     acc = tl.dot(xs_lo, tl.trans(lo), acc)
                     acc_hi = tl.dot(xs_hi, tl.trans(hi), acc_hi)
-            else:  # exact codes, each group's partial dot scaled in fp32
-                lo = lo.to(DOT_DTYPE)
-                hi = hi.to(DOT_DTYPE)
-                if FRAGMENT_ORDER:
-                    lo = _fragment_order(lo, BLOCK_N)
-                    hi = _fragment_order(hi, BLOCK_N)
+            else:
                 if SWAP_AB:  # [BLOCK_N, BLOCK_M] = codes @ x^T: the codes are a register operand
                     part = tl.dot(lo, tl.trans(xs_lo))
                     part = tl.dot(hi, tl.trans(xs_hi), part)
@@ -639,18 +640,13 @@ def w4_linear_small_m_triton(
     finish = finish_for(x.shape[0]) if finish is None else finish
     magic = use_magic(fmt, x.shape[0]) if magic is None else magic
     swap = use_swap(x.shape[0]) if swap is None else swap
-    if asm and not (fmt == "int4" and magic and not interpreted):
+    asm_can_run = fmt == "int4" and magic and not interpreted
+    if asm and not asm_can_run:
         raise ValueError("asm decoding needs INT4, magic=True and a GPU (not TRITON_INTERPRET)")
     if fragment_order is None:
         fragment_order = use_fragment_order(fmt, magic, swap, interpreted, x.shape[0])
     if asm is None:
-        asm = USE_ASM_DECODE or (
-            fragment_order
-            and fmt == "int4"
-            and magic
-            and not interpreted
-            and x.shape[0] <= MAX_FRAGMENT_ASM_ROWS
-        )
+        asm = USE_ASM_DECODE or (fragment_order and asm_can_run and x.shape[0] <= MAX_FRAGMENT_ASM_ROWS)
     if asm and fragment_order and x.shape[0] > MAX_FRAGMENT_ASM_ROWS:
         raise ValueError(
             f"asm decoding in fragment order is limited to M <= {MAX_FRAGMENT_ASM_ROWS} (it gave wrong "
