@@ -12,7 +12,9 @@ runs it (``path="auto"``) and each of its paths forced: ``fused`` (pre-pass + 4-
 GEMM, branch in the epilogue), ``prefill`` (4-bit weights expanded to FP8, cuBLAS FP8
 with the branch appended along K) and, up to 64 rows, ``small`` (bf16 activations,
 split-K over the 4-bit weights); ours with the low-rank branch unfused; the time of a
-strength change on a quantized layer.  Then an accuracy table: relative error
+strength change on a quantized layer.  Up to 64 rows, bf16 and ours (INT4, the layer's path)
+are also timed back to back on cold weight copies (``bench_stream``: a decode step through
+many layers, no memset between calls; the ratios' last column).  Then an accuracy table: relative error
 against the float64 layer on synthetic activations with outlier channels.
 """
 
@@ -53,13 +55,17 @@ def _replay_ms(graph: torch.cuda.CUDAGraph) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def bench(fn, reps: int = 20) -> float:
+def bench(fn, reps: int = 20, evict: str = "write") -> float:
     """Median GPU time of ``fn`` in us, from CUDA-graph replays with L2 flushed before each call.
 
     Graphs remove the Python launch cost (which dominated small-M timings under plain
     ``do_bench`` on the device's CPU); a 64 MB memset before every call evicts the 50 MB
-    L2, and the time of a graph of memsets alone is subtracted.
+    L2, and the time of a graph of memsets alone is subtracted.  The memset leaves L2 full
+    of written lines, which the timed call then pays to write back; ``evict="read"`` evicts
+    by reading the 64 MB instead (a max over it), so that L2 holds clean lines.
     """
+    if evict not in ("write", "read"):
+        raise ValueError(f"evict must be 'write' or 'read', not {evict!r}")
     if not _FLUSH:
         _FLUSH.append(torch.empty(64 << 20, dtype=torch.uint8, device="cuda"))
     flush = _FLUSH[0]
@@ -71,7 +77,10 @@ def bench(fn, reps: int = 20) -> float:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 for _ in range(reps):
-                    flush.zero_()
+                    if evict == "write":
+                        flush.zero_()
+                    else:
+                        flush.view(torch.int64).amax()
                     if with_fn:
                         fn()
             graphs.append(graph)
@@ -239,6 +248,18 @@ def speed(shapes: list[tuple[int, int]], ms: list[int], ranks: list[int]) -> lis
                             *args[:2], p["qweight"], p["wscale"], fmt, args[2], p["l2"], bias
                         )
                     )
+            if m <= kernels.SMALL_M_MAX:  # a decode step: back to back on cold weight copies, no memset
+                w_copies = [w] + [w.clone() for _ in range(copies_for_cold_l2(w.numel() * 2) - 1)]
+                row["bf16_stream"] = bench_stream([lambda c=c: F.linear(x, c, bias16) for c in w_copies])
+                p = packs[("int4", ranks[0])]
+                p_copies = [p] + [
+                    dict(p, qweight=p["qweight"].clone())
+                    for _ in range(copies_for_cold_l2(p["qweight"].numel()) - 1)
+                ]
+                row[f"int4_r{ranks[0]}_stream"] = bench_stream(
+                    [lambda c=c: ours(x, c, bias) for c in p_copies]
+                )
+                del w_copies, p_copies
             rows.append(row)
             print(
                 json.dumps({k2: (round(v, 2) if isinstance(v, float) else v) for k2, v in row.items()}),
@@ -262,17 +283,20 @@ def print_table(rows: list[dict], ranks: list[int]) -> None:
         print(f"| {row['K']}x{row['N']} | {row['M']} | {vals} |")
     print("\nratios (best of int4/fp4 at rank r0 unless named)")
     print(
-        "| K x N | M | bf16/ours | ours/fp8_bare | ours/fp8_q | int4_wo/ours | unfused/ours | +64 ranks | fmt |"
+        "| K x N | M | bf16/ours | ours/fp8_bare | ours/fp8_q | int4_wo/ours | unfused/ours | +64 ranks | fmt "
+        "| bf16/ours, stream (int4) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         fmt = "int4" if row[f"int4_r{r0}"] <= row[f"fp4_r{r0}"] else "fp4"
         t = row[f"{fmt}_r{r0}"]
         more_ranks = f"{row[f'{fmt}_r{r1}'] / t - 1:+.1%}" if r1 != r0 else "-"  # (one rank: not measured)
+        ours_stream = row.get(f"int4_r{r0}_stream")
+        stream = f"{row['bf16_stream'] / ours_stream:.2f}x" if ours_stream else "-"
         print(
             f"| {row['K']}x{row['N']} | {row['M']} | {row['bf16'] / t:.2f}x | {t / row['fp8_bare']:.2f} | "
             f"{t / row['fp8_q']:.2f} | {row['int4_wo'] / t:.2f}x | {row[f'w4+lr{r0}_unfused'] / t:.2f}x | "
-            f"{more_ranks} | {fmt} |"
+            f"{more_ranks} | {fmt} | {stream} |"
         )
 
 

@@ -13,6 +13,7 @@ from kernel_cases import fragment_order_index, small_m_case
 
 from studio import kernels
 from studio.kernels.reference_small_m import w4_linear_small_m
+from studio.kernels.small_m_tiles import PINNED_TILES
 from studio.kernels.small_m_triton import _split_configs, scaled_activations, w4_linear_small_m_triton
 
 pytestmark = pytest.mark.gpu
@@ -90,6 +91,20 @@ def test_fragment_order_every_config(cfg: dict, m: int, asm: bool) -> None:
     for prescale in (True, False):
         kw = dict(config=cfg, magic=True, asm=asm, swap=True, prescale=prescale, fragment_order=True)
         assert _rel(w4_linear_small_m_triton(*args, **kw), expect) < 5e-3, kw
+
+
+@pytest.mark.parametrize("key", sorted(PINNED_TILES), ids=str)
+def test_pinned_tiles_match_the_reference(key: tuple[int, int, int]) -> None:
+    """Each pinned shape, at a row count inside its bucket: the launcher runs the pinned tile
+    (bit-identical to forcing it) and matches the reference; so does autotuning there."""
+    block_m, kg, n = key
+    args = _case(block_m - 3, kg * 64, n, 32, "int4", seed=7)
+    expect = w4_linear_small_m(*args)
+    out = w4_linear_small_m_triton(*args)
+    assert _rel(out, expect) < 5e-3
+    forced = dict(zip(("BLOCK_N", "SPLIT_K", "num_warps", "num_stages"), PINNED_TILES[key]))
+    assert torch.equal(out, w4_linear_small_m_triton(*args, config=forced))
+    assert _rel(w4_linear_small_m_triton(*args, pinned=False), expect) < 5e-3
 
 
 @pytest.mark.parametrize("fmt", ["int4", "fp4"])

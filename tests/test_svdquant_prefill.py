@@ -206,6 +206,27 @@ def test_small_path_launch_choices() -> None:
         sm.w4_linear_small_m_triton(*args, magic=True, asm=True, fragment_order=True)
 
 
+def test_pinned_small_m_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Swept shapes run their measured tile on sm_90 only, by row bucket; anything else autotunes
+    (fourteenth session), and every pinned tile is one the autotuner's pruning would allow."""
+    pytest.importorskip("triton")
+    from studio.kernels import small_m_tiles as tiles
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert tiles.pinned_tile(1, 48, 12288, cuda) == tiles.pinned_tile(16, 48, 12288, cuda)
+    assert tiles.pinned_tile(16, 48, 12288, cuda) == dict(BLOCK_N=128, SPLIT_K=4, num_warps=4, num_stages=5)
+    assert tiles.pinned_tile(40, 48, 12288, cuda) == dict(BLOCK_N=128, SPLIT_K=2, num_warps=4, num_stages=4)
+    assert tiles.pinned_tile(24, 48, 12288, cuda) == dict(BLOCK_N=128, SPLIT_K=4, num_warps=4, num_stages=4)
+    assert tiles.pinned_tile(100, 48, 12288, cuda) is None  # (not a small-M row count)
+    assert tiles.pinned_tile(16, 48, 4096, cuda) is None
+    assert tiles.pinned_tile(16, 48, 12288, torch.device("cpu")) is None
+    for (_, kg, _), (_, split, _, _) in tiles.PINNED_TILES.items():
+        assert split <= kg // 2
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert tiles.pinned_tile(16, 48, 12288, cuda) is None
+
+
 @pytest.mark.parametrize("path", ["fused", "prefill", "small"])
 def test_an_empty_batch_gives_an_empty_output(path: str) -> None:
     qweight, wscale = ref.quantize_weight(torch.randn(32, 128), "int4")

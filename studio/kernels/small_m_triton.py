@@ -55,6 +55,7 @@ from studio.kernels.autotuned_launch import launch_autotuned
 from studio.kernels.prefill_triton import _decode
 from studio.kernels.quant_act import branch_dot_dtype
 from studio.kernels.reference_small_m import SMALL_M_ONE_LAUNCH
+from studio.kernels.small_m_tiles import pinned_tile
 from studio.kernels.split_k_scratch import zeroed_scratch
 
 #: Ranks per branch-slice program (and per step of the epilogue's branch dot).
@@ -79,6 +80,8 @@ def _split_configs() -> list[triton.Config]:
             (64, 4, 4, 4),
             (64, 8, 4, 4),
             (128, 4, 4, 4),
+            (128, 4, 4, 5),
+            (64, 8, 4, 5),
             (128, 8, 4, 4),
             (128, 8, 8, 3),
             (128, 16, 4, 4),
@@ -614,6 +617,7 @@ def w4_linear_small_m_triton(
     prescale: bool | None = None,
     scale_codes: bool | None = None,
     fragment_order: bool | None = None,
+    pinned: bool = True,
 ) -> torch.Tensor:
     """``[M, N]`` in ``x.dtype``; shapes as ``studio.kernels.w4_linear``, ``M <= 64`` expected.
 
@@ -635,7 +639,12 @@ def w4_linear_small_m_triton(
     order (``_fragment_order``: the same products, summed in another order); None:
     ``use_fragment_order``.  With it, ``asm`` defaults to on where it can run, up to
     ``MAX_FRAGMENT_ASM_ROWS`` rows; ``asm=True`` with it above those rows is refused.
+    ``pinned``: with no ``config`` and no option forced, run the tile ``small_m_tiles`` pins
+    for this shape where it has one (False: autotune, as before tiles were pinned).
     """
+    forced = (magic, finish, swap, asm, prescale, scale_codes, fragment_order)
+    if config is None and pinned and la_first and all(v is None for v in forced):
+        config = pinned_tile(x.shape[0], qweight.shape[0], qweight.shape[1], x.device)
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     finish = finish_for(x.shape[0]) if finish is None else finish
     magic = use_magic(fmt, x.shape[0]) if magic is None else magic
