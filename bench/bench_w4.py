@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -117,6 +118,33 @@ def bench_stream(fns: list, reps: int = 48) -> float:
 def copies_for_cold_l2(weight_bytes: int, total: int = 160 << 20) -> int:
     """How many weight copies ``bench_stream`` needs so that none is still in L2 (50 MB)."""
     return max(2, -(-total // max(weight_bytes, 1)))
+
+
+def cold_copies(k: int, n: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], dict, list[dict]]:
+    """For back-to-back timing of one K x N layer: (bf16 weight, fp32 bias, copies of the weight,
+    INT4 rank-32 packed weights, copies of those), enough copies each that none is still in L2."""
+    w_bf16 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(n, device="cuda")
+    bf16_copies = [w_bf16.clone() for _ in range(copies_for_cold_l2(w_bf16.numel() * 2))]
+    p = make_w4(k, n, 32, "int4", "cuda")
+    copies = [dict(p, qweight=p["qweight"].clone()) for _ in range(copies_for_cold_l2(p["qweight"].numel()))]
+    return w_bf16, bias, bf16_copies, p, copies
+
+
+def swept_layers(shapes: str, ms: str) -> Iterator[tuple[int, int, int, torch.Tensor, tuple]]:
+    """``(k, n, m, x, cold_copies(k, n))`` for each ``KxN`` of ``shapes`` and each row count of
+    ``ms`` (both comma-separated), random bf16 ``x [m, k]``, seeded."""
+    torch.manual_seed(0)
+    for shape in shapes.split(","):
+        k, n = (int(v) for v in shape.split("x"))
+        cold = cold_copies(k, n)
+        for m in [int(v) for v in ms.split(",")]:
+            yield k, n, m, torch.randn(m, k, device="cuda", dtype=torch.bfloat16), cold
+
+
+def parse_tiles(text: str) -> list[tuple[int, ...]]:
+    """``"BLOCK_N,SPLIT_K,warps,stages;..."`` as tuples."""
+    return [tuple(int(v) for v in t.split(",")) for t in text.split(";")]
 
 
 def rowwise_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

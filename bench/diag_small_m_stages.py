@@ -44,7 +44,7 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_w4 import bench_stream, copies_for_cold_l2, make_w4  # noqa: E402
+from bench.bench_w4 import bench_stream, parse_tiles, swept_layers  # noqa: E402
 from bench.diag_small_m import floor_us  # noqa: E402
 from studio.kernels.small_m_triton import (  # noqa: E402
     _codes_as_bf16,
@@ -200,67 +200,54 @@ def main() -> None:
     args = parser.parse_args()
     tiles = TILES if args.tiles is None else [TILES[int(i)] for i in args.tiles.split(",")]
     if args.tile_list:
-        tiles = [tuple(int(v) for v in t.split(",")) for t in args.tile_list.split(";")]
+        tiles = parse_tiles(args.tile_list)
     stages_run = [st for st in args.stages.split(",") if st]
     variants = {name: VARIANTS[name] for name in args.variants.split(",")}
-    torch.manual_seed(0)
     rows = []
-    for shape in args.shapes.split(","):
-        k, n = (int(v) for v in shape.split("x"))
-        w_bf16 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        bias = torch.randn(n, device="cuda")
-        bf16_copies = [w_bf16.clone() for _ in range(copies_for_cold_l2(w_bf16.numel() * 2))]
-        p = make_w4(k, n, 32, "int4", "cuda")
-        copies = [
-            dict(p, qweight=p["qweight"].clone()) for _ in range(copies_for_cold_l2(p["qweight"].numel()))
-        ]
-        for m in [int(v) for v in args.ms.split(",")]:
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            out = torch.empty(16, m, n, device="cuda")
-            bf16 = bench_stream([lambda w=w: torch.nn.functional.linear(x, w) for w in bf16_copies])
-            print(f"{k}x{n} M={m}: bf16 {bf16:.1f} us, 4-bit floor {floor_us(k, n):.1f} us", flush=True)
-            for tile in tiles:
-                row = {"k": k, "n": n, "m": m, "tile": tile, "bf16": bf16}
-                partials = {}
-                for stage in stages_run:
-                    out.zero_()
-                    compiled = stage_call(stage, x, p, out, tile)
-                    partials[stage] = out[: tile[1]].clone()
-                    row[f"{stage}_regs"] = compiled.n_regs
-                    row[stage] = bench_stream(
-                        [lambda c=c: stage_call(stage, x, c, out, tile) for c in copies]
-                    )
-                if "dot" in partials and "asm_dot" in partials:
-                    row["asm_matches"] = bool(torch.equal(partials["dot"], partials["asm_dot"]))
-                cfg = dict(zip(("BLOCK_N", "SPLIT_K", "num_warps", "num_stages"), tile))
-                outs = {}
-                for name, variant in variants.items():
+    for k, n, m, x, (_, bias, bf16_copies, p, copies) in swept_layers(args.shapes, args.ms):
+        out = torch.empty(16, m, n, device="cuda")
+        bf16 = bench_stream([lambda w=w: torch.nn.functional.linear(x, w) for w in bf16_copies])
+        print(f"{k}x{n} M={m}: bf16 {bf16:.1f} us, 4-bit floor {floor_us(k, n):.1f} us", flush=True)
+        for tile in tiles:
+            row = {"k": k, "n": n, "m": m, "tile": tile, "bf16": bf16}
+            partials = {}
+            for stage in stages_run:
+                out.zero_()
+                compiled = stage_call(stage, x, p, out, tile)
+                partials[stage] = out[: tile[1]].clone()
+                row[f"{stage}_regs"] = compiled.n_regs
+                row[stage] = bench_stream([lambda c=c: stage_call(stage, x, c, out, tile) for c in copies])
+            if "dot" in partials and "asm_dot" in partials:
+                row["asm_matches"] = bool(torch.equal(partials["dot"], partials["asm_dot"]))
+            cfg = dict(zip(("BLOCK_N", "SPLIT_K", "num_warps", "num_stages"), tile))
+            outs = {}
+            for name, variant in variants.items():
 
-                    def real(c: dict) -> torch.Tensor:
-                        return w4_linear_small_m_triton(
-                            x, c["smooth_inv"], c["qweight"], c["wscale"], "int4", c["l1"], c["l2"],
-                            c["strength"], 1, bias, config=cfg, **variant,
-                        )  # fmt: skip
+                def real(c: dict) -> torch.Tensor:
+                    return w4_linear_small_m_triton(
+                        x, c["smooth_inv"], c["qweight"], c["wscale"], "int4", c["l1"], c["l2"],
+                        c["strength"], 1, bias, config=cfg, **variant,
+                    )  # fmt: skip
 
-                    outs[name] = real(copies[0]).float()
-                    row[name] = bench_stream([lambda c=c: real(c) for c in copies])
-                    if args.hot:
-                        row[name + "_hot"] = bench_stream([lambda: real(copies[0])])
-                first = next(iter(outs.values()))
-                diffs = {name: ((o - first).norm() / first.norm()).item() for name, o in outs.items()}
-                row["worst_variant"] = max(diffs, key=diffs.get)
-                row["worst_rel_diff"] = diffs[row["worst_variant"]]
-                rows.append(row)
-                kernel = ", ".join(
-                    f"{name} {row[name]:.1f}" + (f" (hot {row[name + '_hot']:.1f})" if args.hot else "")
-                    for name in variants
-                )
-                stages = " | ".join(f"{st} {row[st]:.1f} ({row[st + '_regs']} regs)" for st in stages_run)
-                print(
-                    f"  tile {tile}: {stages} | asm decode exact: {row.get('asm_matches')} | kernel: {kernel}"
-                    f" | variants differ by {row['worst_rel_diff']:.1e} ({row['worst_variant']})",
-                    flush=True,
-                )
+                outs[name] = real(copies[0]).float()
+                row[name] = bench_stream([lambda c=c: real(c) for c in copies])
+                if args.hot:
+                    row[name + "_hot"] = bench_stream([lambda: real(copies[0])])
+            first = next(iter(outs.values()))
+            diffs = {name: ((o - first).norm() / first.norm()).item() for name, o in outs.items()}
+            row["worst_variant"] = max(diffs, key=diffs.get)
+            row["worst_rel_diff"] = diffs[row["worst_variant"]]
+            rows.append(row)
+            kernel = ", ".join(
+                f"{name} {row[name]:.1f}" + (f" (hot {row[name + '_hot']:.1f})" if args.hot else "")
+                for name in variants
+            )
+            stages = " | ".join(f"{st} {row[st]:.1f} ({row[st + '_regs']} regs)" for st in stages_run)
+            print(
+                f"  tile {tile}: {stages} | asm decode exact: {row.get('asm_matches')} | kernel: {kernel}"
+                f" | variants differ by {row['worst_rel_diff']:.1e} ({row['worst_variant']})",
+                flush=True,
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

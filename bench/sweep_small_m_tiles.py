@@ -32,7 +32,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_w4 import bench, bench_stream, copies_for_cold_l2, make_w4  # noqa: E402
+from bench.bench_w4 import bench, bench_stream, parse_tiles, swept_layers  # noqa: E402
 from studio.kernels.small_m_triton import _split_configs, _w4_small_m_kernel, w4_linear_small_m_triton  # noqa: E402
 
 #: The autotuner's tiles and the ones the stage diag found best (thirteenth session).
@@ -94,70 +94,57 @@ def main() -> None:
         for key, (tile, score) in sorted(choose(runs).items()):
             print(f"    {key}: {tile},  # {score:.3f} x the best, mean over runs and timings")
         return
-    tiles = CANDIDATES
-    if args.tile_list:
-        tiles = [tuple(int(v) for v in t.split(",")) for t in args.tile_list.split(";")]
-    torch.manual_seed(0)
+    tiles = parse_tiles(args.tile_list) if args.tile_list else CANDIDATES
     rows = []
-    for shape in args.shapes.split(","):
-        k, n = (int(v) for v in shape.split("x"))
-        w_bf16 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        bias = torch.randn(n, device="cuda")
-        bf16_copies = [w_bf16.clone() for _ in range(copies_for_cold_l2(w_bf16.numel() * 2))]
-        p = make_w4(k, n, 32, "int4", "cuda")
-        copies = [
-            dict(p, qweight=p["qweight"].clone()) for _ in range(copies_for_cold_l2(p["qweight"].numel()))
-        ]
-        for m in [int(v) for v in args.ms.split(",")]:
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    for k, n, m, x, (w_bf16, bias, bf16_copies, p, copies) in swept_layers(args.shapes, args.ms):
 
-            def call(c: dict, **kw: object) -> torch.Tensor:
-                return w4_linear_small_m_triton(
-                    x, c["smooth_inv"], c["qweight"], c["wscale"], "int4", c["l1"], c["l2"], c["strength"], 1,
-                    bias, **kw,
-                )  # fmt: skip
+        def call(c: dict, **kw: object) -> torch.Tensor:
+            return w4_linear_small_m_triton(
+                x, c["smooth_inv"], c["qweight"], c["wscale"], "int4", c["l1"], c["l2"], c["strength"], 1,
+                bias, **kw,
+            )  # fmt: skip
 
-            def both(**kw: object) -> dict:
-                return {
-                    "flush": bench(lambda: call(p, **kw)),
-                    "clean": bench(lambda: call(p, **kw), evict="read"),
-                    "stream": bench_stream([lambda c=c: call(c, **kw) for c in copies]),
-                }
-
-            row = {"k": k, "n": n, "m": m}
-            row["bf16"] = {
-                "flush": bench(lambda: F.linear(x, w_bf16)),
-                "clean": bench(lambda: F.linear(x, w_bf16), evict="read"),
-                "stream": bench_stream([lambda w=w: F.linear(x, w) for w in bf16_copies]),
+        def both(**kw: object) -> dict:
+            return {
+                "flush": bench(lambda: call(p, **kw)),
+                "clean": bench(lambda: call(p, **kw), evict="read"),
+                "stream": bench_stream([lambda c=c: call(c, **kw) for c in copies]),
             }
-            row["now"] = both()
-            row["autotuned"] = both(pinned=False)
-            best = _w4_small_m_kernel.best_config
-            row["autotune_pick"] = [
-                best.kwargs["BLOCK_N"],
-                best.kwargs["SPLIT_K"],
-                best.num_warps,
-                best.num_stages,
-            ]
-            row["tiles"] = {}
-            for name in args.variants.split(","):
-                for tile in tiles:
-                    if tile[1] > max(1, (k // 64) // 2):
-                        continue
-                    cfg = dict(zip(("BLOCK_N", "SPLIT_K", "num_warps", "num_stages"), tile))
-                    row["tiles"][f"{name} {tile}"] = both(config=cfg, **VARIANTS[name])
-            rows.append(row)
-            head = f"{k}x{n} M={m}:"
-            for how in TIMINGS:
-                times = {t: v[how] for t, v in row["tiles"].items()}
-                ranked = sorted(times, key=times.get)[:4]
-                print(
-                    f"{head} [{how}] bf16 {row['bf16'][how]:.1f} | now {row['now'][how]:.1f} "
-                    f"({row['bf16'][how] / row['now'][how]:.2f}x) | autotuned {row['autotuned'][how]:.1f} "
-                    f"(pick {tuple(row['autotune_pick'])}) | best: "
-                    + ", ".join(f"{t} {times[t]:.1f}" for t in ranked),
-                    flush=True,
-                )
+
+        row = {"k": k, "n": n, "m": m}
+        row["bf16"] = {
+            "flush": bench(lambda: F.linear(x, w_bf16)),
+            "clean": bench(lambda: F.linear(x, w_bf16), evict="read"),
+            "stream": bench_stream([lambda w=w: F.linear(x, w) for w in bf16_copies]),
+        }
+        row["now"] = both()
+        row["autotuned"] = both(pinned=False)
+        best = _w4_small_m_kernel.best_config
+        row["autotune_pick"] = [
+            best.kwargs["BLOCK_N"],
+            best.kwargs["SPLIT_K"],
+            best.num_warps,
+            best.num_stages,
+        ]
+        row["tiles"] = {}
+        for name in args.variants.split(","):
+            for tile in tiles:
+                if tile[1] > max(1, (k // 64) // 2):
+                    continue
+                cfg = dict(zip(("BLOCK_N", "SPLIT_K", "num_warps", "num_stages"), tile))
+                row["tiles"][f"{name} {tile}"] = both(config=cfg, **VARIANTS[name])
+        rows.append(row)
+        head = f"{k}x{n} M={m}:"
+        for how in TIMINGS:
+            times = {t: v[how] for t, v in row["tiles"].items()}
+            ranked = sorted(times, key=times.get)[:4]
+            print(
+                f"{head} [{how}] bf16 {row['bf16'][how]:.1f} | now {row['now'][how]:.1f} "
+                f"({row['bf16'][how] / row['now'][how]:.2f}x) | autotuned {row['autotuned'][how]:.1f} "
+                f"(pick {tuple(row['autotune_pick'])}) | best: "
+                + ", ".join(f"{t} {times[t]:.1f}" for t in ranked),
+                flush=True,
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
