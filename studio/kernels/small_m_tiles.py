@@ -7,8 +7,8 @@ shapes its pick moved between runs (3 of 8 shape / row-count cases in two runs) 
 runs, fourteenth session, docs/results.md).  So the shapes that were swept run the tile
 measured best there; any other shape is autotuned as before.
 
-The table is for the launcher's default variant (``w4_linear_small_m_triton`` with no option
-forced) on Hopper (sm_90: measured on an H100; an H200 has the same SMs).  Keys: (rows
+The table is for INT4 codes in the launcher's default variant (``w4_linear_small_m_triton``
+with no option forced; FP4, whose decode differs, was not swept and is autotuned) on Hopper (sm_90: measured on an H100; an H200 has the same SMs).  Keys: (rows
 rounded up to a power of two, at least 16, as the kernel's ``BLOCK_M``; K groups of 64; N).
 The rank is not in the key: the branch slices are 1-3 programs per split against 48-384
 column blocks.

@@ -639,11 +639,11 @@ def w4_linear_small_m_triton(
     order (``_fragment_order``: the same products, summed in another order); None:
     ``use_fragment_order``.  With it, ``asm`` defaults to on where it can run, up to
     ``MAX_FRAGMENT_ASM_ROWS`` rows; ``asm=True`` with it above those rows is refused.
-    ``pinned``: with no ``config`` and no option forced, run the tile ``small_m_tiles`` pins
-    for this shape where it has one (False: autotune, as before tiles were pinned).
+    ``pinned``: INT4 with no ``config`` and no option forced runs the tile ``small_m_tiles``
+    pins for this shape where it has one (False: autotune, as before tiles were pinned).
     """
     forced = (magic, finish, swap, asm, prescale, scale_codes, fragment_order)
-    if config is None and pinned and la_first and all(v is None for v in forced):
+    if config is None and pinned and la_first and fmt == "int4" and all(v is None for v in forced):
         config = pinned_tile(x.shape[0], qweight.shape[0], qweight.shape[1], x.device)
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     finish = finish_for(x.shape[0]) if finish is None else finish
