@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_w4 import bench_stream, parse_tiles, swept_layers  # noqa: E402
 from bench.diag_small_m import floor_us  # noqa: E402
+from studio.kernels.small_m_tiles import tile_config  # noqa: E402
 from studio.kernels.small_m_triton import (  # noqa: E402
     _codes_as_bf16,
     _nibbles_by_asm,
@@ -219,7 +220,7 @@ def main() -> None:
                 row[stage] = bench_stream([lambda c=c: stage_call(stage, x, c, out, tile) for c in copies])
             if "dot" in partials and "asm_dot" in partials:
                 row["asm_matches"] = bool(torch.equal(partials["dot"], partials["asm_dot"]))
-            cfg = dict(zip(("BLOCK_N", "SPLIT_K", "num_warps", "num_stages"), tile))
+            cfg = tile_config(tile)
             outs = {}
             for name, variant in variants.items():
 

@@ -33,6 +33,7 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_w4 import bench, bench_stream, parse_tiles, swept_layers  # noqa: E402
+from studio.kernels.small_m_tiles import tile_config, tile_key  # noqa: E402
 from studio.kernels.small_m_triton import _split_configs, _w4_small_m_kernel, w4_linear_small_m_triton  # noqa: E402
 
 #: The autotuner's tiles and the ones the stage diag found best (thirteenth session).
@@ -61,7 +62,7 @@ def choose(runs: list[list[dict]]) -> dict[tuple[int, int, int], tuple[str, floa
     scores: dict[tuple[int, int, int], dict[str, list[float]]] = {}
     for rows in runs:
         for row in rows:
-            key = (max(16, 1 << (row["m"] - 1).bit_length()), -(-row["k"] // 64), row["n"])
+            key = tile_key(row["m"], -(-row["k"] // 64), row["n"])
             tiles = {t: v for t, v in row["tiles"].items() if t.startswith("default ")}
             for how in TIMINGS:
                 if not tiles or how not in next(iter(tiles.values())):
@@ -131,7 +132,7 @@ def main() -> None:
             for tile in tiles:
                 if tile[1] > max(1, (k // 64) // 2):
                     continue
-                cfg = dict(zip(("BLOCK_N", "SPLIT_K", "num_warps", "num_stages"), tile))
+                cfg = tile_config(tile)
                 row["tiles"][f"{name} {tile}"] = both(config=cfg, **VARIANTS[name])
         rows.append(row)
         head = f"{k}x{n} M={m}:"

@@ -13,7 +13,7 @@ from kernel_cases import fragment_order_index, small_m_case
 
 from studio import kernels
 from studio.kernels.reference_small_m import w4_linear_small_m
-from studio.kernels.small_m_tiles import PINNED_TILES
+from studio.kernels.small_m_tiles import PINNED_TILES, tile_config
 from studio.kernels.small_m_triton import _split_configs, scaled_activations, w4_linear_small_m_triton
 
 pytestmark = pytest.mark.gpu
@@ -102,7 +102,7 @@ def test_pinned_tiles_match_the_reference(key: tuple[int, int, int]) -> None:
     expect = w4_linear_small_m(*args)
     out = w4_linear_small_m_triton(*args)
     assert _rel(out, expect) < 5e-3
-    forced = dict(zip(("BLOCK_N", "SPLIT_K", "num_warps", "num_stages"), PINNED_TILES[key]))
+    forced = tile_config(PINNED_TILES[key])
     assert torch.equal(out, w4_linear_small_m_triton(*args, config=forced))
     assert _rel(w4_linear_small_m_triton(*args, pinned=False), expect) < 5e-3
 

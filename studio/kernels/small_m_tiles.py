@@ -8,8 +8,8 @@ runs, fourteenth session, docs/results.md).  So the shapes that were swept run t
 measured best there; any other shape is autotuned as before.
 
 The table is for INT4 codes in the launcher's default variant (``w4_linear_small_m_triton``
-with no option forced; FP4, whose decode differs, was not swept and is autotuned) on Hopper (sm_90: measured on an H100; an H200 has the same SMs).  Keys: (rows
-rounded up to a power of two, at least 16, as the kernel's ``BLOCK_M``; K groups of 64; N).
+with no option forced; FP4, whose decode differs, was not swept and is autotuned) on Hopper
+(sm_90: measured on an H100; an H200 has the same SMs).  Keys: (rows rounded up to a power of two, at least 16, as the kernel's ``BLOCK_M``; K groups of 64; N).
 The rank is not in the key: the branch slices are 1-3 programs per split against 48-384
 column blocks.
 """
@@ -41,12 +41,20 @@ PINNED_TILES: dict[tuple[int, int, int], tuple[int, int, int, int]] = {
 }
 
 
-def pinned_tile(m: int, kg: int, n: int, device: torch.device) -> dict | None:
-    """The pinned launch config (``BLOCK_N``, ``SPLIT_K``, ``num_warps``, ``num_stages``) of an
-    ``m`` x (``kg`` groups of 64) x ``n`` layer on ``device``, or None (autotune)."""
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
-        return None
-    tile = PINNED_TILES.get((triton.next_power_of_2(max(m, 16)), kg, n))
-    if tile is None:
-        return None
+def tile_key(m: int, kg: int, n: int) -> tuple[int, int, int]:
+    """``PINNED_TILES``'s key of an ``m`` x (``kg`` groups of 64) x ``n`` layer."""
+    return triton.next_power_of_2(max(m, 16)), kg, n
+
+
+def tile_config(tile: tuple[int, int, int, int]) -> dict:
+    """A ``(BLOCK_N, SPLIT_K, num_warps, num_stages)`` tile as the launcher's ``config``."""
     return dict(zip(("BLOCK_N", "SPLIT_K", "num_warps", "num_stages"), tile))
+
+
+def pinned_tile(m: int, kg: int, n: int, device: torch.device) -> dict | None:
+    """The pinned launch config (``tile_config``) of an ``m`` x (``kg`` groups of 64) x ``n``
+    layer on ``device``, or None (autotune)."""
+    tile = PINNED_TILES.get(tile_key(m, kg, n))
+    if tile is None or device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+        return None
+    return tile_config(tile)
