@@ -1,0 +1,156 @@
+# ruff: noqa: B023  (every closure below is timed before its loop variables change)
+"""The Gluon small-M product (``studio/kernels/small_m_gluon.py``) against the read floor.
+
+    python bench/diag_small_m_gluon.py [--shapes 3072x3072,...] [--ms 16] [--json out.json]
+
+Per FLUX shape: first its sums against a float64 product (rows 1, 5, 16); then, per row
+count, every tile of ``TILES`` timed as ``bench_w4`` times (``flush``: after a 64 MB memset;
+``stream``: back to back on cold weight copies), beside the read floor of the 4-bit bytes
+(``floor_small_m.floor_times``), bf16 ``F.linear`` and the layer as it runs now (``ours``).
+The Gluon times are of the product alone (fp32 partials, no branch, no epilogue), so they
+say how near the weight stream gets to the floor, not what a layer built on it would take.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.bench_w4 import bench, bench_stream, copies_for_cold_l2, make_w4, ours  # noqa: E402
+from bench.floor_small_m import floor_times, w4_bytes  # noqa: E402
+from studio.kernels.reference import dequantize_weight  # noqa: E402
+from studio.kernels.small_m_gluon import w4_small_m_partials_gluon  # noqa: E402
+from studio.kernels.small_m_triton import _small_m_epilogue_kernel, scaled_activations  # noqa: E402
+
+#: (kind, BLOCK_N, SPLIT_K, warps, depth): see ``w4_small_m_partials_gluon``.
+TILES = [("regs", bn, sk, 4, 2) for bn in (64, 128) for sk in (4, 8, 16)] + [
+    ("async", bn, sk, w, st)
+    for bn, w in ((64, 4), (128, 4), (128, 8), (256, 8))
+    for sk in (2, 4, 8, 16)
+    for st in (3, 4, 6)
+]
+#: Tiles whose sums are checked (odd splits leave short and empty runs of groups).
+CHECKED = [
+    ("regs", 64, 4, 4, 1),
+    ("regs", 128, 3, 4, 4),
+    ("async", 64, 4, 4, 3),
+    ("async", 128, 5, 8, 4),
+    ("async", 256, 16, 8, 6),
+]
+
+
+def scaled_x(x: torch.Tensor, smooth_inv: torch.Tensor, kg: int) -> torch.Tensor:
+    xs = torch.zeros(x.shape[0], kg * 64, device=x.device, dtype=torch.bfloat16)
+    xs[:, : x.shape[1]] = (x.float() * smooth_inv).to(torch.bfloat16)
+    return xs
+
+
+def layer_without_branch(x: torch.Tensor, p: dict, bias: torch.Tensor, tile: tuple) -> torch.Tensor:
+    """A rank-0 layer from the Gluon product: the scaling kernel, the product, the small-M path's
+    epilogue kernel (splits + bias): three launches, what a layer built on it costs at least."""
+    m, n = x.shape[0], p["qweight"].shape[1]
+    xs, _ = scaled_activations(x, p["smooth_inv"], False)
+    part = w4_small_m_partials_gluon(xs, p["qweight"], p["wscale"], tile)
+    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    _small_m_epilogue_kernel[(triton.cdiv(m, 16), triton.cdiv(n, 32))](
+        part, part, part, part, bias, out, m, n, 1, 1, 1, 0, 0, out.stride(0), tile[2],
+        HAS_BRANCH=False, HAS_BIAS=True, LA_R=32, DOT_DTYPE=tl.bfloat16, BLOCK_M=16, BLOCK_N=32,
+    )  # fmt: skip
+    return out
+
+
+def check(k: int, n: int, p: dict) -> list[dict]:
+    """Largest relative error of the Gluon sums against float64, per row count and tile."""
+    kg = p["qweight"].shape[0]
+    w = dequantize_weight(p["qweight"], p["wscale"], "int4", kg * 64).double().t()
+    found = []
+    for m in (1, 5, 16):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        xs = scaled_x(x, p["smooth_inv"], kg)
+        ref = xs.double() @ w
+        for tile in CHECKED:
+            got = w4_small_m_partials_gluon(xs, p["qweight"], p["wscale"], tile).sum(0).double()
+            err = ((got - ref).norm() / ref.norm()).item()
+            found.append({"k": k, "n": n, "m": m, "tile": tile, "rel_err": err})
+            print(json.dumps(found[-1]), flush=True)
+    return found
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="3072x3072,3072x9216,3072x12288,12288x3072")
+    ap.add_argument("--ms", default="16")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("diag_small_m_gluon needs a CUDA GPU")
+    report = {"check": [], "times": []}
+    for shape in args.shapes.split(","):
+        k, n = (int(v) for v in shape.split("x"))
+        torch.manual_seed(0)
+        p = make_w4(k, n, 32, "int4", "cuda")
+        bias = torch.randn(n, device="cuda")
+        report["check"] += check(k, n, p)
+        kg = p["qweight"].shape[0]
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        floor = floor_times(w4_bytes(p, bias))
+        q_copies = [p["qweight"]] + [
+            p["qweight"].clone() for _ in range(copies_for_cold_l2(p["qweight"].numel()) - 1)
+        ]
+        for m in [int(v) for v in args.ms.split(",")]:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            xs = scaled_x(x, p["smooth_inv"], kg)
+            row = {"k": k, "n": n, "m": m, "floor": floor}
+            row["bf16"] = bench(lambda: F.linear(x, w, bias.to(torch.bfloat16)))
+            row["ours"] = bench(lambda: ours(x, p, bias))
+            tiles = {}
+            for tile in TILES:
+                flush = bench(lambda: w4_small_m_partials_gluon(xs, p["qweight"], p["wscale"], tile))
+                stream = bench_stream(
+                    [lambda q=q: w4_small_m_partials_gluon(xs, q, p["wscale"], tile) for q in q_copies]
+                )
+                tiles[json.dumps(tile)] = {"flush": flush, "stream": stream}
+            row["gluon"] = tiles
+            best_f = min(tiles, key=lambda t: tiles[t]["flush"])
+            best_s = min(tiles, key=lambda t: tiles[t]["stream"])
+            row["best_flush"], row["best_stream"] = best_f, best_s
+            tile = tuple(json.loads(best_f))
+            ref = (
+                scaled_x(x, p["smooth_inv"], kg).double()
+                @ dequantize_weight(p["qweight"], p["wscale"], "int4", kg * 64).double().t()
+            ) + bias.double()
+            got = layer_without_branch(x, p, bias, tile).double()
+            row["layer_rel_err"] = ((got - ref).norm() / ref.norm()).item()
+            row["layer_no_branch"] = bench(lambda: layer_without_branch(x, p, bias, tile))
+            row["layer_no_branch_stream"] = bench_stream(
+                [lambda q=q: layer_without_branch(x, dict(p, qweight=q), bias, tile) for q in q_copies]
+            )
+            print(
+                f"  layer without branch, {tile}: {row['layer_no_branch']:.1f} us flush, "
+                f"{row['layer_no_branch_stream']:.1f} us stream (bf16 / it: {row['bf16'] / row['layer_no_branch']:.2f}x); "
+                f"rel err {row['layer_rel_err']:.2e}",
+                flush=True,
+            )
+            print(json.dumps(row), flush=True)
+            print(
+                f"{k}x{n} M={m}: bf16 {row['bf16']:.1f} ours {row['ours']:.1f} | read floor flush "
+                f"{floor['flush']:.1f} stream {floor['stream']:.1f} | gluon best flush {tiles[best_f]['flush']:.1f} "
+                f"{best_f}, stream {tiles[best_s]['stream']:.1f} {best_s}",
+                flush=True,
+            )
+            report["times"].append(row)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
