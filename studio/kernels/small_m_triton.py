@@ -19,9 +19,11 @@ and zeroes the counter for the next launch (``split_k_scratch``, per device and 
 bit-identical run to run.  This is the fused path's split-K scheme (``gemm_w4_triton``) with
 plain partial stores instead of atomic adds.
 
-Why one launch: under the bench's timing a launch costs about 6 us even for a tiny kernel,
-as much as the whole 4-bit read of a FLUX layer; ``finish="epilogue"`` keeps the two-launch
-form (``_small_m_epilogue_kernel`` adds the partials) to measure that against.
+Why one launch: at M = 16 it measured faster than two (``finish_for``).  A second kernel
+re-reads every split's partials, and under the bench's timing it costs more than its launch
+(an empty kernel there takes 0.8-1.1 us, ``bench/floor_small_m.py``; the 6 us once quoted
+here was cuBLAS's small GEMM).  ``finish="epilogue"`` keeps the two-launch form
+(``_small_m_epilogue_kernel`` adds the partials) to measure against.
 
 Turning codes into bf16 by bits (``MAGIC``): the bf16 bit pattern is built with integer
 operations only.  INT4 code ``c`` becomes ``0x4300 | c``, which is the bf16 ``128 + c``; the
