@@ -64,3 +64,18 @@ def test_gluon_partials_refuse_bad_arguments() -> None:
         w4_small_m_partials_gluon(
             torch.zeros(4, 128, dtype=torch.bfloat16), qweight, wscale, ("async", 64, 1, 4, 1)
         )
+    with pytest.raises(ValueError, match="xs must be bf16"):
+        w4_small_m_partials_gluon(
+            torch.zeros(4, 64, dtype=torch.bfloat16), qweight, wscale, ("regs", 64, 1, 4, 1)
+        )
+    with pytest.raises(ValueError, match="qweight must be uint8"):
+        w4_small_m_partials_gluon(
+            torch.zeros(4, 128, dtype=torch.bfloat16),
+            qweight.transpose(1, 2).contiguous().transpose(1, 2),
+            wscale,
+            ("regs", 64, 1, 4, 1),
+        )
+    with pytest.raises(ValueError, match="wscale must be fp32"):
+        w4_small_m_partials_gluon(
+            torch.zeros(4, 128, dtype=torch.bfloat16), qweight, wscale.double(), ("regs", 64, 1, 4, 1)
+        )

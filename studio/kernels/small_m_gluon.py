@@ -5,7 +5,7 @@ compiler picks where each decoded code lives, and at M <= 16 it spent most of th
 moving codes into the layout of the dot's operand (shared-memory round trips, byte splits
 and re-packs: 368 instructions per warp per group, ``docs/results.md``, twelfth session).
 Here the packed codes are loaded in ``DotOperandLayout`` itself, so each thread reads the
-bytes of its own operand fragment (8 bytes per output column and group half, one load) and
+bytes of its own operand fragment (8 of a column's 32 bytes per group, one load) and
 decodes them in place by inline PTX: no layout conversion at all.
 
 ``_w4_gluon_kernel``, grid ``(column blocks, SPLIT_K)``: program ``(col, pid_k)`` owns
@@ -141,8 +141,7 @@ def _w4_gluon_kernel(
 
 
 @gluon.jit
-def _issue_group_copies(xs, qweight, wscale, x_ring, c_ring, s_ring, g, g1, stage,
-                        q_ptrs, q_mask, x_ptrs, x_mask, s_ptrs, s_mask, stride_qg, stride_wg):  # fmt: skip
+def _issue_group_copies(x_ring, c_ring, s_ring, g, g1, stage, q_ptrs, q_mask, x_ptrs, x_mask, s_ptrs, s_mask, stride_qg, stride_wg):  # fmt: skip
     """``cp.async`` of group ``g``'s codes, activations and scales into ring slot ``stage``
     (zero-filled past ``g1``), committed as one copy group."""
     live = g < g1
@@ -197,14 +196,14 @@ def _w4_gluon_async_kernel(
     g0 = pid_k * per_split
     g1 = gl.minimum(g0 + per_split, KG)
     for s in gl.static_range(STAGES - 1):
-        _issue_group_copies(xs, qweight, wscale, x_ring, c_ring, s_ring, g0 + s, g1, s,
+        _issue_group_copies(x_ring, c_ring, s_ring, g0 + s, g1, s,
                             q_ptrs, q_mask, x_ptrs, x_mask, s_ptrs, s_mask, stride_qg, stride_wg)  # fmt: skip
     acc = gl.zeros([16, BLOCK_N], gl.float32, mma)
     for g in range(g0, g1):
         i = g - g0
         async_copy.wait_group(STAGES - 2)  # this thread's copies of group g have landed
         gl.thread_barrier()  # everyone's have, and everyone is done reading the slot refilled next
-        _issue_group_copies(xs, qweight, wscale, x_ring, c_ring, s_ring, g + STAGES - 1, g1, (i + STAGES - 1) % STAGES,
+        _issue_group_copies(x_ring, c_ring, s_ring, g + STAGES - 1, g1, (i + STAGES - 1) % STAGES,
                             q_ptrs, q_mask, x_ptrs, x_mask, s_ptrs, s_mask, stride_qg, stride_wg)  # fmt: skip
         stage = i % STAGES
         codes = c_ring.index(stage).load(b_op)
@@ -235,6 +234,18 @@ def w4_small_m_partials_gluon(
         raise ValueError(
             f"kind must be 'regs' (depth 1, 2 or 4) or 'async' (depth >= 2), not {kind!r} / {depth}"
         )
+    if xs.dtype != torch.bfloat16 or xs.stride(1) != 1 or xs.shape[1] < kg * 64:
+        raise ValueError(
+            f"xs must be bf16 [M, >= {kg * 64}] with unit column stride, got {xs.dtype} {tuple(xs.shape)}"
+        )
+    if qweight.dtype != torch.uint8 or qweight.stride()[1:] != (32, 1) or qweight.shape[2] != 32:
+        raise ValueError(
+            f"qweight must be uint8 [KG, N, 32] with rows contiguous, got {qweight.dtype} {tuple(qweight.shape)}"
+        )
+    if wscale.dtype != torch.float32 or wscale.shape != (kg, n) or wscale.stride(1) != 1:
+        raise ValueError(
+            f"wscale must be fp32 [{kg}, {n}] with unit column stride, got {wscale.dtype} {tuple(wscale.shape)}"
+        )
     part = torch.empty(split_k, m, n, device=xs.device, dtype=torch.float32)
     grid = (triton.cdiv(n, block_n), split_k)
     args = (xs, qweight, wscale, part, m, n, kg, xs.stride(0), qweight.stride(0), wscale.stride(0))
@@ -242,10 +253,8 @@ def w4_small_m_partials_gluon(
         _w4_gluon_kernel[grid](
             *args, BLOCK_N=block_n, SPLIT_K=split_k, K_WIDTH=8, WARPS=warps, STEP=depth, num_warps=warps
         )
-    elif kind == "async":
+    else:
         _w4_gluon_async_kernel[grid](
             *args, BLOCK_N=block_n, SPLIT_K=split_k, WARPS=warps, STAGES=depth, num_warps=warps
         )
-    else:
-        raise ValueError(f"kind must be 'regs' or 'async', not {kind!r}")
     return part
