@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_w4 import bench, bench_stream, copies_for_cold_l2, make_w4, ours  # noqa: E402
+from bench.bench_w4 import bench, bench_stream, ours, swept_layers  # noqa: E402
 from bench.floor_small_m import floor_times, w4_bytes  # noqa: E402
 from studio.kernels.reference import dequantize_weight  # noqa: E402
 from studio.kernels.small_m_gluon import w4_small_m_partials_gluon  # noqa: E402
@@ -48,12 +48,6 @@ CHECKED = [
 ]
 
 
-def scaled_x(x: torch.Tensor, smooth_inv: torch.Tensor, kg: int) -> torch.Tensor:
-    xs = torch.zeros(x.shape[0], kg * 64, device=x.device, dtype=torch.bfloat16)
-    xs[:, : x.shape[1]] = (x.float() * smooth_inv).to(torch.bfloat16)
-    return xs
-
-
 def layer_without_branch(x: torch.Tensor, p: dict, bias: torch.Tensor, tile: tuple) -> torch.Tensor:
     """A rank-0 layer from the Gluon product: the scaling kernel, the product, the small-M path's
     epilogue kernel (splits + bias): three launches, what a layer built on it costs at least."""
@@ -68,15 +62,15 @@ def layer_without_branch(x: torch.Tensor, p: dict, bias: torch.Tensor, tile: tup
     return out
 
 
-def check(k: int, n: int, p: dict) -> list[dict]:
-    """Largest relative error of the Gluon sums against float64, per row count and tile."""
-    kg = p["qweight"].shape[0]
-    w = dequantize_weight(p["qweight"], p["wscale"], "int4", kg * 64).double().t()
+def check(k: int, n: int, p: dict, w_ref: torch.Tensor) -> list[dict]:
+    """Relative error of the Gluon sums against the float64 product with the dequantized weight
+    ``w_ref [KG * 64, N]``, per row count and tile of ``CHECKED``."""
     found = []
     for m in (1, 5, 16):
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        xs = scaled_x(x, p["smooth_inv"], kg)
-        ref = xs.double() @ w
+        xs, _ = scaled_activations(
+            torch.randn(m, k, device="cuda", dtype=torch.bfloat16), p["smooth_inv"], False
+        )
+        ref = xs.double() @ w_ref
         for tile in CHECKED:
             got = w4_small_m_partials_gluon(xs, p["qweight"], p["wscale"], tile).sum(0).double()
             err = ((got - ref).norm() / ref.norm()).item()
@@ -94,60 +88,51 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("diag_small_m_gluon needs a CUDA GPU")
     report = {"check": [], "times": []}
-    for shape in args.shapes.split(","):
-        k, n = (int(v) for v in shape.split("x"))
-        torch.manual_seed(0)
-        p = make_w4(k, n, 32, "int4", "cuda")
-        bias = torch.randn(n, device="cuda")
-        report["check"] += check(k, n, p)
-        kg = p["qweight"].shape[0]
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        floor = floor_times(w4_bytes(p, bias))
-        q_copies = [p["qweight"]] + [
-            p["qweight"].clone() for _ in range(copies_for_cold_l2(p["qweight"].numel()) - 1)
-        ]
-        for m in [int(v) for v in args.ms.split(",")]:
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            xs = scaled_x(x, p["smooth_inv"], kg)
-            row = {"k": k, "n": n, "m": m, "floor": floor}
-            row["bf16"] = bench(lambda: F.linear(x, w, bias.to(torch.bfloat16)))
-            row["ours"] = bench(lambda: ours(x, p, bias))
-            tiles = {}
-            for tile in TILES:
-                flush = bench(lambda: w4_small_m_partials_gluon(xs, p["qweight"], p["wscale"], tile))
-                stream = bench_stream(
-                    [lambda q=q: w4_small_m_partials_gluon(xs, q, p["wscale"], tile) for q in q_copies]
-                )
-                tiles[json.dumps(tile)] = {"flush": flush, "stream": stream}
-            row["gluon"] = tiles
-            best_f = min(tiles, key=lambda t: tiles[t]["flush"])
-            best_s = min(tiles, key=lambda t: tiles[t]["stream"])
-            row["best_flush"], row["best_stream"] = best_f, best_s
-            tile = tuple(json.loads(best_f))
-            ref = (
-                scaled_x(x, p["smooth_inv"], kg).double()
-                @ dequantize_weight(p["qweight"], p["wscale"], "int4", kg * 64).double().t()
-            ) + bias.double()
-            got = layer_without_branch(x, p, bias, tile).double()
-            row["layer_rel_err"] = ((got - ref).norm() / ref.norm()).item()
-            row["layer_no_branch"] = bench(lambda: layer_without_branch(x, p, bias, tile))
-            row["layer_no_branch_stream"] = bench_stream(
-                [lambda q=q: layer_without_branch(x, dict(p, qweight=q), bias, tile) for q in q_copies]
+    per_shape = {}  # (k, n) -> (dequantized weight, read floor): once per shape, not per row count
+    for k, n, m, x, (w, bias, _, p, copies) in swept_layers(args.shapes, args.ms):
+        if (k, n) not in per_shape:
+            kg = p["qweight"].shape[0]
+            w_ref = dequantize_weight(p["qweight"], p["wscale"], "int4", kg * 64).double().t()
+            report["check"] += check(k, n, p, w_ref)
+            per_shape[(k, n)] = w_ref, floor_times(w4_bytes(p, bias))
+        w_ref, floor = per_shape[(k, n)]
+        xs, _ = scaled_activations(x, p["smooth_inv"], False)
+        row = {"k": k, "n": n, "m": m, "floor": floor}
+        row["bf16"] = bench(lambda: F.linear(x, w, bias.to(torch.bfloat16)))
+        row["ours"] = bench(lambda: ours(x, p, bias))
+        tiles = {}
+        for tile in TILES:
+            flush = bench(lambda: w4_small_m_partials_gluon(xs, p["qweight"], p["wscale"], tile))
+            stream = bench_stream(
+                [lambda c=c: w4_small_m_partials_gluon(xs, c["qweight"], c["wscale"], tile) for c in copies]
             )
-            print(
-                f"  layer without branch, {tile}: {row['layer_no_branch']:.1f} us flush, "
-                f"{row['layer_no_branch_stream']:.1f} us stream (bf16 / it: {row['bf16'] / row['layer_no_branch']:.2f}x); "
-                f"rel err {row['layer_rel_err']:.2e}",
-                flush=True,
-            )
-            print(json.dumps(row), flush=True)
-            print(
-                f"{k}x{n} M={m}: bf16 {row['bf16']:.1f} ours {row['ours']:.1f} | read floor flush "
-                f"{floor['flush']:.1f} stream {floor['stream']:.1f} | gluon best flush {tiles[best_f]['flush']:.1f} "
-                f"{best_f}, stream {tiles[best_s]['stream']:.1f} {best_s}",
-                flush=True,
-            )
-            report["times"].append(row)
+            tiles[json.dumps(tile)] = {"flush": flush, "stream": stream}
+        row["gluon"] = tiles
+        best_f = min(tiles, key=lambda t: tiles[t]["flush"])
+        best_s = min(tiles, key=lambda t: tiles[t]["stream"])
+        row["best_flush"], row["best_stream"] = best_f, best_s
+        tile = tuple(json.loads(best_f))
+        ref = xs.double() @ w_ref + bias.double()
+        got = layer_without_branch(x, p, bias, tile).double()
+        row["layer_rel_err"] = ((got - ref).norm() / ref.norm()).item()
+        row["layer_no_branch"] = bench(lambda: layer_without_branch(x, p, bias, tile))
+        row["layer_no_branch_stream"] = bench_stream(
+            [lambda c=c: layer_without_branch(x, c, bias, tile) for c in copies]
+        )
+        print(
+            f"  layer without branch, {tile}: {row['layer_no_branch']:.1f} us flush, "
+            f"{row['layer_no_branch_stream']:.1f} us stream (bf16 / it: {row['bf16'] / row['layer_no_branch']:.2f}x); "
+            f"rel err {row['layer_rel_err']:.2e}",
+            flush=True,
+        )
+        print(json.dumps(row), flush=True)
+        print(
+            f"{k}x{n} M={m}: bf16 {row['bf16']:.1f} ours {row['ours']:.1f} | read floor flush "
+            f"{floor['flush']:.1f} stream {floor['stream']:.1f} | gluon best flush {tiles[best_f]['flush']:.1f} "
+            f"{best_f}, stream {tiles[best_s]['stream']:.1f} {best_s}",
+            flush=True,
+        )
+        report["times"].append(row)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
 

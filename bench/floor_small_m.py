@@ -34,7 +34,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_w4 import bench, bench_stream, copies_for_cold_l2, make_w4, ours  # noqa: E402
+from bench.bench_w4 import bench, bench_stream, copies_for_cold_l2, ours, swept_layers  # noqa: E402
 
 #: (16-byte words per program per step, steps per program, warps) tried for the read floor.
 READ_TILES = [(512, 1, 4), (1024, 1, 4), (2048, 1, 8), (1024, 4, 4), (2048, 4, 8), (4096, 2, 8)]
@@ -92,27 +92,25 @@ def w4_bytes(p: dict, bias: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in (p["qweight"], p["wscale"], p["l1"], p["l2"], bias))
 
 
-def measure(k: int, n: int, ms: list[int]) -> list[dict]:
-    torch.manual_seed(0)
-    p = make_w4(k, n, 32, "int4", "cuda")
-    bias = torch.randn(n, device="cuda")
-    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-    bias16 = bias.to(torch.bfloat16)
+def measure(shapes: str, ms: str) -> list[dict]:
+    """One row per shape and row count: the floors (once per shape), bf16 and ours."""
     out = torch.empty(1, device="cuda", dtype=torch.int32)
-    empty = {
-        "flush": bench(lambda: _empty_kernel[(1,)](out)),
-        "stream": bench_stream([lambda: _empty_kernel[(1,)](out)]),
-    }
-    n_w4, n_bf16 = w4_bytes(p, bias), w.numel() * 2 + bias16.numel() * 2
-    read_w4, read_bf16 = floor_times(n_w4), floor_times(n_bf16)
-    w_copies = [w] + [w.clone() for _ in range(copies_for_cold_l2(w.numel() * 2) - 1)]
-    p_copies = [p] + [
-        dict(p, qweight=p["qweight"].clone()) for _ in range(copies_for_cold_l2(p["qweight"].numel()) - 1)
-    ]
-    rows = []
-    for m in ms:
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        row = {"k": k, "n": n, "m": m, "w4_mb": n_w4 / 2**20, "bf16_mb": n_bf16 / 2**20}
+    floors, rows = {}, []
+    for k, n, m, x, (w, bias, w_copies, p, p_copies) in swept_layers(shapes, ms):
+        if (k, n) not in floors:
+            n_w4, n_bf16 = w4_bytes(p, bias), (w.numel() + n) * 2
+            floors[(k, n)] = {
+                "w4_mb": n_w4 / 2**20,
+                "bf16_mb": n_bf16 / 2**20,
+                "empty": {
+                    "flush": bench(lambda: _empty_kernel[(1,)](out)),
+                    "stream": bench_stream([lambda: _empty_kernel[(1,)](out)]),
+                },
+                "read_w4": floor_times(n_w4),
+                "read_bf16": floor_times(n_bf16),
+            }
+        bias16 = bias.to(torch.bfloat16)
+        row = {"k": k, "n": n, "m": m, **floors[(k, n)]}
         row["bf16"] = {
             "flush": bench(lambda: F.linear(x, w, bias16)),
             "stream": bench_stream([lambda c=c: F.linear(x, c, bias16) for c in w_copies]),
@@ -121,7 +119,6 @@ def measure(k: int, n: int, ms: list[int]) -> list[dict]:
             "flush": bench(lambda: ours(x, p, bias)),
             "stream": bench_stream([lambda c=c: ours(x, c, bias) for c in p_copies]),
         }
-        row.update(empty=empty, read_w4=read_w4, read_bf16=read_bf16)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -149,11 +146,7 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("floor_small_m needs a CUDA GPU")
-    ms = [int(v) for v in args.ms.split(",")]
-    rows = []
-    for shape in args.shapes.split(","):
-        k, n = (int(v) for v in shape.split("x"))
-        rows += measure(k, n, ms)
+    rows = measure(args.shapes, args.ms)
     print_table(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -50,32 +50,28 @@ def test_gluon_partials_match_float64(m: int, k: int, n: int, config: tuple) -> 
     assert err < 1e-5, f"relative error {err:.2e} at {config}"
 
 
-def test_gluon_partials_refuse_bad_arguments() -> None:
+def _misfit(change: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Arguments of a 128 x 64 layer with one thing wrong (``change``)."""
     qweight, wscale = _weights(128, 64, "cpu", seed=0)
-    with pytest.raises(ValueError, match="at most 16 rows"):
-        w4_small_m_partials_gluon(
-            torch.zeros(17, 128, dtype=torch.bfloat16), qweight, wscale, ("regs", 64, 1, 4, 1)
-        )
-    with pytest.raises(ValueError, match="kind must be"):
-        w4_small_m_partials_gluon(
-            torch.zeros(4, 128, dtype=torch.bfloat16), qweight, wscale, ("tma", 64, 1, 4, 1)
-        )
-    with pytest.raises(ValueError, match="depth >= 2"):
-        w4_small_m_partials_gluon(
-            torch.zeros(4, 128, dtype=torch.bfloat16), qweight, wscale, ("async", 64, 1, 4, 1)
-        )
-    with pytest.raises(ValueError, match="xs must be bf16"):
-        w4_small_m_partials_gluon(
-            torch.zeros(4, 64, dtype=torch.bfloat16), qweight, wscale, ("regs", 64, 1, 4, 1)
-        )
-    with pytest.raises(ValueError, match="qweight must be uint8"):
-        w4_small_m_partials_gluon(
-            torch.zeros(4, 128, dtype=torch.bfloat16),
-            qweight.transpose(1, 2).contiguous().transpose(1, 2),
-            wscale,
-            ("regs", 64, 1, 4, 1),
-        )
-    with pytest.raises(ValueError, match="wscale must be fp32"):
-        w4_small_m_partials_gluon(
-            torch.zeros(4, 128, dtype=torch.bfloat16), qweight, wscale.double(), ("regs", 64, 1, 4, 1)
-        )
+    xs = torch.zeros(17 if change == "rows" else 4, 64 if change == "short xs" else 128, dtype=torch.bfloat16)
+    if change == "strided codes":
+        qweight = qweight.transpose(1, 2).contiguous().transpose(1, 2)
+    if change == "fp64 scales":
+        wscale = wscale.double()
+    return xs, qweight, wscale
+
+
+@pytest.mark.parametrize(
+    "change,config,match",
+    [
+        ("rows", ("regs", 64, 1, 4, 1), "at most 16 rows"),
+        ("none", ("tma", 64, 1, 4, 1), "kind must be"),
+        ("none", ("async", 64, 1, 4, 1), "depth >= 2"),
+        ("short xs", ("regs", 64, 1, 4, 1), "xs must be bf16"),
+        ("strided codes", ("regs", 64, 1, 4, 1), "qweight must be uint8"),
+        ("fp64 scales", ("regs", 64, 1, 4, 1), "wscale must be fp32"),
+    ],
+)
+def test_gluon_partials_refuse_bad_arguments(change: str, config: tuple, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        w4_small_m_partials_gluon(*_misfit(change), config)
