@@ -155,8 +155,11 @@ def w4_linear(
     args = (x, smooth_inv, qweight, wscale, fmt, l1, l2, strength, rows_per_sample, bias)
     if chosen == "small":
         if use_triton(x):
+            from studio.kernels.small_m_gluon_layer import use_gluon_layer, w4_linear_small_m_gluon
             from studio.kernels.small_m_triton import w4_linear_small_m_triton
 
+            if use_gluon_layer(*args[:8]):
+                return w4_linear_small_m_gluon(*args)
             return w4_linear_small_m_triton(*args)
         return reference_small_m.w4_linear_small_m(*args)
     if chosen == "prefill":

@@ -1,0 +1,108 @@
+# ruff: noqa: B023  (every closure below is timed before its loop variables change)
+"""The one-launch Gluon small-M layer (``studio/kernels/small_m_gluon_layer.py``): tiles and floor.
+
+    python bench/diag_small_m_gluon_layer.py [--shapes 3072x3072,...] [--ms 16] [--json out.json]
+
+Per FLUX shape (INT4, rank 32, a bias): first the layer's error against ``reference_small_m``
+(exact codes) at 1, 5 and 16 rows; then, per row count, every tile of ``TILES`` with the
+activations scaled in the kernel and by the scaling pre-kernel, timed as ``bench_w4`` times
+(``flush``: after a 64 MB memset; ``stream``: back to back on cold weight copies), beside
+the read floor of the layer's bytes (``floor_small_m.floor_times``), bf16 ``F.linear`` and the
+``tl`` kernel (``w4_linear_small_m_triton`` at its pinned tile).  It prints the best tile per
+timing and bf16's time over it: the small-M goal is 2.5x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.bench_w4 import bench, bench_stream, swept_layers  # noqa: E402
+from bench.floor_small_m import floor_times, w4_bytes  # noqa: E402
+from studio.kernels.reference_small_m import w4_linear_small_m  # noqa: E402
+from studio.kernels.small_m_gluon_layer import default_tile, w4_linear_small_m_gluon  # noqa: E402
+from studio.kernels.small_m_triton import w4_linear_small_m_triton  # noqa: E402
+
+#: (BLOCK_N, SPLIT_K, warps, stages): see ``w4_linear_small_m_gluon``.
+TILES = [(bn, sk, 4, st) for bn in (64, 128) for sk in (2, 4, 8, 16) for st in (3, 4)] + [
+    (256, sk, 8, 4) for sk in (2, 4, 8)
+]
+
+
+def layer_args(x: torch.Tensor, p: dict, bias: torch.Tensor) -> tuple:
+    """``w4_linear``'s arguments for ``x`` on ``bench_w4``'s packed layer ``p``."""
+    return (x, p["smooth_inv"], p["qweight"], p["wscale"], "int4", p["l1"], p["l2"], p["strength"], 1, bias)
+
+
+def check(k: int, p: dict, bias: torch.Tensor) -> list[dict]:
+    """Relative error (Frobenius) of the layer at its default tile against the reference, per
+    row count, activations scaled in the kernel and before it."""
+    found = []
+    for m in (1, 5, 16):
+        args = layer_args(torch.randn(m, k, device="cuda", dtype=torch.bfloat16), p, bias)
+        ref = w4_linear_small_m(*args, scaled_codes=False).float()
+        for prescale in (False, True):
+            got = w4_linear_small_m_gluon(*args, prescale=prescale).float()
+            err = ((got - ref).norm() / ref.norm()).item()
+            found.append({"k": k, "n": p["qweight"].shape[1], "m": m, "prescale": prescale, "rel_err": err})
+            print(json.dumps(found[-1]), flush=True)
+    return found
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="3072x3072,3072x9216,3072x12288,12288x3072")
+    ap.add_argument("--ms", default="16")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("diag_small_m_gluon_layer needs a CUDA GPU")
+    report = {"check": [], "times": []}
+    floors = {}  # (k, n) -> read floor, once per shape
+    for k, n, m, x, (w, bias, _, p, copies) in swept_layers(args.shapes, args.ms):
+        if (k, n) not in floors:
+            report["check"] += check(k, p, bias)
+            floors[(k, n)] = floor_times(w4_bytes(p, bias))
+        row = {"k": k, "n": n, "m": m, "floor": floors[(k, n)]}
+        row["default_tile"] = default_tile(k // 64, n)
+        row["bf16"] = bench(lambda: F.linear(x, w, bias.to(torch.bfloat16)))
+        row["tl"] = bench(lambda: w4_linear_small_m_triton(*layer_args(x, p, bias)))
+        row["tl_stream"] = bench_stream(
+            [lambda c=c: w4_linear_small_m_triton(*layer_args(x, c, bias)) for c in copies]
+        )
+        tiles = {}
+        for tile in TILES:
+            for prescale in (False, True):
+                kw = dict(tile=tile, prescale=prescale)
+                flush = bench(lambda: w4_linear_small_m_gluon(*layer_args(x, p, bias), **kw))
+                stream = bench_stream(
+                    [lambda c=c: w4_linear_small_m_gluon(*layer_args(x, c, bias), **kw) for c in copies]
+                )
+                tiles[json.dumps([*tile, prescale])] = {"flush": flush, "stream": stream}
+        row["gluon"] = tiles
+        best_f = min(tiles, key=lambda t: tiles[t]["flush"])
+        best_s = min(tiles, key=lambda t: tiles[t]["stream"])
+        row["best_flush"], row["best_stream"] = best_f, best_s
+        print(json.dumps(row), flush=True)
+        floor = row["floor"]
+        print(
+            f"{k}x{n} M={m}: bf16 {row['bf16']:.1f} | tl {row['tl']:.1f} (stream {row['tl_stream']:.1f}) | "
+            f"read floor {floor['flush']:.1f} (stream {floor['stream']:.1f}) | gluon best flush "
+            f"{tiles[best_f]['flush']:.1f} {best_f} = {row['bf16'] / tiles[best_f]['flush']:.2f}x bf16, "
+            f"stream {tiles[best_s]['stream']:.1f} {best_s}",
+            flush=True,
+        )
+        report["times"].append(row)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

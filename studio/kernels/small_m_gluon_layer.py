@@ -1,0 +1,514 @@
+"""The whole small-M INT4 layer in one Gluon launch: product, branch, bias (up to 16 rows).
+
+``small_m_gluon`` streams the 4-bit weights near the read floor but computes the product
+alone; composed with the scaling kernel and the epilogue kernel it took three launches and
+5-7 us more (``docs/results.md``, fifteenth session).  This kernel is the ``tl`` one-launch
+scheme (``small_m_triton._w4_small_m_kernel``) on top of that product:
+
+- one grid axis, ``N_LA * SPLIT_K`` branch-slice programs first, then ``n_blocks * SPLIT_K``
+  column programs;
+- a column program streams its run of groups through a ``cp.async`` ring of ``STAGES``
+  slots (codes, activations, group scales and, unless ``PRESCALED``, the smoothing factors),
+  scales the raw bf16 activations by ``1/s`` as they leave shared memory (``bf16(x * 1/s)``,
+  the rounding of ``reference_small_m``), decodes the codes in the ``mma.sync`` operand's own
+  layout (``small_m_gluon._int4_codes_minus_8``) and sums each group's dot times its scale in
+  fp32: exact codes, ``reference_small_m`` with ``scaled_codes=False``;
+- a branch-slice program computes 32 ranks of ``bf16(x) @ l1`` over the same run of K, its
+  ``l1`` through a ring of its own;
+- both write fp32 partials, then count themselves in their column blocks' counters (a slice
+  in every block); the program whose arrival completes a block (``_finish_block``) adds the
+  block's partials in split order, the branch ``bf16(bf16(x @ l1) * strength) @ l2`` and the
+  bias, writes the output and zeroes the counter (``split_k_scratch``).  No atomics touch
+  the sums, so results are identical run to run.
+
+``PRESCALED``: the activations come scaled and padded from ``small_m_triton``'s scaling
+kernel (one launch more) instead of being scaled in the column programs; kept to measure
+against.  Requirements (``gluon_layer_fits``): bf16 activations, K a multiple of 64 and the
+branch's rank a multiple of 16 (the ``cp.async`` copies move 16 bytes and are masked by
+whole rows only), contiguous rows everywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+
+from studio.kernels.small_m_gluon import _group_dot
+from studio.kernels.split_k_scratch import zeroed_scratch
+
+#: Ranks per branch-slice program and per step of the finishing branch dot.
+LA_RANKS = 32
+
+#: Rows the kernel takes (one ``mma.sync`` tile of 16).
+GLUON_MAX_ROWS = 16
+
+#: (K groups of 64, N) -> (BLOCK_N, SPLIT_K, warps, stages, prescale): the tile measured best
+#: on H100 at 16 rows, rank 32 (``bench/diag_small_m_gluon_layer.py``, sixteenth session: the
+#: lowest mean of time / best time over its two timings); other shapes take ``default_tile``.
+GLUON_TILES: dict[tuple[int, int], tuple[int, int, int, int, bool]] = {
+    (48, 3072): (64, 4, 4, 4, False),
+    (48, 9216): (64, 4, 4, 3, True),
+    (48, 12288): (128, 4, 4, 3, False),
+    (192, 3072): (128, 8, 4, 4, True),
+}
+
+
+@gluon.jit
+def _ring_step_wait(STAGES: gl.constexpr):
+    """This thread's copies of the slot about to be read have landed, and every thread's have,
+    and every thread is done reading the slot that is refilled next."""
+    async_copy.wait_group(STAGES - 2)
+    gl.thread_barrier()
+
+
+@gluon.jit
+def _issue_column_copies(
+    c_ring, x_ring, s_ring, v_ring, g, g1, stage, q_ptrs, q_mask, x_ptrs, x_mask, s_ptrs, s_mask, v_ptrs,
+    stride_qg, stride_wg, PRESCALED: gl.constexpr,
+):  # fmt: skip
+    """``cp.async`` of group ``g``'s codes, activations, scales (and smoothing factors unless
+    ``PRESCALED``) into slot ``stage``; nothing is read past ``g1``.  One copy group."""
+    live = g < g1
+    async_copy.async_copy_global_to_shared(c_ring.index(stage), q_ptrs + g * stride_qg, mask=q_mask & live)
+    async_copy.async_copy_global_to_shared(x_ring.index(stage), x_ptrs + g * 64, mask=x_mask & live)
+    async_copy.async_copy_global_to_shared(s_ring.index(stage), s_ptrs + g * stride_wg, mask=s_mask & live)
+    if not PRESCALED:
+        async_copy.async_copy_global_to_shared(v_ring.index(stage), v_ptrs + g * 64, mask=live)
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _column_partials(
+    col, pid_k, x, sinv, qweight, wscale, part, M, N, KG, stride_xm, stride_qg, stride_wg,
+    BLOCK_N: gl.constexpr, SPLIT_K: gl.constexpr, WARPS: gl.constexpr, STAGES: gl.constexpr,
+    PRESCALED: gl.constexpr, mma: gl.constexpr, a_op: gl.constexpr, b_op: gl.constexpr,
+):  # fmt: skip
+    """Column block ``col``'s product over split ``pid_k``'s groups, stored as fp32 partials."""
+    c_copy: gl.constexpr = gl.BlockedLayout([16, 1], [2, 16], [1, WARPS], [0, 1])
+    x_copy: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
+    s_copy: gl.constexpr = gl.BlockedLayout([4], [32], [WARPS], [0])
+    v_copy: gl.constexpr = gl.BlockedLayout([4], [32], [WARPS], [0])
+    flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+    c_ring = gl.allocate_shared_memory(
+        gl.uint8, [STAGES, 32, BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, [0, 1])
+    )
+    x_ring = gl.allocate_shared_memory(
+        gl.bfloat16, [STAGES, 16, 64], gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
+    )
+    s_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_N], flat)
+    v_ring = gl.allocate_shared_memory(gl.float32, [STAGES, 64], flat)
+
+    j_c = gl.arange(0, 32, layout=gl.SliceLayout(1, c_copy))
+    n_cc = col * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, c_copy))
+    q_ptrs = qweight + n_cc[None, :] * 32 + j_c[:, None]
+    q_mask = (n_cc < N)[None, :]
+    m_x = gl.arange(0, 16, layout=gl.SliceLayout(1, x_copy))
+    k_x = gl.arange(0, 64, layout=gl.SliceLayout(0, x_copy))
+    x_ptrs = x + m_x[:, None] * stride_xm + k_x[None, :]
+    x_mask = (m_x < M)[:, None]
+    n_s = col * BLOCK_N + gl.arange(0, BLOCK_N, layout=s_copy)
+    s_ptrs = wscale + n_s
+    s_mask = n_s < N
+    v_ptrs = sinv + gl.arange(0, 64, layout=v_copy)
+
+    per_split = gl.cdiv(KG, SPLIT_K)
+    g0 = pid_k * per_split
+    g1 = gl.minimum(g0 + per_split, KG)
+    for s in gl.static_range(STAGES - 1):
+        _issue_column_copies(c_ring, x_ring, s_ring, v_ring, g0 + s, g1, s, q_ptrs, q_mask, x_ptrs, x_mask,
+                             s_ptrs, s_mask, v_ptrs, stride_qg, stride_wg, PRESCALED)  # fmt: skip
+    acc = gl.zeros([16, BLOCK_N], gl.float32, mma)
+    for g in range(g0, g1):
+        i = g - g0
+        _ring_step_wait(STAGES)
+        _issue_column_copies(c_ring, x_ring, s_ring, v_ring, g + STAGES - 1, g1, (i + STAGES - 1) % STAGES,
+                             q_ptrs, q_mask, x_ptrs, x_mask, s_ptrs, s_mask, v_ptrs, stride_qg, stride_wg,
+                             PRESCALED)  # fmt: skip
+        stage = i % STAGES
+        codes = c_ring.index(stage).load(b_op)
+        x_tile = x_ring.index(stage)
+        x_lo = x_tile.slice(0, 32, dim=1).load(a_op)
+        x_hi = x_tile.slice(32, 32, dim=1).load(a_op)
+        if not PRESCALED:  # bf16(x * 1/s), rounded to nearest even as the reference rounds
+            v_tile = v_ring.index(stage)
+            v_lo = v_tile.slice(0, 32).load(gl.SliceLayout(0, a_op))
+            v_hi = v_tile.slice(32, 32).load(gl.SliceLayout(0, a_op))
+            x_lo = (x_lo.to(gl.float32) * v_lo[None, :]).to(gl.bfloat16)
+            x_hi = (x_hi.to(gl.float32) * v_hi[None, :]).to(gl.bfloat16)
+        scale = s_ring.index(stage).load(gl.SliceLayout(0, mma))
+        acc = _group_dot(acc, codes, x_lo, x_hi, scale, mma)
+    async_copy.wait_group(0)
+    m_c = gl.arange(0, 16, layout=gl.SliceLayout(1, mma))
+    n_c = col * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
+    offs = (pid_k * M + m_c[:, None]) * N + n_c[None, :]
+    gl.store(part + offs, acc, mask=(m_c < M)[:, None] & (n_c < N)[None, :])
+
+
+@gluon.jit
+def _slice_partials(
+    la_idx, pid_k, x, l1, la_part, M, KG, R, stride_xm, stride_l1k,
+    SPLIT_K: gl.constexpr, WARPS: gl.constexpr, STAGES: gl.constexpr, LA_R: gl.constexpr,
+    mma: gl.constexpr, a_op: gl.constexpr, b_op: gl.constexpr,
+):  # fmt: skip
+    """Ranks ``la_idx * LA_R ..`` of ``bf16(x) @ l1`` over split ``pid_k``'s groups, stored as
+    fp32 partials ``[SPLIT_K, M, R]``."""
+    x_copy: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
+    l_copy: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [WARPS, 1], [1, 0])
+    x_ring = gl.allocate_shared_memory(
+        gl.bfloat16, [STAGES, 16, 64], gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
+    )
+    l_ring = gl.allocate_shared_memory(
+        gl.bfloat16, [STAGES, 64, LA_R], gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    )
+    m_x = gl.arange(0, 16, layout=gl.SliceLayout(1, x_copy))
+    k_x = gl.arange(0, 64, layout=gl.SliceLayout(0, x_copy))
+    x_ptrs = x + m_x[:, None] * stride_xm + k_x[None, :]
+    x_mask = (m_x < M)[:, None]
+    k_l = gl.arange(0, 64, layout=gl.SliceLayout(1, l_copy))
+    r_l = la_idx * LA_R + gl.arange(0, LA_R, layout=gl.SliceLayout(0, l_copy))
+    l_ptrs = l1 + k_l[:, None] * stride_l1k + r_l[None, :]
+    l_mask = (r_l < R)[None, :]
+
+    per_split = gl.cdiv(KG, SPLIT_K)
+    g0 = pid_k * per_split
+    g1 = gl.minimum(g0 + per_split, KG)
+    for s in gl.static_range(STAGES - 1):
+        live = g0 + s < g1
+        async_copy.async_copy_global_to_shared(x_ring.index(s), x_ptrs + (g0 + s) * 64, mask=x_mask & live)
+        async_copy.async_copy_global_to_shared(
+            l_ring.index(s), l_ptrs + (g0 + s) * 64 * stride_l1k, mask=l_mask & live
+        )
+        async_copy.commit_group()
+    la = gl.zeros([16, LA_R], gl.float32, mma)
+    for g in range(g0, g1):
+        i = g - g0
+        _ring_step_wait(STAGES)
+        nxt = g + STAGES - 1
+        live = nxt < g1
+        slot = (i + STAGES - 1) % STAGES
+        async_copy.async_copy_global_to_shared(x_ring.index(slot), x_ptrs + nxt * 64, mask=x_mask & live)
+        async_copy.async_copy_global_to_shared(
+            l_ring.index(slot), l_ptrs + nxt * 64 * stride_l1k, mask=l_mask & live
+        )
+        async_copy.commit_group()
+        stage = i % STAGES
+        x_tile = x_ring.index(stage)
+        l_tile = l_ring.index(stage)
+        la = mma_v2(x_tile.slice(0, 32, dim=1).load(a_op), l_tile.slice(0, 32, dim=0).load(b_op), la)
+        la = mma_v2(x_tile.slice(32, 32, dim=1).load(a_op), l_tile.slice(32, 32, dim=0).load(b_op), la)
+    async_copy.wait_group(0)
+    m_c = gl.arange(0, 16, layout=gl.SliceLayout(1, mma))
+    r_c = la_idx * LA_R + gl.arange(0, LA_R, layout=gl.SliceLayout(0, mma))
+    offs = (pid_k * M + m_c[:, None]) * R + r_c[None, :]
+    gl.store(la_part + offs, la, mask=(m_c < M)[:, None] & (r_c < R)[None, :])
+
+
+@gluon.jit
+def _now():
+    """The GPU's nanosecond clock (``%globaltimer``), for the ``times`` stamps."""
+    return gl.inline_asm_elementwise(
+        "mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64, is_pure=False, pack=1
+    )
+
+
+@gluon.jit
+def _sum_splits(base, offs, mask, split_stride, SPLITS: gl.constexpr, layout: gl.constexpr):
+    """Sum over splits of fp32 partials at ``base + offs`` (split ``s`` at ``s * split_stride``),
+    in split order, read at L2 (other programs wrote them).  Unrolled, so that every load can
+    be in flight at once: one L2 round trip, not one per split."""
+    total = gl.zeros(offs.shape, gl.float32, layout)
+    for s in gl.static_range(SPLITS):
+        total += gl.load(base + s * split_stride + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    return total
+
+
+@gluon.jit
+def _branch_operands(
+    r0, col, la_part, strength, l2, M, N, R, S, rows_per_sample, stride_sm, stride_l2n,
+    BLOCK_N: gl.constexpr, SLICE_SPLIT: gl.constexpr, LA_R: gl.constexpr, WARPS: gl.constexpr,
+    a_op: gl.constexpr, b_op: gl.constexpr,
+):  # fmt: skip
+    """Ranks ``r0 .. r0 + LA_R`` of the branch as ``mma.sync`` operands: ``bf16(bf16(x @ l1) *
+    strength)`` ``[16, LA_R]`` (the slices' partials in split order, each row's strengths:
+    ``reference_small_m``'s roundings) and ``l2`` transposed ``[LA_R, BLOCK_N]`` of block ``col``.
+
+    The partials are read in a layout that spreads the tile over the threads (four values
+    each, one 16-byte load per split) and only the result goes to the operand's layout: read
+    in that layout itself, every warp loaded the whole tile, 16 values per thread per split,
+    more loads than the registers keep in flight, and the finish took several round trips."""
+    flat: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [WARPS, 1], [1, 0])
+    m_f = gl.arange(0, 16, layout=gl.SliceLayout(1, flat))
+    r_f = r0 + gl.arange(0, LA_R, layout=gl.SliceLayout(0, flat))
+    f_mask = (m_f < M)[:, None] & (r_f < R)[None, :]
+    srow = (m_f // rows_per_sample) % S
+    st = gl.load(strength + srow[:, None] * stride_sm + r_f[None, :], mask=f_mask, other=0.0)
+    r_b = r0 + gl.arange(0, LA_R, layout=gl.SliceLayout(1, b_op))
+    n_b = col * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, b_op))
+    l2t = gl.load(
+        l2 + n_b[None, :] * stride_l2n + r_b[:, None], mask=(r_b < R)[:, None] & (n_b < N)[None, :], other=0.0
+    )
+    la = _sum_splits(la_part, m_f[:, None] * R + r_f[None, :], f_mask, M * R, SLICE_SPLIT, flat)
+    la = (la.to(gl.bfloat16).to(gl.float32) * st).to(gl.bfloat16)
+    return gl.convert_layout(la, a_op), l2t
+
+
+@gluon.jit
+def _finish_block(
+    col, cnt, part, la_part, strength, l2, bias, out, M, N, R, S, rows_per_sample, stride_sm, stride_l2n,
+    stride_om, BLOCK_N: gl.constexpr, SPLIT_K: gl.constexpr, SLICE_SPLIT: gl.constexpr, LA_R: gl.constexpr,
+    WARPS: gl.constexpr, OUT_TPW_N: gl.constexpr, HAS_BRANCH: gl.constexpr, HAS_BIAS: gl.constexpr,
+    mma: gl.constexpr, a_op: gl.constexpr, b_op: gl.constexpr,
+):  # fmt: skip
+    """Output block ``col``: its splits' partials in split order, plus the branch, plus the
+    bias (``reference_small_m``'s order); then its counter back to zero for the next launch
+    (a plain store: every arrival is in).
+
+    The bias, the first rank chunk's operands and every partial are loaded before any of
+    them is used, in layouts of four values per thread (16-byte loads), so that the block
+    waits about one L2 round trip, not one per step: the program finishing a block runs
+    after every other of its block, while the rest of the launch still streams weights (an
+    L2 round trip then took about 1 us on H100, ``bench/diag_small_m_gluon_layer.py``)."""
+    flat: gl.constexpr = gl.BlockedLayout([1, 4], [32 // OUT_TPW_N, OUT_TPW_N], [WARPS, 1], [1, 0])
+    m_c = gl.arange(0, 16, layout=gl.SliceLayout(1, flat))
+    n_c = col * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, flat))
+    mask = (m_c < M)[:, None] & (n_c < N)[None, :]
+    if HAS_BIAS:
+        b = gl.load(bias + n_c, mask=n_c < N, other=0.0)
+    if HAS_BRANCH:
+        la, l2t = _branch_operands(0, col, la_part, strength, l2, M, N, R, S, rows_per_sample, stride_sm,
+                                   stride_l2n, BLOCK_N, SLICE_SPLIT, LA_R, WARPS, a_op, b_op)  # fmt: skip
+    acc = _sum_splits(part, m_c[:, None] * N + n_c[None, :], mask, M * N, SPLIT_K, flat)
+    if HAS_BRANCH:
+        branch = mma_v2(la, l2t, gl.zeros([16, BLOCK_N], gl.float32, mma))
+        for r0 in range(LA_R, R, LA_R):
+            la, l2t = _branch_operands(r0, col, la_part, strength, l2, M, N, R, S, rows_per_sample, stride_sm,
+                                       stride_l2n, BLOCK_N, SLICE_SPLIT, LA_R, WARPS, a_op, b_op)  # fmt: skip
+            branch = mma_v2(la, l2t, branch)
+        acc += gl.convert_layout(branch, flat)
+    if HAS_BIAS:
+        acc += b[None, :]
+    gl.store(out + m_c[:, None] * stride_om + n_c[None, :], acc.to(out.dtype.element_ty), mask=mask)
+    gl.store(cnt + col, 0)
+
+
+@gluon.jit
+def _w4_gluon_layer_kernel(
+    x, xs, sinv, qweight, wscale, l1, part, la_part, cnt, l2, strength, bias, out,
+    M, N, KG, R, N_LA, S, rows_per_sample,
+    stride_xm, stride_xsm, stride_qg, stride_wg, stride_l1k, stride_l2n, stride_sm, stride_om,
+    BLOCK_N: gl.constexpr, SPLIT_K: gl.constexpr, SLICE_SPLIT: gl.constexpr, WARPS: gl.constexpr,
+    STAGES: gl.constexpr, PRESCALED: gl.constexpr, HAS_BRANCH: gl.constexpr, HAS_BIAS: gl.constexpr,
+    LA_R: gl.constexpr, OUT_TPW_N: gl.constexpr, SLICES_FIRST: gl.constexpr, times=None,
+    TIMES: gl.constexpr = False,
+):  # fmt: skip
+    """Grid ``(N_LA * SLICE_SPLIT + n_blocks * SPLIT_K,)``; ``cnt[col]`` counts the arrivals
+    at column block ``col``: its ``SPLIT_K`` column programs and every slice.
+
+    Whichever arrival completes a block finishes it.  The branch slices come first in the
+    grid (``SLICES_FIRST``) and each takes half a column program's run of K (``SLICE_SPLIT =
+    2 * SPLIT_K``), so that their counts are in before the column programs end and a column
+    program finishes each block, in parallel.  A slice that completes blocks finishes them
+    one after another: where slices came last at every block (they ran as long as the column
+    programs, or a slice first reduced its chunk's partials: two more L2 round trips, at
+    about 1 us each while the launch streams weights) the launch took 5-25x its time
+    (H100).  ``SLICES_FIRST=False`` (the tests) puts them last on purpose, to run that path.
+    """
+    pid = gl.program_id(0)
+    if TIMES:
+        gl.store(times + pid * 4, _now())
+    mma: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[2, 0], warps_per_cta=[1, WARPS], instr_shape=[16, 8]
+    )
+    a_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=8)
+    b_op: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=8)
+    n_blocks = gl.cdiv(N, BLOCK_N)
+    n_slices = N_LA * SLICE_SPLIT
+    target = SPLIT_K + n_slices  # arrivals that complete a column block
+    first_col = n_slices if SLICES_FIRST else 0
+    first_slice = 0 if SLICES_FIRST else n_blocks * SPLIT_K
+    if (pid >= first_col) & (pid < first_col + n_blocks * SPLIT_K):
+        col = (pid - first_col) % n_blocks
+        pid_k = (pid - first_col) // n_blocks
+        _column_partials(col, pid_k, xs, sinv, qweight, wscale, part, M, N, KG, stride_xsm, stride_qg, stride_wg,
+                         BLOCK_N, SPLIT_K, WARPS, STAGES, PRESCALED, mma, a_op, b_op)  # fmt: skip
+        gl.thread_barrier()  # every thread's partials are written before the release below
+        if TIMES:
+            gl.store(times + pid * 4 + 1, _now())
+        if gl.atomic_add(cnt + col, 1, sem="acq_rel") == target - 1:
+            if TIMES:
+                gl.store(times + pid * 4 + 2, _now())
+            gl.thread_barrier()
+            _finish_block(col, cnt, part, la_part, strength, l2, bias, out, M, N, R, S, rows_per_sample,
+                          stride_sm, stride_l2n, stride_om, BLOCK_N, SPLIT_K, SLICE_SPLIT, LA_R, WARPS, OUT_TPW_N,
+                          HAS_BRANCH, HAS_BIAS, mma, a_op, b_op)  # fmt: skip
+    elif HAS_BRANCH:  # (without a branch there are no slice programs: nothing to compile)
+        la_idx = (pid - first_slice) % N_LA
+        pid_k = (pid - first_slice) // N_LA
+        _slice_partials(la_idx, pid_k, x, l1, la_part, M, KG, R, stride_xm, stride_l1k,
+                        SLICE_SPLIT, WARPS, STAGES, LA_R, mma, a_op, b_op)  # fmt: skip
+        gl.thread_barrier()
+        if TIMES:
+            gl.store(times + pid * 4 + 1, _now())
+        # Count this slice in every column block; finish those it completes.
+        blocks: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+        for b0 in range(0, n_blocks, 32 * WARPS):
+            offs_b = b0 + gl.arange(0, 32 * WARPS, layout=blocks)
+            valid = offs_b < n_blocks
+            ones = gl.full([32 * WARPS], 1, gl.int32, blocks)
+            prev = gl.atomic_add(cnt + offs_b, ones, mask=valid, sem="acq_rel")
+            done = ((prev == target - 1) & valid).to(gl.int32)
+            if gl.sum(done, axis=0) > 0:
+                if TIMES:
+                    gl.store(times + pid * 4 + 2, _now())
+                gl.thread_barrier()
+                for blk in range(b0, gl.minimum(b0 + 32 * WARPS, n_blocks)):
+                    if gl.sum(gl.where(offs_b == blk, done, 0), axis=0) > 0:
+                        _finish_block(blk, cnt, part, la_part, strength, l2, bias, out, M, N, R, S,
+                                      rows_per_sample, stride_sm, stride_l2n, stride_om, BLOCK_N, SPLIT_K,
+                                      SLICE_SPLIT, LA_R, WARPS, OUT_TPW_N, HAS_BRANCH, HAS_BIAS, mma, a_op,
+                                      b_op)  # fmt: skip
+    if TIMES:
+        gl.thread_barrier()
+        gl.store(times + pid * 4 + 3, _now())
+
+
+def gluon_layer_misfit(
+    x: torch.Tensor, smooth_inv: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor, fmt: str,
+    l1: torch.Tensor, l2: torch.Tensor, strength: torch.Tensor,
+) -> str | None:  # fmt: skip
+    """What ``w4_linear_small_m_gluon`` needs and these arguments lack, or None if they fit.
+
+    It takes INT4, 1-16 rows of bf16, K a multiple of 64 (its ``cp.async`` copies move 16
+    bytes and are masked by whole rows: no partial group), a rank that is 0 or a multiple of
+    16 (likewise for ``l1``'s rows; ``SVDQuantLinear`` pads its rank to 16), contiguous rows
+    in every operand, and a CUDA GPU with ``cp.async`` and ``mma.sync`` (sm_80 and up)."""
+    m, k = x.shape
+    kg, n, _ = qweight.shape
+    r = l1.shape[1]
+    checks = [
+        (fmt == "int4", "INT4 codes"),
+        (0 < m <= GLUON_MAX_ROWS, f"1-{GLUON_MAX_ROWS} rows"),
+        (x.dtype == torch.bfloat16, "bf16 activations"),
+        (k % 64 == 0 and kg * 64 == k, "K a multiple of 64"),
+        (r % 16 == 0, "a rank that is a multiple of 16"),
+        (
+            x.stride(1) == 1
+            and x.stride(0) % 8 == 0
+            and qweight.dtype == torch.uint8
+            and qweight.stride()[1:] == (32, 1)
+            and wscale.dtype == torch.float32
+            and wscale.stride(1) == 1
+            and smooth_inv.dtype == torch.float32
+            and smooth_inv.stride(0) == 1,
+            "contiguous rows of x, codes, scales and smoothing factors",
+        ),
+        (
+            r == 0
+            or (
+                l1.dtype == l2.dtype == torch.bfloat16
+                and l1.stride() == (r, 1)
+                and l2.stride(1) == 1
+                and strength.dtype == torch.float32
+                and strength.stride(1) == 1
+            ),
+            "bf16 l1 [K, R] and l2 [N, R] and fp32 strengths with contiguous rows",
+        ),
+        (
+            x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] >= 8,
+            "a CUDA GPU of sm_80 or later",
+        ),
+    ]
+    return next((need for ok, need in checks if not ok), None)
+
+
+def gluon_layer_fits(*args: object) -> bool:
+    """``gluon_layer_misfit`` finds nothing missing (same arguments)."""
+    return gluon_layer_misfit(*args) is None
+
+
+def use_gluon_layer(*args: object) -> bool:
+    """Whether ``w4_linear``'s small-M path runs this kernel (else the ``tl`` one): where it
+    fits (``gluon_layer_misfit``'s arguments) on sm_90, where it was measured."""
+    x = args[0]
+    return gluon_layer_fits(*args) and torch.cuda.get_device_capability(x.device) == (9, 0)
+
+
+def default_tile(kg: int, n: int) -> tuple[int, int, int, int, bool]:
+    """``GLUON_TILES``'s tile of the shape, or one shaped like those: 64 columns up to 9216
+    outputs (128 above), 4 splits up to 64 groups (8 above), at least 4 groups a split, 4 warps,
+    4 slots, activations scaled in the kernel."""
+    if (kg, n) in GLUON_TILES:
+        return GLUON_TILES[(kg, n)]
+    split = max(1, min(4 if kg <= 64 else 8, kg // 4))
+    return (64 if n <= 9216 else 128), split, 4, 4, False
+
+
+def w4_linear_small_m_gluon(
+    x: torch.Tensor,
+    smooth_inv: torch.Tensor,
+    qweight: torch.Tensor,
+    wscale: torch.Tensor,
+    fmt: str,
+    l1: torch.Tensor,
+    l2: torch.Tensor,
+    strength: torch.Tensor,
+    rows_per_sample: int,
+    bias: torch.Tensor | None,
+    tile: tuple[int, int, int, int] | None = None,
+    prescale: bool | None = None,
+    slices_first: bool = True,
+    times: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``[M, N]`` bf16; shapes as ``studio.kernels.w4_linear``; ``reference_small_m`` with
+    ``scaled_codes=False`` is its oracle.  ``tile``: (BLOCK_N, SPLIT_K, warps, stages);
+    None: ``default_tile``'s.  ``prescale``: activations scaled by ``small_m_triton``'s kernel
+    first (``PRESCALED``); None: as ``default_tile`` says.  ``times``: int64 ``[programs, 4]``
+    that each program fills with ``%globaltimer`` stamps (start, loop and stores done,
+    finishing a block from, end; ``bench/diag_small_m_gluon_parts.py``).  ``slices_first``: the branch slices' place in the grid (the tests
+    run both, so that either kind of program finishing a block is covered).  Refuses, naming
+    it, what ``gluon_layer_misfit`` finds missing."""
+    misfit = gluon_layer_misfit(x, smooth_inv, qweight, wscale, fmt, l1, l2, strength)
+    if misfit:
+        raise ValueError(
+            f"the Gluon small-M layer needs {misfit}; got {fmt}, x {x.dtype} {tuple(x.shape)} on "
+            f"{x.device}, rank {l1.shape[1]}"
+        )
+    m, k = x.shape
+    kg, n, _ = qweight.shape
+    r = l1.shape[1]
+    *default, pre = default_tile(kg, n)
+    block_n, split_k, warps, stages = tile or default
+    prescale = pre if prescale is None else prescale
+    if stages < 2:
+        raise ValueError(f"the ring needs at least 2 slots, got {stages}")
+    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    part = torch.empty(split_k, m, n, device=x.device, dtype=torch.float32)
+    n_blocks = triton.cdiv(n, block_n)
+    n_la = triton.cdiv(r, LA_RANKS)
+    slice_split = min(kg, 2 * split_k)
+    _, cnt = zeroed_scratch(x.device, 0, n_blocks)
+    src = x  # what the column programs read: raw x, or bf16(x * 1/s) padded (PRESCALED)
+    if prescale:
+        from studio.kernels.small_m_triton import scaled_activations
+
+        src = scaled_activations(x, smooth_inv, False)[0]
+    if r:
+        la_part = torch.empty(slice_split, m, r, device=x.device, dtype=torch.float32)
+    else:  # no branch: no slice programs, and the branch arguments go unread (any valid pointer)
+        l1, l2, strength, la_part = x, x, wscale, part
+    bias_t = bias.float().contiguous() if bias is not None else out
+    grid = (n_la * slice_split + n_blocks * split_k,)
+    _w4_gluon_layer_kernel[grid](
+        x, src, smooth_inv, qweight, wscale, l1, part, la_part, cnt, l2, strength, bias_t, out,
+        m, n, kg, max(r, 1), n_la, strength.shape[0], max(rows_per_sample, 1),
+        x.stride(0), src.stride(0), qweight.stride(0), wscale.stride(0), l1.stride(0), l2.stride(0),
+        strength.stride(0), out.stride(0),
+        BLOCK_N=block_n, SPLIT_K=split_k, SLICE_SPLIT=slice_split, WARPS=warps, STAGES=stages,
+        PRESCALED=prescale, HAS_BRANCH=r > 0, HAS_BIAS=bias is not None, LA_R=LA_RANKS,
+        OUT_TPW_N=min(32, block_n // 4),
+        SLICES_FIRST=slices_first, num_warps=warps, times=times, TIMES=times is not None,
+    )  # fmt: skip
+    return out
