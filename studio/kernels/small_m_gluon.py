@@ -141,14 +141,94 @@ def _w4_gluon_kernel(
 
 
 @gluon.jit
-def _issue_group_copies(x_ring, c_ring, s_ring, g, g1, stage, q_ptrs, q_mask, x_ptrs, x_mask, s_ptrs, s_mask, stride_qg, stride_wg):  # fmt: skip
-    """``cp.async`` of group ``g``'s codes, activations and scales into ring slot ``stage``
-    (zero-filled past ``g1``), committed as one copy group."""
+def _ring_step_wait(STAGES: gl.constexpr):
+    """This thread's copies of the slot about to be read have landed, and every thread's have,
+    and every thread is done reading the slot that is refilled next."""
+    async_copy.wait_group(STAGES - 2)
+    gl.thread_barrier()
+
+
+@gluon.jit
+def _issue_column_copies(
+    c_ring, x_ring, s_ring, v_ring, g, g1, stage, q_ptrs, q_mask, x_ptrs, x_mask, s_ptrs, s_mask, v_ptrs,
+    stride_qg, stride_wg, PRESCALED: gl.constexpr,
+):  # fmt: skip
+    """``cp.async`` of group ``g``'s codes, activations, scales (and smoothing factors unless
+    ``PRESCALED``) into slot ``stage``; nothing is read past ``g1``.  One copy group."""
     live = g < g1
     async_copy.async_copy_global_to_shared(c_ring.index(stage), q_ptrs + g * stride_qg, mask=q_mask & live)
     async_copy.async_copy_global_to_shared(x_ring.index(stage), x_ptrs + g * 64, mask=x_mask & live)
     async_copy.async_copy_global_to_shared(s_ring.index(stage), s_ptrs + g * stride_wg, mask=s_mask & live)
+    if not PRESCALED:
+        async_copy.async_copy_global_to_shared(v_ring.index(stage), v_ptrs + g * 64, mask=live)
     async_copy.commit_group()
+
+
+@gluon.jit
+def _column_partials(
+    col, pid_k, x, sinv, qweight, wscale, part, M, N, KG, stride_xm, stride_qg, stride_wg,
+    BLOCK_N: gl.constexpr, SPLIT_K: gl.constexpr, WARPS: gl.constexpr, STAGES: gl.constexpr,
+    PRESCALED: gl.constexpr, mma: gl.constexpr, a_op: gl.constexpr, b_op: gl.constexpr,
+):  # fmt: skip
+    """Column block ``col``'s product over split ``pid_k``'s groups, stored as fp32 partials."""
+    c_copy: gl.constexpr = gl.BlockedLayout([16, 1], [2, 16], [1, WARPS], [0, 1])
+    x_copy: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
+    s_copy: gl.constexpr = gl.BlockedLayout([4], [32], [WARPS], [0])
+    v_copy: gl.constexpr = gl.BlockedLayout([4], [32], [WARPS], [0])
+    flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+    c_ring = gl.allocate_shared_memory(
+        gl.uint8, [STAGES, 32, BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, [0, 1])
+    )
+    x_ring = gl.allocate_shared_memory(
+        gl.bfloat16, [STAGES, 16, 64], gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
+    )
+    s_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_N], flat)
+    v_ring = gl.allocate_shared_memory(gl.float32, [STAGES, 64], flat)
+
+    j_c = gl.arange(0, 32, layout=gl.SliceLayout(1, c_copy))
+    n_cc = col * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, c_copy))
+    q_ptrs = qweight + n_cc[None, :] * 32 + j_c[:, None]
+    q_mask = (n_cc < N)[None, :]
+    m_x = gl.arange(0, 16, layout=gl.SliceLayout(1, x_copy))
+    k_x = gl.arange(0, 64, layout=gl.SliceLayout(0, x_copy))
+    x_ptrs = x + m_x[:, None] * stride_xm + k_x[None, :]
+    x_mask = (m_x < M)[:, None]
+    n_s = col * BLOCK_N + gl.arange(0, BLOCK_N, layout=s_copy)
+    s_ptrs = wscale + n_s
+    s_mask = n_s < N
+    v_ptrs = sinv + gl.arange(0, 64, layout=v_copy)
+
+    per_split = gl.cdiv(KG, SPLIT_K)
+    g0 = pid_k * per_split
+    g1 = gl.minimum(g0 + per_split, KG)
+    for s in gl.static_range(STAGES - 1):
+        _issue_column_copies(c_ring, x_ring, s_ring, v_ring, g0 + s, g1, s, q_ptrs, q_mask, x_ptrs, x_mask,
+                             s_ptrs, s_mask, v_ptrs, stride_qg, stride_wg, PRESCALED)  # fmt: skip
+    acc = gl.zeros([16, BLOCK_N], gl.float32, mma)
+    for g in range(g0, g1):
+        i = g - g0
+        _ring_step_wait(STAGES)
+        _issue_column_copies(c_ring, x_ring, s_ring, v_ring, g + STAGES - 1, g1, (i + STAGES - 1) % STAGES,
+                             q_ptrs, q_mask, x_ptrs, x_mask, s_ptrs, s_mask, v_ptrs, stride_qg, stride_wg,
+                             PRESCALED)  # fmt: skip
+        stage = i % STAGES
+        codes = c_ring.index(stage).load(b_op)
+        x_tile = x_ring.index(stage)
+        x_lo = x_tile.slice(0, 32, dim=1).load(a_op)
+        x_hi = x_tile.slice(32, 32, dim=1).load(a_op)
+        if not PRESCALED:  # bf16(x * 1/s), rounded to nearest even as the reference rounds
+            v_tile = v_ring.index(stage)
+            v_lo = v_tile.slice(0, 32).load(gl.SliceLayout(0, a_op))
+            v_hi = v_tile.slice(32, 32).load(gl.SliceLayout(0, a_op))
+            x_lo = (x_lo.to(gl.float32) * v_lo[None, :]).to(gl.bfloat16)
+            x_hi = (x_hi.to(gl.float32) * v_hi[None, :]).to(gl.bfloat16)
+        scale = s_ring.index(stage).load(gl.SliceLayout(0, mma))
+        acc = _group_dot(acc, codes, x_lo, x_hi, scale, mma)
+    async_copy.wait_group(0)
+    m_c = gl.arange(0, 16, layout=gl.SliceLayout(1, mma))
+    n_c = col * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
+    offs = (pid_k * M + m_c[:, None]) * N + n_c[None, :]
+    gl.store(part + offs, acc, mask=(m_c < M)[:, None] & (n_c < N)[None, :])
 
 
 @gluon.jit
@@ -159,62 +239,16 @@ def _w4_gluon_async_kernel(
 ):  # fmt: skip
     """``_w4_gluon_kernel`` with its loads in flight through a ring of ``STAGES`` shared-memory
     slots (``cp.async``, as Marlin-style kernels stream weights): bytes in flight without the
-    registers that held them."""
-    pid_n = gl.program_id(0)
-    pid_k = gl.program_id(1)
+    registers that held them.  ``_column_partials`` with pre-scaled activations (the
+    one-launch layer, ``small_m_gluon_layer``, runs the same code per column program)."""
     mma: gl.constexpr = gl.NVMMADistributedLayout(
         version=[2, 0], warps_per_cta=[1, WARPS], instr_shape=[16, 8]
     )
     a_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=8)
     b_op: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=8)
-    # Copies: 16 bytes per thread per copy (one cp.async each).
-    c_copy: gl.constexpr = gl.BlockedLayout([16, 1], [2, 16], [1, WARPS], [0, 1])
-    x_copy: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
-    s_copy: gl.constexpr = gl.BlockedLayout([4], [32], [WARPS], [0])
-    c_smem: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0, 1])
-    x_smem: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
-    s_smem: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
-    c_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, 32, BLOCK_N], c_smem)
-    x_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, 16, 64], x_smem)
-    s_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_N], s_smem)
-
-    j_c = gl.arange(0, 32, layout=gl.SliceLayout(1, c_copy))
-    n_cc = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, c_copy))
-    q_ptrs = qweight + n_cc[None, :] * 32 + j_c[:, None]
-    q_mask = (n_cc < N)[None, :]
-    m_x = gl.arange(0, 16, layout=gl.SliceLayout(1, x_copy))
-    k_x = gl.arange(0, 64, layout=gl.SliceLayout(0, x_copy))
-    x_ptrs = xs + m_x[:, None] * stride_xm + k_x[None, :]
-    x_mask = (m_x < M)[:, None]
-    n_s = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=s_copy)
-    s_ptrs = wscale + n_s
-    s_mask = n_s < N
-    n_c = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
-    m_c = gl.arange(0, 16, layout=gl.SliceLayout(1, mma))
-
-    per_split = gl.cdiv(KG, SPLIT_K)
-    g0 = pid_k * per_split
-    g1 = gl.minimum(g0 + per_split, KG)
-    for s in gl.static_range(STAGES - 1):
-        _issue_group_copies(x_ring, c_ring, s_ring, g0 + s, g1, s,
-                            q_ptrs, q_mask, x_ptrs, x_mask, s_ptrs, s_mask, stride_qg, stride_wg)  # fmt: skip
-    acc = gl.zeros([16, BLOCK_N], gl.float32, mma)
-    for g in range(g0, g1):
-        i = g - g0
-        async_copy.wait_group(STAGES - 2)  # this thread's copies of group g have landed
-        gl.thread_barrier()  # everyone's have, and everyone is done reading the slot refilled next
-        _issue_group_copies(x_ring, c_ring, s_ring, g + STAGES - 1, g1, (i + STAGES - 1) % STAGES,
-                            q_ptrs, q_mask, x_ptrs, x_mask, s_ptrs, s_mask, stride_qg, stride_wg)  # fmt: skip
-        stage = i % STAGES
-        codes = c_ring.index(stage).load(b_op)
-        x_tile = x_ring.index(stage)
-        x_lo = x_tile.slice(0, 32, dim=1).load(a_op)
-        x_hi = x_tile.slice(32, 32, dim=1).load(a_op)
-        scale = s_ring.index(stage).load(gl.SliceLayout(0, mma))
-        acc = _group_dot(acc, codes, x_lo, x_hi, scale, mma)
-    async_copy.wait_group(0)
-    offs = (pid_k * M + m_c[:, None]) * N + n_c[None, :]
-    gl.store(part + offs, acc, mask=(m_c < M)[:, None] & (n_c < N)[None, :])
+    # (wscale stands in for the smoothing factors, which pre-scaled activations leave unread)
+    _column_partials(gl.program_id(0), gl.program_id(1), xs, wscale, qweight, wscale, part, M, N, KG, stride_xm,
+                     stride_qg, stride_wg, BLOCK_N, SPLIT_K, WARPS, STAGES, True, mma, a_op, b_op)  # fmt: skip
 
 
 def w4_small_m_partials_gluon(

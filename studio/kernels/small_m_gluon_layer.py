@@ -5,16 +5,17 @@ alone; composed with the scaling kernel and the epilogue kernel it took three la
 5-7 us more (``docs/results.md``, fifteenth session).  This kernel is the ``tl`` one-launch
 scheme (``small_m_triton._w4_small_m_kernel``) on top of that product:
 
-- one grid axis, ``N_LA * SPLIT_K`` branch-slice programs first, then ``n_blocks * SPLIT_K``
-  column programs;
+- one grid axis, ``N_LA * SLICE_SPLIT`` branch-slice programs first, then ``n_blocks *
+  SPLIT_K`` column programs;
 - a column program streams its run of groups through a ``cp.async`` ring of ``STAGES``
   slots (codes, activations, group scales and, unless ``PRESCALED``, the smoothing factors),
   scales the raw bf16 activations by ``1/s`` as they leave shared memory (``bf16(x * 1/s)``,
   the rounding of ``reference_small_m``), decodes the codes in the ``mma.sync`` operand's own
   layout (``small_m_gluon._int4_codes_minus_8``) and sums each group's dot times its scale in
   fp32: exact codes, ``reference_small_m`` with ``scaled_codes=False``;
-- a branch-slice program computes 32 ranks of ``bf16(x) @ l1`` over the same run of K, its
-  ``l1`` through a ring of its own;
+- a branch-slice program computes 32 ranks of ``bf16(x) @ l1`` over half a column program's
+  run of K (``SLICE_SPLIT = 2 * SPLIT_K``, so that slices are done first: the kernel's
+  docstring says why), its ``l1`` through a ring of its own;
 - both write fp32 partials, then count themselves in their column blocks' counters (a slice
   in every block); the program whose arrival completes a block (``_finish_block``) adds the
   block's partials in split order, the branch ``bf16(bf16(x @ l1) * strength) @ l2`` and the
@@ -22,8 +23,9 @@ scheme (``small_m_triton._w4_small_m_kernel``) on top of that product:
   the sums, so results are identical run to run.
 
 ``PRESCALED``: the activations come scaled and padded from ``small_m_triton``'s scaling
-kernel (one launch more) instead of being scaled in the column programs; kept to measure
-against.  Requirements (``gluon_layer_fits``): bf16 activations, K a multiple of 64 and the
+kernel (one launch more) instead of being scaled in the column programs: measured faster on
+two of the four FLUX shapes (``GLUON_TILES``), slower on the other two.  Requirements
+(``gluon_layer_misfit``): INT4, 1-16 rows of bf16 activations, K a multiple of 64 and the
 branch's rank a multiple of 16 (the ``cp.async`` copies move 16 bytes and are masked by
 whole rows only), contiguous rows everywhere.
 """
@@ -36,7 +38,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
-from studio.kernels.small_m_gluon import _group_dot
+from studio.kernels.small_m_gluon import _column_partials, _ring_step_wait
 from studio.kernels.split_k_scratch import zeroed_scratch
 
 #: Ranks per branch-slice program and per step of the finishing branch dot.
@@ -54,97 +56,6 @@ GLUON_TILES: dict[tuple[int, int], tuple[int, int, int, int, bool]] = {
     (48, 12288): (128, 4, 4, 3, False),
     (192, 3072): (128, 8, 4, 4, True),
 }
-
-
-@gluon.jit
-def _ring_step_wait(STAGES: gl.constexpr):
-    """This thread's copies of the slot about to be read have landed, and every thread's have,
-    and every thread is done reading the slot that is refilled next."""
-    async_copy.wait_group(STAGES - 2)
-    gl.thread_barrier()
-
-
-@gluon.jit
-def _issue_column_copies(
-    c_ring, x_ring, s_ring, v_ring, g, g1, stage, q_ptrs, q_mask, x_ptrs, x_mask, s_ptrs, s_mask, v_ptrs,
-    stride_qg, stride_wg, PRESCALED: gl.constexpr,
-):  # fmt: skip
-    """``cp.async`` of group ``g``'s codes, activations, scales (and smoothing factors unless
-    ``PRESCALED``) into slot ``stage``; nothing is read past ``g1``.  One copy group."""
-    live = g < g1
-    async_copy.async_copy_global_to_shared(c_ring.index(stage), q_ptrs + g * stride_qg, mask=q_mask & live)
-    async_copy.async_copy_global_to_shared(x_ring.index(stage), x_ptrs + g * 64, mask=x_mask & live)
-    async_copy.async_copy_global_to_shared(s_ring.index(stage), s_ptrs + g * stride_wg, mask=s_mask & live)
-    if not PRESCALED:
-        async_copy.async_copy_global_to_shared(v_ring.index(stage), v_ptrs + g * 64, mask=live)
-    async_copy.commit_group()
-
-
-@gluon.jit
-def _column_partials(
-    col, pid_k, x, sinv, qweight, wscale, part, M, N, KG, stride_xm, stride_qg, stride_wg,
-    BLOCK_N: gl.constexpr, SPLIT_K: gl.constexpr, WARPS: gl.constexpr, STAGES: gl.constexpr,
-    PRESCALED: gl.constexpr, mma: gl.constexpr, a_op: gl.constexpr, b_op: gl.constexpr,
-):  # fmt: skip
-    """Column block ``col``'s product over split ``pid_k``'s groups, stored as fp32 partials."""
-    c_copy: gl.constexpr = gl.BlockedLayout([16, 1], [2, 16], [1, WARPS], [0, 1])
-    x_copy: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
-    s_copy: gl.constexpr = gl.BlockedLayout([4], [32], [WARPS], [0])
-    v_copy: gl.constexpr = gl.BlockedLayout([4], [32], [WARPS], [0])
-    flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
-    c_ring = gl.allocate_shared_memory(
-        gl.uint8, [STAGES, 32, BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, [0, 1])
-    )
-    x_ring = gl.allocate_shared_memory(
-        gl.bfloat16, [STAGES, 16, 64], gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
-    )
-    s_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_N], flat)
-    v_ring = gl.allocate_shared_memory(gl.float32, [STAGES, 64], flat)
-
-    j_c = gl.arange(0, 32, layout=gl.SliceLayout(1, c_copy))
-    n_cc = col * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, c_copy))
-    q_ptrs = qweight + n_cc[None, :] * 32 + j_c[:, None]
-    q_mask = (n_cc < N)[None, :]
-    m_x = gl.arange(0, 16, layout=gl.SliceLayout(1, x_copy))
-    k_x = gl.arange(0, 64, layout=gl.SliceLayout(0, x_copy))
-    x_ptrs = x + m_x[:, None] * stride_xm + k_x[None, :]
-    x_mask = (m_x < M)[:, None]
-    n_s = col * BLOCK_N + gl.arange(0, BLOCK_N, layout=s_copy)
-    s_ptrs = wscale + n_s
-    s_mask = n_s < N
-    v_ptrs = sinv + gl.arange(0, 64, layout=v_copy)
-
-    per_split = gl.cdiv(KG, SPLIT_K)
-    g0 = pid_k * per_split
-    g1 = gl.minimum(g0 + per_split, KG)
-    for s in gl.static_range(STAGES - 1):
-        _issue_column_copies(c_ring, x_ring, s_ring, v_ring, g0 + s, g1, s, q_ptrs, q_mask, x_ptrs, x_mask,
-                             s_ptrs, s_mask, v_ptrs, stride_qg, stride_wg, PRESCALED)  # fmt: skip
-    acc = gl.zeros([16, BLOCK_N], gl.float32, mma)
-    for g in range(g0, g1):
-        i = g - g0
-        _ring_step_wait(STAGES)
-        _issue_column_copies(c_ring, x_ring, s_ring, v_ring, g + STAGES - 1, g1, (i + STAGES - 1) % STAGES,
-                             q_ptrs, q_mask, x_ptrs, x_mask, s_ptrs, s_mask, v_ptrs, stride_qg, stride_wg,
-                             PRESCALED)  # fmt: skip
-        stage = i % STAGES
-        codes = c_ring.index(stage).load(b_op)
-        x_tile = x_ring.index(stage)
-        x_lo = x_tile.slice(0, 32, dim=1).load(a_op)
-        x_hi = x_tile.slice(32, 32, dim=1).load(a_op)
-        if not PRESCALED:  # bf16(x * 1/s), rounded to nearest even as the reference rounds
-            v_tile = v_ring.index(stage)
-            v_lo = v_tile.slice(0, 32).load(gl.SliceLayout(0, a_op))
-            v_hi = v_tile.slice(32, 32).load(gl.SliceLayout(0, a_op))
-            x_lo = (x_lo.to(gl.float32) * v_lo[None, :]).to(gl.bfloat16)
-            x_hi = (x_hi.to(gl.float32) * v_hi[None, :]).to(gl.bfloat16)
-        scale = s_ring.index(stage).load(gl.SliceLayout(0, mma))
-        acc = _group_dot(acc, codes, x_lo, x_hi, scale, mma)
-    async_copy.wait_group(0)
-    m_c = gl.arange(0, 16, layout=gl.SliceLayout(1, mma))
-    n_c = col * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
-    offs = (pid_k * M + m_c[:, None]) * N + n_c[None, :]
-    gl.store(part + offs, acc, mask=(m_c < M)[:, None] & (n_c < N)[None, :])
 
 
 @gluon.jit
