@@ -148,6 +148,7 @@ def test_gluon_layer_on_two_streams_at_once() -> None:
         ("K off 64", "K a multiple of 64"),
         ("rank 20", "a rank that is a multiple of 16"),
         ("strided x", "contiguous rows of x"),
+        ("x off 16 bytes", "x, codes, scales, smoothing factors and l1 starting at 16-byte boundaries"),
         ("l1 transposed", "bf16 l1 \\[K, R\\]"),
         ("none", "a CUDA GPU of sm_80 or later"),  # the CPU: everything else fits
     ],
@@ -162,6 +163,10 @@ def test_gluon_layer_refuses_what_it_does_not_take(change: str, need: str) -> No
         args[0] = args[0].float()
     if change == "strided x":
         args[0] = torch.cat([args[0], args[0]], 1)[:, ::2]
+    if change == "x off 16 bytes":  # a view starting 8 columns (16 bytes) plus one into a wider buffer
+        wide = torch.zeros(m, k + 16, dtype=torch.bfloat16)
+        wide[:, 9 : 9 + k] = args[0]
+        args[0] = wide[:, 9 : 9 + k]
     if change == "l1 transposed":
         args[5] = args[5].t().contiguous().t()
     assert not gluon_layer_fits(*args[:8])

@@ -295,7 +295,7 @@ def gluon_layer_misfit(
     It takes INT4, 1-16 rows of bf16, K a multiple of 64 (its ``cp.async`` copies move 16
     bytes and are masked by whole rows: no partial group), a rank that is 0 or a multiple of
     16 (likewise for ``l1``'s rows; ``SVDQuantLinear`` pads its rank to 16), contiguous rows
-    in every operand, and a CUDA GPU with ``cp.async`` and ``mma.sync`` (sm_80 and up)."""
+    in every operand, operands that start at 16-byte boundaries (``cp.async`` reads them), and a CUDA GPU with ``cp.async`` and ``mma.sync`` (sm_80 and up)."""
     m, k = x.shape
     kg, n, _ = qweight.shape
     r = l1.shape[1]
@@ -305,6 +305,11 @@ def gluon_layer_misfit(
         (x.dtype == torch.bfloat16, "bf16 activations"),
         (k % 64 == 0 and kg * 64 == k, "K a multiple of 64"),
         (r % 16 == 0, "a rank that is a multiple of 16"),
+        (
+            all(t.data_ptr() % 16 == 0 for t in (x, qweight, wscale, smooth_inv, l1)),
+            "x, codes, scales, smoothing factors and l1 starting at 16-byte boundaries (views that start "
+            "inside a row do not)",
+        ),
         (
             x.stride(1) == 1
             and x.stride(0) % 8 == 0
