@@ -142,6 +142,19 @@ def swept_layers(shapes: str, ms: str) -> Iterator[tuple[int, int, int, torch.Te
             yield k, n, m, torch.randn(m, k, device="cuda", dtype=torch.bfloat16), cold
 
 
+def sweep_args(doc: str, script: str, ms: str = "16") -> argparse.Namespace:
+    """The small-M diag scripts' command line (``--shapes``, ``--ms``, ``--json``), parsed;
+    exits with a message where there is no CUDA GPU."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES))
+    ap.add_argument("--ms", default=ms)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit(f"{script} needs a CUDA GPU")
+    return args
+
+
 def parse_tiles(text: str) -> list[tuple[int, ...]]:
     """``"BLOCK_N,SPLIT_K,warps,stages;..."`` as tuples."""
     return [tuple(int(v) for v in t.split(",")) for t in text.split(";")]

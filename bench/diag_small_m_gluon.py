@@ -13,7 +13,6 @@ say how near the weight stream gets to the floor, not what a layer built on it w
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_w4 import bench, bench_stream, ours, swept_layers  # noqa: E402
+from bench.bench_w4 import bench, bench_stream, ours, sweep_args, swept_layers  # noqa: E402
 from bench.floor_small_m import floor_times, w4_bytes  # noqa: E402
 from studio.kernels.reference import dequantize_weight  # noqa: E402
 from studio.kernels.small_m_gluon import w4_small_m_partials_gluon  # noqa: E402
@@ -80,13 +79,7 @@ def check(k: int, n: int, p: dict, w_ref: torch.Tensor) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default="3072x3072,3072x9216,3072x12288,12288x3072")
-    ap.add_argument("--ms", default="16")
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("diag_small_m_gluon needs a CUDA GPU")
+    args = sweep_args(__doc__, "diag_small_m_gluon")
     report = {"check": [], "times": []}
     per_shape = {}  # (k, n) -> (dequantized weight, read floor): once per shape, not per row count
     for k, n, m, x, (w, bias, _, p, copies) in swept_layers(args.shapes, args.ms):

@@ -14,7 +14,6 @@ timing and bf16's time over it: the small-M goal is 2.5x.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_w4 import bench, bench_stream, swept_layers  # noqa: E402
+from bench.bench_w4 import bench, bench_stream, sweep_args, swept_layers  # noqa: E402
 from bench.floor_small_m import floor_times, w4_bytes  # noqa: E402
 from studio.kernels.reference_small_m import w4_linear_small_m  # noqa: E402
 from studio.kernels.small_m_gluon_layer import default_tile, w4_linear_small_m_gluon  # noqa: E402
@@ -57,13 +56,7 @@ def check(k: int, p: dict, bias: torch.Tensor) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default="3072x3072,3072x9216,3072x12288,12288x3072")
-    ap.add_argument("--ms", default="16")
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("diag_small_m_gluon_layer needs a CUDA GPU")
+    args = sweep_args(__doc__, "diag_small_m_gluon_layer")
     report = {"check": [], "times": []}
     floors = {}  # (k, n) -> read floor, once per shape
     for k, n, m, x, (w, bias, _, p, copies) in swept_layers(args.shapes, args.ms):

@@ -22,7 +22,6 @@ reach, beside ours, and ``ours / read_w4``, how far ours is from that floor.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -34,7 +33,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_w4 import bench, bench_stream, copies_for_cold_l2, ours, swept_layers  # noqa: E402
+from bench.bench_w4 import bench, bench_stream, copies_for_cold_l2, ours, sweep_args, swept_layers  # noqa: E402
 
 #: (16-byte words per program per step, steps per program, warps) tried for the read floor.
 READ_TILES = [(512, 1, 4), (1024, 1, 4), (2048, 1, 8), (1024, 4, 4), (2048, 4, 8), (4096, 2, 8)]
@@ -139,13 +138,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default="3072x3072,3072x9216,3072x12288,12288x3072")
-    ap.add_argument("--ms", default="16,64")
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("floor_small_m needs a CUDA GPU")
+    args = sweep_args(__doc__, "floor_small_m", ms="16,64")
     rows = measure(args.shapes, args.ms)
     print_table(rows)
     if args.json:
