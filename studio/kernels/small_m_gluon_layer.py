@@ -181,7 +181,7 @@ def _finish_block(
     them is used, in layouts of four values per thread (16-byte loads), so that the block
     waits about one L2 round trip, not one per step: the program finishing a block runs
     after every other of its block, while the rest of the launch still streams weights (an
-    L2 round trip then took about 1 us on H100, ``bench/diag_small_m_gluon_layer.py``)."""
+    L2 round trip then took about 1 us on H100: ``bench/diag_small_m_gluon_parts.py``'s timeline)."""
     flat: gl.constexpr = gl.BlockedLayout([1, 4], [32 // OUT_TPW_N, OUT_TPW_N], [WARPS, 1], [1, 0])
     m_c = gl.arange(0, 16, layout=gl.SliceLayout(1, flat))
     n_c = col * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, flat))
