@@ -115,6 +115,21 @@ def bench_stream(fns: list, reps: int = 48) -> float:
         return math.nan
 
 
+def both_timings(call, first: object, copies: list) -> dict[str, float]:
+    """``call(first)`` timed after a memset (``bench``) and ``call`` over ``copies`` back to
+    back (``bench_stream``): ``{"flush": us, "stream": us}``."""
+    return {
+        "flush": bench(lambda: call(first)),
+        "stream": bench_stream([lambda c=c: call(c) for c in copies]),
+    }
+
+
+def fastest(times: dict[str, dict[str, float]]) -> tuple[str, str]:
+    """The keys of ``times`` (each ``both_timings``'s result) that were fastest after the memset
+    and back to back."""
+    return min(times, key=lambda t: times[t]["flush"]), min(times, key=lambda t: times[t]["stream"])
+
+
 def copies_for_cold_l2(weight_bytes: int, total: int = 160 << 20) -> int:
     """How many weight copies ``bench_stream`` needs so that none is still in L2 (50 MB)."""
     return max(2, -(-total // max(weight_bytes, 1)))

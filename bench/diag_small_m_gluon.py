@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_w4 import bench, bench_stream, ours, sweep_args, swept_layers  # noqa: E402
+from bench.bench_w4 import bench, both_timings, fastest, ours, sweep_args, swept_layers  # noqa: E402
 from bench.floor_small_m import floor_times, w4_bytes  # noqa: E402
 from studio.kernels.reference import dequantize_weight  # noqa: E402
 from studio.kernels.small_m_gluon import w4_small_m_partials_gluon  # noqa: E402
@@ -93,25 +93,21 @@ def main() -> None:
         row = {"k": k, "n": n, "m": m, "floor": floor}
         row["bf16"] = bench(lambda: F.linear(x, w, bias.to(torch.bfloat16)))
         row["ours"] = bench(lambda: ours(x, p, bias))
-        tiles = {}
-        for tile in TILES:
-            flush = bench(lambda: w4_small_m_partials_gluon(xs, p["qweight"], p["wscale"], tile))
-            stream = bench_stream(
-                [lambda c=c: w4_small_m_partials_gluon(xs, c["qweight"], c["wscale"], tile) for c in copies]
+        tiles = {
+            json.dumps(tile): both_timings(
+                lambda c: w4_small_m_partials_gluon(xs, c["qweight"], c["wscale"], tile), p, copies
             )
-            tiles[json.dumps(tile)] = {"flush": flush, "stream": stream}
+            for tile in TILES
+        }
         row["gluon"] = tiles
-        best_f = min(tiles, key=lambda t: tiles[t]["flush"])
-        best_s = min(tiles, key=lambda t: tiles[t]["stream"])
+        best_f, best_s = fastest(tiles)
         row["best_flush"], row["best_stream"] = best_f, best_s
         tile = tuple(json.loads(best_f))
         ref = xs.double() @ w_ref + bias.double()
         got = layer_without_branch(x, p, bias, tile).double()
         row["layer_rel_err"] = ((got - ref).norm() / ref.norm()).item()
-        row["layer_no_branch"] = bench(lambda: layer_without_branch(x, p, bias, tile))
-        row["layer_no_branch_stream"] = bench_stream(
-            [lambda c=c: layer_without_branch(x, c, bias, tile) for c in copies]
-        )
+        layer = both_timings(lambda c: layer_without_branch(x, c, bias, tile), p, copies)
+        row["layer_no_branch"], row["layer_no_branch_stream"] = layer["flush"], layer["stream"]
         print(
             f"  layer without branch, {tile}: {row['layer_no_branch']:.1f} us flush, "
             f"{row['layer_no_branch_stream']:.1f} us stream (bf16 / it: {row['bf16'] / row['layer_no_branch']:.2f}x); "

@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_w4 import bench, bench_stream, sweep_args, swept_layers  # noqa: E402
+from bench.bench_w4 import bench, both_timings, fastest, sweep_args, swept_layers  # noqa: E402
 from bench.floor_small_m import floor_times, w4_bytes  # noqa: E402
 from studio.kernels.reference_small_m import w4_linear_small_m  # noqa: E402
 from studio.kernels.small_m_gluon_layer import default_tile, w4_linear_small_m_gluon  # noqa: E402
@@ -66,22 +66,19 @@ def main() -> None:
         row = {"k": k, "n": n, "m": m, "floor": floors[(k, n)]}
         row["default_tile"] = default_tile(k // 64, n)
         row["bf16"] = bench(lambda: F.linear(x, w, bias.to(torch.bfloat16)))
-        row["tl"] = bench(lambda: w4_linear_small_m_triton(*layer_args(x, p, bias)))
-        row["tl_stream"] = bench_stream(
-            [lambda c=c: w4_linear_small_m_triton(*layer_args(x, c, bias)) for c in copies]
-        )
-        tiles = {}
-        for tile in TILES:
-            for prescale in (False, True):
-                kw = dict(tile=tile, prescale=prescale)
-                flush = bench(lambda: w4_linear_small_m_gluon(*layer_args(x, p, bias), **kw))
-                stream = bench_stream(
-                    [lambda c=c: w4_linear_small_m_gluon(*layer_args(x, c, bias), **kw) for c in copies]
-                )
-                tiles[json.dumps([*tile, prescale])] = {"flush": flush, "stream": stream}
+        tl = both_timings(lambda c: w4_linear_small_m_triton(*layer_args(x, c, bias)), p, copies)
+        row["tl"], row["tl_stream"] = tl["flush"], tl["stream"]
+        tiles = {
+            json.dumps([*tile, prescale]): both_timings(
+                lambda c: w4_linear_small_m_gluon(*layer_args(x, c, bias), tile=tile, prescale=prescale),
+                p,
+                copies,
+            )
+            for tile in TILES
+            for prescale in (False, True)
+        }
         row["gluon"] = tiles
-        best_f = min(tiles, key=lambda t: tiles[t]["flush"])
-        best_s = min(tiles, key=lambda t: tiles[t]["stream"])
+        best_f, best_s = fastest(tiles)
         row["best_flush"], row["best_stream"] = best_f, best_s
         print(json.dumps(row), flush=True)
         floor = row["floor"]

@@ -33,7 +33,15 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_w4 import bench, bench_stream, copies_for_cold_l2, ours, sweep_args, swept_layers  # noqa: E402
+from bench.bench_w4 import (
+    bench,
+    bench_stream,
+    both_timings,
+    copies_for_cold_l2,
+    ours,
+    sweep_args,
+    swept_layers,
+)  # noqa: E402
 
 #: (16-byte words per program per step, steps per program, warps) tried for the read floor.
 READ_TILES = [(512, 1, 4), (1024, 1, 4), (2048, 1, 8), (1024, 4, 4), (2048, 4, 8), (4096, 2, 8)]
@@ -110,14 +118,8 @@ def measure(shapes: str, ms: str) -> list[dict]:
             }
         bias16 = bias.to(torch.bfloat16)
         row = {"k": k, "n": n, "m": m, **floors[(k, n)]}
-        row["bf16"] = {
-            "flush": bench(lambda: F.linear(x, w, bias16)),
-            "stream": bench_stream([lambda c=c: F.linear(x, c, bias16) for c in w_copies]),
-        }
-        row["ours"] = {
-            "flush": bench(lambda: ours(x, p, bias)),
-            "stream": bench_stream([lambda c=c: ours(x, c, bias) for c in p_copies]),
-        }
+        row["bf16"] = both_timings(lambda c: F.linear(x, c, bias16), w, w_copies)
+        row["ours"] = both_timings(lambda c: ours(x, c, bias), p, p_copies)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows

@@ -23,6 +23,15 @@ def small_m_case(m: int, k: int, n: int, r: int, fmt: str, seed: int = 0, device
     return x, sinv, qw, ws, fmt, l1, l2, strength, max(1, m // 2), bias
 
 
+def module_args(q, x: torch.Tensor, rows_per_sample: int = 1) -> tuple:
+    """``w4_linear``'s arguments for an ``SVDQuantLinear`` ``q`` (its branch rebuilt first) on
+    ``x [M, K]``, the bias in fp32."""
+    q.rebuild_branch()
+    return (
+        x, q.smooth_inv, q.qweight, q.wscale, q.fmt, q.l1, q.l2, q.strength, rows_per_sample, q.bias.float(),
+    )  # fmt: skip
+
+
 def fragment_order_index(device: str = "cpu") -> torch.Tensor:
     """The column of each half group (``0 .. 31``) that index ``k' = 16s + 8t + 2q + b`` holds
     in ``small_m_triton._fragment_order``'s order: ``8q + 4s + 2t + b``, written out here as the

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_cases import small_m_case
+from kernel_cases import module_args, small_m_case
 
 from studio import kernels
 from studio.kernels.reference_small_m import w4_linear_small_m
@@ -100,19 +100,7 @@ def test_module_on_the_gluon_layer_per_sample_strengths_equal_samples_alone() ->
         x = torch.randn(4, 4, 320, device="cuda").bfloat16()
         set_strength(model, "style", torch.tensor(strengths))
         y = model(x)
-        q = model[0]
-        args = (
-            x.reshape(16, 320),
-            q.smooth_inv,
-            q.qweight,
-            q.wscale,
-            q.fmt,
-            q.l1,
-            q.l2,
-            q.strength,
-            4,
-            q.bias,
-        )
+        args = module_args(model[0], x.reshape(16, 320), rows_per_sample=4)
         assert use_gluon_layer(*args[:8])
         assert _rel(y.reshape(16, 208), w4_linear_small_m(*args, scaled_codes=False)) < 5e-3
         for i, s in enumerate(strengths):

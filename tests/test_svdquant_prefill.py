@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_cases import module_args
 from torch import nn
 
 from adapters.base import inject, set_strength
@@ -33,29 +34,13 @@ def _quantized(fmt: str, k: int = 200, n: int = 72, rank: int = 16) -> tuple[nn.
     return lin, SVDQuantLinear.from_linear(lin, _acts(256, k), rank=rank, fmt=fmt)
 
 
-def _args(q: SVDQuantLinear, x: torch.Tensor, rows_per_sample: int = 1) -> tuple:
-    q.rebuild_branch()
-    return (
-        x,
-        q.smooth_inv,
-        q.qweight,
-        q.wscale,
-        q.fmt,
-        q.l1,
-        q.l2,
-        q.strength,
-        rows_per_sample,
-        q.bias.float(),
-    )
-
-
 @pytest.mark.parametrize("fmt", ["int4", "fp4"])
 def test_prefill_is_as_accurate_as_the_fused_maths(fmt: str) -> None:
     lin, q = _quantized(fmt)
     x = _acts(300, 200)
     dense = x.double() @ lin.weight.double().t() + lin.bias.double()
-    fused = _rel(ref.w4_linear(*_args(q, x)), dense)
-    prefill = _rel(rp.w4_linear_prefill(*_args(q, x)), dense)
+    fused = _rel(ref.w4_linear(*module_args(q, x)), dense)
+    prefill = _rel(rp.w4_linear_prefill(*module_args(q, x)), dense)
     # The branch carries most of the output; split into hi + lo FP8 parts it adds ~2**-8.
     assert prefill < 1.15 * fused + 2e-3, (fused, prefill)
 
@@ -81,7 +66,7 @@ def test_codes_stay_in_fp8_range_with_strong_loras_and_large_strengths() -> None
         model[0].adapters["big"].lora_B.normal_(0, 30.0)  # a branch far larger than the residual
     set_strength(model, "big", torch.tensor([5.0, -3.0]))
     x = _acts(2 * 40, 200)
-    args = _args(q, x, rows_per_sample=40)
+    args = module_args(q, x, rows_per_sample=40)
     g, cs = rp.prefill_scales(q.l1, q.l2, q.smooth_inv, q.wscale, "int4", q.strength)
     xq, _ = rp.quantize_act_rowwise(x, q.smooth_inv, q.l1, q.strength, 40, g)
     wq = rp.expand_weight(q.qweight, q.wscale, "int4", q.l2, g, cs)
@@ -98,10 +83,10 @@ def test_prefill_per_sample_strengths_equal_samples_alone() -> None:
         model[0].adapters["a"].lora_B.normal_(0, 0.2)
     x = _acts(3 * 5, 200)
     set_strength(model, "a", torch.tensor([0.0, 1.0, -0.5]))
-    batched = rp.w4_linear_prefill(*_args(q, x, rows_per_sample=5))
+    batched = rp.w4_linear_prefill(*module_args(q, x, rows_per_sample=5))
     for i, s in enumerate([0.0, 1.0, -0.5]):
         set_strength(model, "a", s)
-        alone = rp.w4_linear_prefill(*_args(q, x[5 * i : 5 * i + 5], rows_per_sample=5))
+        alone = rp.w4_linear_prefill(*module_args(q, x[5 * i : 5 * i + 5], rows_per_sample=5))
         # Row scales are per token, so a sample's codes do not depend on its batch; the branch
         # factor g does (it follows the largest strength), which moves FP8 roundings only.
         assert _rel(batched[5 * i : 5 * i + 5], alone) < 3e-3
@@ -110,7 +95,7 @@ def test_prefill_per_sample_strengths_equal_samples_alone() -> None:
 def test_w4_linear_path_argument() -> None:
     _, q = _quantized("int4")
     x = _acts(8, 200)
-    args = _args(q, x)
+    args = module_args(q, x)
     assert torch.equal(kernels.w4_linear(*args, path="prefill"), rp.w4_linear_prefill(*args))
     assert torch.equal(kernels.w4_linear(*args), ref.w4_linear(*args))  # CPU: the fused maths
     with pytest.raises(ValueError, match="unknown path"):
@@ -134,7 +119,7 @@ def test_small_m_reference_is_more_accurate_than_the_fp8_paths(fmt: str) -> None
 
     lin, q = _quantized(fmt)
     x = _acts(24, 200).bfloat16().float()  # bf16 values (the models run in bf16), fp32 output
-    args = list(_args(q, x))
+    args = list(module_args(q, x))
     no_branch = args[:5] + [q.l1[:, :0], q.l2[:, :0], q.strength[:, :0]] + args[8:]
     w = ref.dequantize_weight(q.qweight, q.wscale, fmt, 200).double()
     exact = (x.double() * q.smooth_inv.double()) @ w.t() + q.bias.double()
