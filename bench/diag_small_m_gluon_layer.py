@@ -4,8 +4,8 @@
     python bench/diag_small_m_gluon_layer.py [--shapes 3072x3072,...] [--ms 16] [--json out.json]
 
 Per FLUX shape (INT4, rank 32, a bias): first the layer's error against ``reference_small_m``
-(exact codes) at 1, 5 and 16 rows; then, per row count, every tile of ``TILES`` with the
-activations scaled in the kernel and by the scaling pre-kernel, timed as ``bench_w4`` times
+(its codes exact up to 16 rows, scaled above: ``uses_scaled_codes``) at 1, 5, 16, 40 and 64
+rows; then, per row count, every tile and variant of ``variants``, timed as ``bench_w4`` times
 (``flush``: after a 64 MB memset; ``stream``: back to back on cold weight copies), beside
 the read floor of the layer's bytes (``floor_small_m.floor_times``), bf16 ``F.linear`` and the
 ``tl`` kernel (``w4_linear_small_m_triton`` at its pinned tile).  It prints the best tile per
@@ -26,13 +26,43 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_w4 import bench, both_timings, fastest, sweep_args, swept_layers  # noqa: E402
 from bench.floor_small_m import floor_times, w4_bytes  # noqa: E402
 from studio.kernels.reference_small_m import w4_linear_small_m  # noqa: E402
-from studio.kernels.small_m_gluon_layer import default_tile, w4_linear_small_m_gluon  # noqa: E402
+from studio.kernels.small_m_gluon_layer import (  # noqa: E402
+    block_rows,
+    default_tile,
+    uses_scaled_codes,
+    w4_linear_small_m_gluon,
+)  # noqa: E402
 from studio.kernels.small_m_triton import w4_linear_small_m_triton  # noqa: E402
 
 #: (BLOCK_N, SPLIT_K, warps, stages): see ``w4_linear_small_m_gluon``.
 TILES = [(bn, sk, 4, st) for bn in (64, 128) for sk in (2, 4, 8, 16) for st in (3, 4)] + [
     (256, sk, 8, 4) for sk in (2, 4, 8)
 ]
+
+#: The tiles of the ``mma.sync`` column programs above 16 rows: at most 16 columns per warp
+#: (32 spill the accumulators at 64 rows).
+TILES_MORE_ROWS = [(bn, sk, bn // 16, st) for bn in (64, 128) for sk in (2, 4, 8) for st in (3, 4)] + [
+    (64, sk, 4, 4) for sk in (1, 16)
+]
+
+#: The tiles of the ``wgmma`` column programs (33-64 rows; one warpgroup).
+TILES_WGMMA = [(bn, sk, 4, st) for bn in (64, 128) for sk in (2, 4, 8) for st in (3, 4)] + [
+    (256, sk, 4, st) for sk in (1, 2, 4) for st in (3, 4)
+]
+
+
+def variants(m: int) -> list[tuple[tuple[int, ...], dict]]:
+    """(tile, launcher keywords) swept at ``m`` rows.  Up to 16: exact codes, activations
+    scaled in the kernel or by the pre-kernel.  Above: scaled codes and the pre-kernel (faster
+    at every tile of the seventeenth session's first sweep at 64 rows); ``mma.sync`` column
+    programs at 17-32 rows; at 33-64 ``wgmma`` ones, beside the two best ``mma.sync`` tiles of
+    that sweep."""
+    if m <= 16:
+        return [(t, {"prescale": pre}) for t in TILES for pre in (False, True)]
+    mma = {"prescale": True, "scaled_codes": True, "wgmma": False}
+    if m <= 32:
+        return [(t, mma) for t in TILES_MORE_ROWS]
+    return [(t, {"wgmma": True}) for t in TILES_WGMMA] + [(t, mma) for t in ((64, 4, 4, 3), (64, 4, 4, 4))]
 
 
 def layer_args(x: torch.Tensor, p: dict, bias: torch.Tensor) -> tuple:
@@ -44,9 +74,9 @@ def check(k: int, p: dict, bias: torch.Tensor) -> list[dict]:
     """Relative error (Frobenius) of the layer at its default tile against the reference, per
     row count, activations scaled in the kernel and before it."""
     found = []
-    for m in (1, 5, 16):
+    for m in (1, 5, 16, 40, 64):
         args = layer_args(torch.randn(m, k, device="cuda", dtype=torch.bfloat16), p, bias)
-        ref = w4_linear_small_m(*args, scaled_codes=False).float()
+        ref = w4_linear_small_m(*args, scaled_codes=uses_scaled_codes(m)).float()
         for prescale in (False, True):
             got = w4_linear_small_m_gluon(*args, prescale=prescale).float()
             err = ((got - ref).norm() / ref.norm()).item()
@@ -64,18 +94,17 @@ def main() -> None:
             report["check"] += check(k, p, bias)
             floors[(k, n)] = floor_times(w4_bytes(p, bias))
         row = {"k": k, "n": n, "m": m, "floor": floors[(k, n)]}
-        row["default_tile"] = default_tile(k // 64, n)
+        row["default_tile"] = default_tile(k // 64, n, block_rows(m))
         row["bf16"] = bench(lambda: F.linear(x, w, bias.to(torch.bfloat16)))
         tl = both_timings(lambda c: w4_linear_small_m_triton(*layer_args(x, c, bias)), p, copies)
         row["tl"], row["tl_stream"] = tl["flush"], tl["stream"]
         tiles = {
-            json.dumps([*tile, prescale]): both_timings(
-                lambda c: w4_linear_small_m_gluon(*layer_args(x, c, bias), tile=tile, prescale=prescale),
+            json.dumps([*tile, kw]): both_timings(
+                lambda c: w4_linear_small_m_gluon(*layer_args(x, c, bias), tile=tile, **kw),
                 p,
                 copies,
             )
-            for tile in TILES
-            for prescale in (False, True)
+            for tile, kw in variants(m)
         }
         row["gluon"] = tiles
         best_f, best_s = fastest(tiles)

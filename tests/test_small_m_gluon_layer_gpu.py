@@ -1,6 +1,6 @@
 """The one-launch Gluon small-M layer (``studio/kernels/small_m_gluon_layer.py``) vs its reference.
 
-On a GPU (``pytest -m gpu``): rows 1-16, K from 5 to 192 groups, N off the column block,
+On a GPU (``pytest -m gpu``): rows 1-64 (row blocks of 16, 32 and 64), K from 5 to 192 groups, N off the column block,
 ranks 0-160 in slices of 32 (16 and 48 leave a slice part empty), splits that leave short or
 empty runs of groups, rings deeper than a split, the branch slices first and last in the
 grid (so that either kind of program finishes blocks), activations scaled in the kernel or
@@ -19,7 +19,13 @@ from kernel_cases import module_args, small_m_case
 
 from studio import kernels
 from studio.kernels.reference_small_m import w4_linear_small_m
-from studio.kernels.small_m_gluon_layer import gluon_layer_fits, use_gluon_layer, w4_linear_small_m_gluon
+from studio.kernels.small_m_gluon_layer import (
+    gluon_layer_fits,
+    use_gluon_layer,
+    uses_scaled_codes,
+    w4_linear_small_m_gluon,
+)
+from studio.kernels.small_m_triton import w4_linear_small_m_triton
 
 CASES = [
     # (M, K, N, R, tile (BLOCK_N, SPLIT_K, warps, stages))
@@ -30,6 +36,12 @@ CASES = [
     (16, 3072, 3072, 160, (128, 8, 4, 3)),
     (16, 12288, 192, 0, (128, 16, 4, 4)),
     (5, 1024, 520, 64, (64, 2, 8, 4)),
+    (17, 704, 136, 48, (64, 5, 4, 3)),  # one row past a 16-row block
+    (32, 3072, 3072, 32, (128, 4, 8, 4)),
+    (33, 1024, 520, 96, (64, 2, 4, 4)),  # wgmma column programs from 33 rows
+    (64, 3072, 200, 160, (128, 8, 4, 3)),
+    (50, 12288, 192, 0, (64, 16, 4, 4)),
+    (64, 3072, 3072, 32, (256, 2, 4, 2)),
 ]
 
 
@@ -49,7 +61,7 @@ def test_gluon_layer_matches_reference(
     from studio.kernels.split_k_scratch import _SCRATCH
 
     args = small_m_case(m, k, n, r, "int4", seed=m + k + n + r, device="cuda")
-    expect = w4_linear_small_m(*args, scaled_codes=False)
+    expect = w4_linear_small_m(*args, scaled_codes=uses_scaled_codes(m))
     kw = dict(tile=tile, prescale=prescale, slices_first=slices_first)
     out = w4_linear_small_m_gluon(*args, **kw)
     assert out.dtype == torch.bfloat16 and out.shape == (m, n)
@@ -57,6 +69,31 @@ def test_gluon_layer_matches_reference(
     assert torch.equal(out, w4_linear_small_m_gluon(*args, **kw)), kw
     torch.cuda.synchronize()
     assert not any(t.any() for pair in _SCRATCH.values() for t in pair)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "m,scaled,tile", [(16, True, None), (64, False, (64, 4, 8, 3)), (40, True, (128, 4, 8, 4))]
+)
+def test_gluon_layer_mma_sync_codes_scaled_or_exact_at_any_rows(
+    m: int, scaled: bool, tile: tuple | None
+) -> None:
+    """The ``mma.sync`` column programs at any rows, either kind of codes: each matches its
+    own oracle, and not the other kind exactly (the two roundings differ)."""
+    args = small_m_case(m, 3072, 520, 32, "int4", seed=m, device="cuda")
+    kw = dict(tile=tile, wgmma=False)
+    out = w4_linear_small_m_gluon(*args, scaled_codes=scaled, **kw)
+    assert _rel(out, w4_linear_small_m(*args, scaled_codes=scaled)) < 5e-3
+    assert not torch.equal(out, w4_linear_small_m_gluon(*args, scaled_codes=not scaled, **kw))
+
+
+def test_gluon_layer_wgmma_refuses_what_it_does_not_take() -> None:
+    """The ``wgmma`` column programs need 33-64 rows, one warpgroup and scaled codes (checked
+    before anything runs, so on the CPU too)."""
+    for m, kw in [(16, {}), (64, {"tile": (64, 4, 8, 3)}), (64, {"scaled_codes": False})]:
+        args = small_m_case(m, 384, 64, 32, "int4")
+        with pytest.raises(ValueError, match="the wgmma column programs take 33-64 rows"):
+            w4_linear_small_m_gluon(*args, wgmma=True, **kw)
 
 
 @pytest.mark.gpu
@@ -69,9 +106,14 @@ def test_gluon_layer_without_bias_and_at_the_default_tile() -> None:
 @pytest.mark.gpu
 def test_w4_linear_takes_the_gluon_layer_where_it_fits() -> None:
     """``w4_linear`` runs the Gluon layer for INT4 bf16 up to 16 rows (bit-identical to calling
-    it), and the ``tl`` kernel where it does not fit (rank 20)."""
+    it), and the ``tl`` kernel above (where the Gluon layer fits but was measured slower) and
+    where it does not fit (rank 20)."""
     args = small_m_case(16, 3072, 3072, 32, "int4", seed=8, device="cuda")
+    assert use_gluon_layer(*args[:8])
     assert torch.equal(kernels.w4_linear(*args), w4_linear_small_m_gluon(*args))
+    more = small_m_case(64, 3072, 3072, 32, "int4", seed=8, device="cuda")
+    assert gluon_layer_fits(*more[:8]) and not use_gluon_layer(*more[:8])
+    assert torch.equal(kernels.w4_linear(*more), w4_linear_small_m_triton(*more))
     odd = small_m_case(9, 3072, 512, 20, "int4", seed=9, device="cuda")
     assert not gluon_layer_fits(*odd[:8])
     assert _rel(kernels.w4_linear(*odd), w4_linear_small_m(*odd)) < 5e-3
@@ -131,7 +173,7 @@ def test_gluon_layer_on_two_streams_at_once() -> None:
     "change,need",
     [
         ("fp4", "INT4 codes"),
-        ("17 rows", "1-16 rows"),
+        ("65 rows", "1-64 rows"),
         ("fp32 x", "bf16 activations"),
         ("K off 64", "K a multiple of 64"),
         ("rank 20", "a rank that is a multiple of 16"),
@@ -143,7 +185,7 @@ def test_gluon_layer_on_two_streams_at_once() -> None:
 )
 def test_gluon_layer_refuses_what_it_does_not_take(change: str, need: str) -> None:
     """Each misfit is named (checked on the CPU, where the GPU is the one thing missing)."""
-    m = 17 if change == "17 rows" else 4
+    m = 65 if change == "65 rows" else 4
     k = 330 if change == "K off 64" else 384
     r = 20 if change == "rank 20" else 32
     args = list(small_m_case(m, k, 64, r, "fp4" if change == "fp4" else "int4"))
@@ -166,8 +208,9 @@ def test_default_tile_is_the_pinned_one_or_shaped_like_them() -> None:
     from studio.kernels.small_m_gluon_layer import GLUON_TILES, default_tile
 
     for key, tile in GLUON_TILES.items():
-        assert default_tile(*key) == tile
+        assert default_tile(key[1], key[2], key[0]) == tile
     assert default_tile(5, 72) == (64, 1, 4, 4, False)  # a tiny layer: one split of all 5 groups
     assert default_tile(80, 20000) == (128, 8, 4, 4, False)
+    assert default_tile(5, 72, 64)[0] == 128  # more rows: wider blocks, fewer reads of them
     for kg in (1, 7, 48, 300):
         assert kg // default_tile(kg, 4096)[1] >= min(kg, 4)  # at least 4 groups a split

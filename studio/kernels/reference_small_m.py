@@ -42,9 +42,9 @@ def w4_linear_small_m(
 ) -> torch.Tensor:
     """The small-M layer in float32 with the kernel's roundings; shapes as ``studio.kernels.w4_linear``.
 
-    ``scaled_codes`` (the ``tl`` kernel's default, ``small_m_triton.use_scaled_codes``; the
-    Gluon layer that runs INT4 up to 16 rows on Hopper, ``small_m_gluon_layer``, keeps the
-    codes exact, as ``scaled_codes=False``): each code
+    ``scaled_codes`` (the ``tl`` kernel's default, ``small_m_triton.use_scaled_codes``, and
+    the Gluon layer's above 16 rows; up to 16, where ``w4_linear`` runs it on Hopper, the Gluon
+    layer, ``small_m_gluon_layer``, keeps the codes exact, as ``scaled_codes=False``): each code
     times its group scale is rounded to bf16 (``bf16(code * bf16(scale))``) and one dot runs
     over all of K, so that the sums need no work per group.  That rounding costs a relative
     error of at most 2**-9 per weight (about 2e-3 on the outputs), against the 4-bit codes' own

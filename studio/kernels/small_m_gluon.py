@@ -84,6 +84,17 @@ def _group_dot(acc, codes, x_lo, x_hi, scale, mma: gl.constexpr):
 
 
 @gluon.jit
+def _scaled_group_dot(acc, codes, x_lo, x_hi, scale):
+    """``acc`` plus one group's dot with each code times its group scale rounded to bf16
+    (``bf16(code * bf16(scale))``, ``reference_small_m``'s ``scaled_codes``): nothing per group
+    but the dots, which chain on ``acc`` itself (no second accumulator held in registers)."""
+    lo, hi = _int4_codes_minus_8(codes)
+    s = scale.to(gl.bfloat16)[None, :]
+    acc = mma_v2(x_lo, lo * s, acc)
+    return mma_v2(x_hi, hi * s, acc)
+
+
+@gluon.jit
 def _w4_gluon_kernel(
     xs, qweight, wscale, part,
     M, N, KG, stride_xm, stride_qg, stride_wg,
@@ -167,10 +178,15 @@ def _issue_column_copies(
 @gluon.jit
 def _column_partials(
     col, pid_k, x, sinv, qweight, wscale, part, M, N, KG, stride_xm, stride_qg, stride_wg,
-    BLOCK_N: gl.constexpr, SPLIT_K: gl.constexpr, WARPS: gl.constexpr, STAGES: gl.constexpr,
-    PRESCALED: gl.constexpr, mma: gl.constexpr, a_op: gl.constexpr, b_op: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, SPLIT_K: gl.constexpr, WARPS: gl.constexpr,
+    STAGES: gl.constexpr, PRESCALED: gl.constexpr, SCALED_CODES: gl.constexpr, mma: gl.constexpr,
+    a_op: gl.constexpr, b_op: gl.constexpr,
 ):  # fmt: skip
-    """Column block ``col``'s product over split ``pid_k``'s groups, stored as fp32 partials."""
+    """Column block ``col``'s product over split ``pid_k``'s groups, stored as fp32 partials.
+
+    ``BLOCK_M`` rows (16, 32 or 64): each warp owns ``BLOCK_N / WARPS`` columns at every row,
+    so a code is decoded once and serves ``BLOCK_M / 16`` ``mma.sync`` tiles.
+    ``SCALED_CODES``: ``_scaled_group_dot``, else ``_group_dot`` (exact codes)."""
     c_copy: gl.constexpr = gl.BlockedLayout([16, 1], [2, 16], [1, WARPS], [0, 1])
     x_copy: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
     s_copy: gl.constexpr = gl.BlockedLayout([4], [32], [WARPS], [0])
@@ -180,7 +196,7 @@ def _column_partials(
         gl.uint8, [STAGES, 32, BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, [0, 1])
     )
     x_ring = gl.allocate_shared_memory(
-        gl.bfloat16, [STAGES, 16, 64], gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
+        gl.bfloat16, [STAGES, BLOCK_M, 64], gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
     )
     s_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_N], flat)
     v_ring = gl.allocate_shared_memory(gl.float32, [STAGES, 64], flat)
@@ -189,7 +205,7 @@ def _column_partials(
     n_cc = col * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, c_copy))
     q_ptrs = qweight + n_cc[None, :] * 32 + j_c[:, None]
     q_mask = (n_cc < N)[None, :]
-    m_x = gl.arange(0, 16, layout=gl.SliceLayout(1, x_copy))
+    m_x = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_copy))
     k_x = gl.arange(0, 64, layout=gl.SliceLayout(0, x_copy))
     x_ptrs = x + m_x[:, None] * stride_xm + k_x[None, :]
     x_mask = (m_x < M)[:, None]
@@ -204,7 +220,7 @@ def _column_partials(
     for s in gl.static_range(STAGES - 1):
         _issue_column_copies(c_ring, x_ring, s_ring, v_ring, g0 + s, g1, s, q_ptrs, q_mask, x_ptrs, x_mask,
                              s_ptrs, s_mask, v_ptrs, stride_qg, stride_wg, PRESCALED)  # fmt: skip
-    acc = gl.zeros([16, BLOCK_N], gl.float32, mma)
+    acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma)
     for g in range(g0, g1):
         i = g - g0
         _ring_step_wait(STAGES)
@@ -222,10 +238,14 @@ def _column_partials(
             v_hi = v_tile.slice(32, 32).load(gl.SliceLayout(0, a_op))
             x_lo = (x_lo.to(gl.float32) * v_lo[None, :]).to(gl.bfloat16)
             x_hi = (x_hi.to(gl.float32) * v_hi[None, :]).to(gl.bfloat16)
-        scale = s_ring.index(stage).load(gl.SliceLayout(0, mma))
-        acc = _group_dot(acc, codes, x_lo, x_hi, scale, mma)
+        if SCALED_CODES:
+            scale = s_ring.index(stage).load(gl.SliceLayout(0, b_op))
+            acc = _scaled_group_dot(acc, codes, x_lo, x_hi, scale)
+        else:
+            scale = s_ring.index(stage).load(gl.SliceLayout(0, mma))
+            acc = _group_dot(acc, codes, x_lo, x_hi, scale, mma)
     async_copy.wait_group(0)
-    m_c = gl.arange(0, 16, layout=gl.SliceLayout(1, mma))
+    m_c = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
     n_c = col * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
     offs = (pid_k * M + m_c[:, None]) * N + n_c[None, :]
     gl.store(part + offs, acc, mask=(m_c < M)[:, None] & (n_c < N)[None, :])
@@ -248,7 +268,7 @@ def _w4_gluon_async_kernel(
     b_op: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=8)
     # (wscale stands in for the smoothing factors, which pre-scaled activations leave unread)
     _column_partials(gl.program_id(0), gl.program_id(1), xs, wscale, qweight, wscale, part, M, N, KG, stride_xm,
-                     stride_qg, stride_wg, BLOCK_N, SPLIT_K, WARPS, STAGES, True, mma, a_op, b_op)  # fmt: skip
+                     stride_qg, stride_wg, 16, BLOCK_N, SPLIT_K, WARPS, STAGES, True, False, mma, a_op, b_op)  # fmt: skip
 
 
 def w4_small_m_partials_gluon(

@@ -1,4 +1,4 @@
-"""The whole small-M INT4 layer in one Gluon launch: product, branch, bias (up to 16 rows).
+"""The whole small-M INT4 layer in one Gluon launch: product, branch, bias (up to 64 rows).
 
 ``small_m_gluon`` streams the 4-bit weights near the read floor but computes the product
 alone; composed with the scaling kernel and the epilogue kernel it took three launches and
@@ -25,9 +25,15 @@ scheme (``small_m_triton._w4_small_m_kernel``) on top of that product:
 ``PRESCALED``: the activations come scaled and padded from ``small_m_triton``'s scaling
 kernel (one launch more) instead of being scaled in the column programs: measured faster on
 two of the four FLUX shapes (``GLUON_TILES``), slower on the other two.  Requirements
-(``gluon_layer_misfit``): INT4, 1-16 rows of bf16 activations, K a multiple of 64 and the
+(``gluon_layer_misfit``): INT4, 1-64 rows of bf16 activations, K a multiple of 64 and the
 branch's rank a multiple of 16 (the ``cp.async`` copies move 16 bytes and are masked by
 whole rows only), contiguous rows everywhere.
+
+Above 16 rows (``BLOCK_M`` 32 or 64; ``w4_linear`` does not route them here, see
+``GLUON_ROUTED_ROWS``): each warp's ``mma.sync`` tiles repeat down the rows, codes may be
+scaled before the dot (``SCALED_CODES``, ``reference_small_m``'s default rounding; the
+default above 16 rows), and from 33 rows the column programs may be
+``small_m_gluon_wgmma``'s (``WGMMA``, the default there).  The finish works 16 rows at a time.
 """
 
 from __future__ import annotations
@@ -39,42 +45,53 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from studio.kernels.small_m_gluon import _column_partials, _ring_step_wait
+from studio.kernels.small_m_gluon_wgmma import _column_partials_wgmma
 from studio.kernels.split_k_scratch import zeroed_scratch
 
 #: Ranks per branch-slice program and per step of the finishing branch dot.
 LA_RANKS = 32
 
-#: Rows the kernel takes (one ``mma.sync`` tile of 16).
-GLUON_MAX_ROWS = 16
+#: Rows per step of the finish (``_finish_block``): one ``mma.sync`` tile.
+FINISH_ROWS = gl.constexpr(16)
 
-#: (K groups of 64, N) -> (BLOCK_N, SPLIT_K, warps, stages, prescale): the tile measured best
-#: on H100 at 16 rows, rank 32 (``bench/diag_small_m_gluon_layer.py``, sixteenth session: the
-#: lowest mean of time / best time over its two timings); other shapes take ``default_tile``.
-GLUON_TILES: dict[tuple[int, int], tuple[int, int, int, int, bool]] = {
-    (48, 3072): (64, 4, 4, 4, False),
-    (48, 9216): (64, 4, 4, 3, True),
-    (48, 12288): (128, 4, 4, 3, False),
-    (192, 3072): (128, 8, 4, 4, True),
+#: Rows the kernel takes: up to four ``mma.sync`` tiles of 16 (``BLOCK_M`` 16, 32 or 64).
+GLUON_MAX_ROWS = 64
+
+
+def block_rows(m: int) -> int:
+    """``BLOCK_M`` for ``m`` rows: 16, 32 or 64 (``gl.arange`` takes powers of two)."""
+    return 16 if m <= 16 else 32 if m <= 32 else 64
+
+
+#: (BLOCK_M, K groups of 64, N) -> (BLOCK_N, SPLIT_K, warps, stages, prescale): the tile
+#: measured best on H100, rank 32 (``bench/diag_small_m_gluon_layer.py``; 16 rows: sixteenth
+#: session, the lowest mean of time / best time over its two timings); other shapes take
+#: ``default_tile``.
+GLUON_TILES: dict[tuple[int, int, int], tuple[int, int, int, int, bool]] = {
+    (16, 48, 3072): (64, 4, 4, 4, False),
+    (16, 48, 9216): (64, 4, 4, 3, True),
+    (16, 48, 12288): (128, 4, 4, 3, False),
+    (16, 192, 3072): (128, 8, 4, 4, True),
 }
 
 
 @gluon.jit
 def _slice_partials(
     la_idx, pid_k, x, l1, la_part, M, KG, R, stride_xm, stride_l1k,
-    SPLIT_K: gl.constexpr, WARPS: gl.constexpr, STAGES: gl.constexpr, LA_R: gl.constexpr,
-    mma: gl.constexpr, a_op: gl.constexpr, b_op: gl.constexpr,
+    BLOCK_M: gl.constexpr, SPLIT_K: gl.constexpr, WARPS: gl.constexpr, STAGES: gl.constexpr,
+    LA_R: gl.constexpr, mma: gl.constexpr, a_op: gl.constexpr, b_op: gl.constexpr,
 ):  # fmt: skip
     """Ranks ``la_idx * LA_R ..`` of ``bf16(x) @ l1`` over split ``pid_k``'s groups, stored as
     fp32 partials ``[SPLIT_K, M, R]``."""
     x_copy: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
     l_copy: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [WARPS, 1], [1, 0])
     x_ring = gl.allocate_shared_memory(
-        gl.bfloat16, [STAGES, 16, 64], gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
+        gl.bfloat16, [STAGES, BLOCK_M, 64], gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
     )
     l_ring = gl.allocate_shared_memory(
         gl.bfloat16, [STAGES, 64, LA_R], gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
     )
-    m_x = gl.arange(0, 16, layout=gl.SliceLayout(1, x_copy))
+    m_x = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_copy))
     k_x = gl.arange(0, 64, layout=gl.SliceLayout(0, x_copy))
     x_ptrs = x + m_x[:, None] * stride_xm + k_x[None, :]
     x_mask = (m_x < M)[:, None]
@@ -93,7 +110,7 @@ def _slice_partials(
             l_ring.index(s), l_ptrs + (g0 + s) * 64 * stride_l1k, mask=l_mask & live
         )
         async_copy.commit_group()
-    la = gl.zeros([16, LA_R], gl.float32, mma)
+    la = gl.zeros([BLOCK_M, LA_R], gl.float32, mma)
     for g in range(g0, g1):
         i = g - g0
         _ring_step_wait(STAGES)
@@ -111,7 +128,7 @@ def _slice_partials(
         la = mma_v2(x_tile.slice(0, 32, dim=1).load(a_op), l_tile.slice(0, 32, dim=0).load(b_op), la)
         la = mma_v2(x_tile.slice(32, 32, dim=1).load(a_op), l_tile.slice(32, 32, dim=0).load(b_op), la)
     async_copy.wait_group(0)
-    m_c = gl.arange(0, 16, layout=gl.SliceLayout(1, mma))
+    m_c = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
     r_c = la_idx * LA_R + gl.arange(0, LA_R, layout=gl.SliceLayout(0, mma))
     offs = (pid_k * M + m_c[:, None]) * R + r_c[None, :]
     gl.store(la_part + offs, la, mask=(m_c < M)[:, None] & (r_c < R)[None, :])
@@ -138,12 +155,12 @@ def _sum_splits(base, offs, mask, split_stride, SPLITS: gl.constexpr, layout: gl
 
 @gluon.jit
 def _branch_operands(
-    r0, col, la_part, strength, l2, M, N, R, S, rows_per_sample, stride_sm, stride_l2n,
+    r0, m0, col, la_part, strength, l2, M, N, R, S, rows_per_sample, stride_sm, stride_l2n,
     BLOCK_N: gl.constexpr, SLICE_SPLIT: gl.constexpr, LA_R: gl.constexpr, WARPS: gl.constexpr,
     a_op: gl.constexpr, b_op: gl.constexpr,
 ):  # fmt: skip
     """Ranks ``r0 .. r0 + LA_R`` of the branch as ``mma.sync`` operands: ``bf16(bf16(x @ l1) *
-    strength)`` ``[16, LA_R]`` (the slices' partials in split order, each row's strengths:
+    strength)`` ``[16, LA_R]`` of rows ``m0 ..`` (the slices' partials in split order, each row's strengths:
     ``reference_small_m``'s roundings) and ``l2`` transposed ``[LA_R, BLOCK_N]`` of block ``col``.
 
     The partials are read in a layout that spreads the tile over the threads (four values
@@ -151,7 +168,7 @@ def _branch_operands(
     in that layout itself, every warp loaded the whole tile, 16 values per thread per split,
     more loads than the registers keep in flight, and the finish took several round trips."""
     flat: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [WARPS, 1], [1, 0])
-    m_f = gl.arange(0, 16, layout=gl.SliceLayout(1, flat))
+    m_f = m0 + gl.arange(0, FINISH_ROWS, layout=gl.SliceLayout(1, flat))
     r_f = r0 + gl.arange(0, LA_R, layout=gl.SliceLayout(0, flat))
     f_mask = (m_f < M)[:, None] & (r_f < R)[None, :]
     srow = (m_f // rows_per_sample) % S
@@ -167,15 +184,14 @@ def _branch_operands(
 
 
 @gluon.jit
-def _finish_block(
-    col, cnt, part, la_part, strength, l2, bias, out, M, N, R, S, rows_per_sample, stride_sm, stride_l2n,
+def _finish_rows(
+    m0, col, part, la_part, strength, l2, bias, out, M, N, R, S, rows_per_sample, stride_sm, stride_l2n,
     stride_om, BLOCK_N: gl.constexpr, SPLIT_K: gl.constexpr, SLICE_SPLIT: gl.constexpr, LA_R: gl.constexpr,
     WARPS: gl.constexpr, OUT_TPW_N: gl.constexpr, HAS_BRANCH: gl.constexpr, HAS_BIAS: gl.constexpr,
     mma: gl.constexpr, a_op: gl.constexpr, b_op: gl.constexpr,
 ):  # fmt: skip
-    """Output block ``col``: its splits' partials in split order, plus the branch, plus the
-    bias (``reference_small_m``'s order); then its counter back to zero for the next launch
-    (a plain store: every arrival is in).
+    """Rows ``m0 .. m0 + 16`` of output block ``col``: its splits' partials in split order,
+    plus the branch, plus the bias (``reference_small_m``'s order).
 
     The bias, the first rank chunk's operands and every partial are loaded before any of
     them is used, in layouts of four values per thread (16-byte loads), so that the block
@@ -183,25 +199,48 @@ def _finish_block(
     after every other of its block, while the rest of the launch still streams weights (an
     L2 round trip then took about 1 us on H100: ``bench/diag_small_m_gluon_parts.py``'s timeline)."""
     flat: gl.constexpr = gl.BlockedLayout([1, 4], [32 // OUT_TPW_N, OUT_TPW_N], [WARPS, 1], [1, 0])
-    m_c = gl.arange(0, 16, layout=gl.SliceLayout(1, flat))
+    m_c = m0 + gl.arange(0, FINISH_ROWS, layout=gl.SliceLayout(1, flat))
     n_c = col * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, flat))
     mask = (m_c < M)[:, None] & (n_c < N)[None, :]
     if HAS_BIAS:
         b = gl.load(bias + n_c, mask=n_c < N, other=0.0)
     if HAS_BRANCH:
-        la, l2t = _branch_operands(0, col, la_part, strength, l2, M, N, R, S, rows_per_sample, stride_sm,
+        la, l2t = _branch_operands(0, m0, col, la_part, strength, l2, M, N, R, S, rows_per_sample, stride_sm,
                                    stride_l2n, BLOCK_N, SLICE_SPLIT, LA_R, WARPS, a_op, b_op)  # fmt: skip
     acc = _sum_splits(part, m_c[:, None] * N + n_c[None, :], mask, M * N, SPLIT_K, flat)
     if HAS_BRANCH:
-        branch = mma_v2(la, l2t, gl.zeros([16, BLOCK_N], gl.float32, mma))
+        branch = mma_v2(la, l2t, gl.zeros([FINISH_ROWS, BLOCK_N], gl.float32, mma))
         for r0 in range(LA_R, R, LA_R):
-            la, l2t = _branch_operands(r0, col, la_part, strength, l2, M, N, R, S, rows_per_sample, stride_sm,
-                                       stride_l2n, BLOCK_N, SLICE_SPLIT, LA_R, WARPS, a_op, b_op)  # fmt: skip
+            la, l2t = _branch_operands(r0, m0, col, la_part, strength, l2, M, N, R, S, rows_per_sample,
+                                       stride_sm, stride_l2n, BLOCK_N, SLICE_SPLIT, LA_R, WARPS, a_op,
+                                       b_op)  # fmt: skip
             branch = mma_v2(la, l2t, branch)
         acc += gl.convert_layout(branch, flat)
     if HAS_BIAS:
         acc += b[None, :]
     gl.store(out + m_c[:, None] * stride_om + n_c[None, :], acc.to(out.dtype.element_ty), mask=mask)
+
+
+@gluon.jit
+def _finish_block(
+    col, cnt, part, la_part, strength, l2, bias, out, M, N, R, S, rows_per_sample, stride_sm, stride_l2n,
+    stride_om, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, SPLIT_K: gl.constexpr, SLICE_SPLIT: gl.constexpr,
+    LA_R: gl.constexpr, WARPS: gl.constexpr, OUT_TPW_N: gl.constexpr, HAS_BRANCH: gl.constexpr,
+    HAS_BIAS: gl.constexpr, mma: gl.constexpr, a_op: gl.constexpr, b_op: gl.constexpr,
+):  # fmt: skip
+    """Output block ``col``, ``FINISH_ROWS`` rows at a time (``_finish_rows``; rows past M
+    skipped); then its counter back to zero for the next launch (a plain store: every
+    arrival is in).  Chunks of 16 rows keep the partials the finish holds at once to what
+    the 16-row layer holds: at 64 rows and 128 columns, whole-block sums spilled registers."""
+    if BLOCK_M == FINISH_ROWS:
+        _finish_rows(0, col, part, la_part, strength, l2, bias, out, M, N, R, S, rows_per_sample, stride_sm,
+                     stride_l2n, stride_om, BLOCK_N, SPLIT_K, SLICE_SPLIT, LA_R, WARPS, OUT_TPW_N, HAS_BRANCH,
+                     HAS_BIAS, mma, a_op, b_op)  # fmt: skip
+    else:
+        for m0 in range(0, M, FINISH_ROWS):  # (a loop, not unrolled: no chunk's loads hoisted into another's)
+            _finish_rows(m0, col, part, la_part, strength, l2, bias, out, M, N, R, S, rows_per_sample, stride_sm,
+                         stride_l2n, stride_om, BLOCK_N, SPLIT_K, SLICE_SPLIT, LA_R, WARPS, OUT_TPW_N, HAS_BRANCH,
+                         HAS_BIAS, mma, a_op, b_op)  # fmt: skip
     gl.store(cnt + col, 0)
 
 
@@ -210,8 +249,8 @@ def _w4_gluon_layer_kernel(
     x, xs, sinv, qweight, wscale, l1, part, la_part, cnt, l2, strength, bias, out,
     M, N, KG, R, N_LA, S, rows_per_sample,
     stride_xm, stride_xsm, stride_qg, stride_wg, stride_l1k, stride_l2n, stride_sm, stride_om,
-    BLOCK_N: gl.constexpr, SPLIT_K: gl.constexpr, SLICE_SPLIT: gl.constexpr, WARPS: gl.constexpr,
-    STAGES: gl.constexpr, PRESCALED: gl.constexpr, HAS_BRANCH: gl.constexpr, HAS_BIAS: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, SPLIT_K: gl.constexpr, SLICE_SPLIT: gl.constexpr,
+    WARPS: gl.constexpr, STAGES: gl.constexpr, SCALED_CODES: gl.constexpr, WGMMA: gl.constexpr, PRESCALED: gl.constexpr, HAS_BRANCH: gl.constexpr, HAS_BIAS: gl.constexpr,
     LA_R: gl.constexpr, OUT_TPW_N: gl.constexpr, SLICES_FIRST: gl.constexpr, times=None,
     TIMES: gl.constexpr = False,
 ):  # fmt: skip
@@ -243,8 +282,13 @@ def _w4_gluon_layer_kernel(
     if (pid >= first_col) & (pid < first_col + n_blocks * SPLIT_K):
         col = (pid - first_col) % n_blocks
         pid_k = (pid - first_col) // n_blocks
-        _column_partials(col, pid_k, xs, sinv, qweight, wscale, part, M, N, KG, stride_xsm, stride_qg, stride_wg,
-                         BLOCK_N, SPLIT_K, WARPS, STAGES, PRESCALED, mma, a_op, b_op)  # fmt: skip
+        if WGMMA:
+            _column_partials_wgmma(col, pid_k, xs, qweight, wscale, part, M, N, KG, stride_xsm, stride_qg,
+                                   stride_wg, BLOCK_N, SPLIT_K, STAGES)  # fmt: skip
+        else:
+            _column_partials(col, pid_k, xs, sinv, qweight, wscale, part, M, N, KG, stride_xsm, stride_qg,
+                             stride_wg, BLOCK_M, BLOCK_N, SPLIT_K, WARPS, STAGES, PRESCALED, SCALED_CODES, mma,
+                             a_op, b_op)  # fmt: skip
         gl.thread_barrier()  # every thread's partials are written before the release below
         if TIMES:
             gl.store(times + pid * 4 + 1, _now())
@@ -253,13 +297,13 @@ def _w4_gluon_layer_kernel(
                 gl.store(times + pid * 4 + 2, _now())
             gl.thread_barrier()
             _finish_block(col, cnt, part, la_part, strength, l2, bias, out, M, N, R, S, rows_per_sample,
-                          stride_sm, stride_l2n, stride_om, BLOCK_N, SPLIT_K, SLICE_SPLIT, LA_R, WARPS, OUT_TPW_N,
+                          stride_sm, stride_l2n, stride_om, BLOCK_M, BLOCK_N, SPLIT_K, SLICE_SPLIT, LA_R, WARPS, OUT_TPW_N,
                           HAS_BRANCH, HAS_BIAS, mma, a_op, b_op)  # fmt: skip
     elif HAS_BRANCH:  # (without a branch there are no slice programs: nothing to compile)
         la_idx = (pid - first_slice) % N_LA
         pid_k = (pid - first_slice) // N_LA
         _slice_partials(la_idx, pid_k, x, l1, la_part, M, KG, R, stride_xm, stride_l1k,
-                        SLICE_SPLIT, WARPS, STAGES, LA_R, mma, a_op, b_op)  # fmt: skip
+                        BLOCK_M, SLICE_SPLIT, WARPS, STAGES, LA_R, mma, a_op, b_op)  # fmt: skip
         gl.thread_barrier()
         if TIMES:
             gl.store(times + pid * 4 + 1, _now())
@@ -278,7 +322,7 @@ def _w4_gluon_layer_kernel(
                 for blk in range(b0, gl.minimum(b0 + 32 * WARPS, n_blocks)):
                     if gl.sum(gl.where(offs_b == blk, done, 0), axis=0) > 0:
                         _finish_block(blk, cnt, part, la_part, strength, l2, bias, out, M, N, R, S,
-                                      rows_per_sample, stride_sm, stride_l2n, stride_om, BLOCK_N, SPLIT_K,
+                                      rows_per_sample, stride_sm, stride_l2n, stride_om, BLOCK_M, BLOCK_N, SPLIT_K,
                                       SLICE_SPLIT, LA_R, WARPS, OUT_TPW_N, HAS_BRANCH, HAS_BIAS, mma, a_op,
                                       b_op)  # fmt: skip
     if TIMES:
@@ -292,7 +336,7 @@ def gluon_layer_misfit(
 ) -> str | None:  # fmt: skip
     """What ``w4_linear_small_m_gluon`` needs and these arguments lack, or None if they fit.
 
-    It takes INT4, 1-16 rows of bf16, K a multiple of 64 (its ``cp.async`` copies move 16
+    It takes INT4, 1-64 rows of bf16, K a multiple of 64 (its ``cp.async`` copies move 16
     bytes and are masked by whole rows: no partial group), a rank that is 0 or a multiple of
     16 (likewise for ``l1``'s rows; ``SVDQuantLinear`` pads its rank to 16), contiguous rows
     in every operand, operands that start at 16-byte boundaries (``cp.async`` reads them), and a CUDA GPU with ``cp.async`` and ``mma.sync`` (sm_80 and up)."""
@@ -345,21 +389,40 @@ def gluon_layer_fits(*args: object) -> bool:
     return gluon_layer_misfit(*args) is None
 
 
+#: Rows up to which ``w4_linear`` runs this kernel.  Above, the ``tl`` kernel was as fast or
+#: faster on H100 at 64 rows (``bench/diag_small_m_gluon_layer.py --ms 64``, seventeenth
+#: session, best tiles: ``mma.sync`` column programs 17.8-44.1 us, ``wgmma`` ones 15.4-32.3 us,
+#: ``tl`` 15.1-29.8 us): at 64 rows every column program reads all the activations of its
+#: run of K, four times the bytes of its codes at 64 columns.
+GLUON_ROUTED_ROWS = 16
+
+
 def use_gluon_layer(*args: object) -> bool:
     """Whether ``w4_linear``'s small-M path runs this kernel (else the ``tl`` one): where it
-    fits (``gluon_layer_misfit``'s arguments) on sm_90, where it was measured."""
+    fits (``gluon_layer_misfit``'s arguments) at up to ``GLUON_ROUTED_ROWS`` rows on sm_90,
+    where it was measured faster."""
     x = args[0]
-    return gluon_layer_fits(*args) and torch.cuda.get_device_capability(x.device) == (9, 0)
+    return (
+        x.shape[0] <= GLUON_ROUTED_ROWS
+        and gluon_layer_fits(*args)
+        and torch.cuda.get_device_capability(x.device) == (9, 0)
+    )
 
 
-def default_tile(kg: int, n: int) -> tuple[int, int, int, int, bool]:
+def uses_scaled_codes(m: int) -> bool:
+    """Whether the layer at ``m`` rows runs scaled codes by default: above 16 rows."""
+    return m > 16
+
+
+def default_tile(kg: int, n: int, block_m: int = 16) -> tuple[int, int, int, int, bool]:
     """``GLUON_TILES``'s tile of the shape, or one shaped like those: 64 columns up to 9216
-    outputs (128 above), 4 splits up to 64 groups (8 above), at least 4 groups a split, 4 warps,
-    4 slots, activations scaled in the kernel."""
-    if (kg, n) in GLUON_TILES:
-        return GLUON_TILES[(kg, n)]
+    outputs at 16 rows (128 above, and at more rows: every column program reads all the rows'
+    activations), 4 splits up to 64 groups (8 above), at least 4 groups a split, 4 warps, 4
+    slots, activations scaled in the kernel."""
+    if (block_m, kg, n) in GLUON_TILES:
+        return GLUON_TILES[(block_m, kg, n)]
     split = max(1, min(4 if kg <= 64 else 8, kg // 4))
-    return (64 if n <= 9216 else 128), split, 4, 4, False
+    return (64 if n <= 9216 and block_m == 16 else 128), split, 4, 4, False
 
 
 def w4_linear_small_m_gluon(
@@ -375,31 +438,46 @@ def w4_linear_small_m_gluon(
     bias: torch.Tensor | None,
     tile: tuple[int, int, int, int] | None = None,
     prescale: bool | None = None,
+    scaled_codes: bool | None = None,
+    wgmma: bool | None = None,
     slices_first: bool = True,
     times: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[M, N]`` bf16; shapes as ``studio.kernels.w4_linear``; ``reference_small_m`` with
     ``scaled_codes=False`` is its oracle.  ``tile``: (BLOCK_N, SPLIT_K, warps, stages);
     None: ``default_tile``'s.  ``prescale``: activations scaled by ``small_m_triton``'s kernel
-    first (``PRESCALED``); None: as ``default_tile`` says.  ``times``: int64 ``[programs, 4]``
+    first (``PRESCALED``); None: as ``default_tile`` says.  ``scaled_codes``: each code times its
+    group scale rounded to bf16 before the dot (``reference_small_m``'s ``scaled_codes``);
+    None: ``uses_scaled_codes(M)``, which says which oracle a call has.  ``wgmma``: the column
+    programs of ``small_m_gluon_wgmma`` (33-64 rows, 4 warps, scaled codes, pre-scaled
+    activations); None: at 33-64 rows.  ``times``: int64 ``[programs, 4]``
     that each program fills with ``%globaltimer`` stamps (start, loop and stores done,
     finishing a block from, end; ``bench/diag_small_m_gluon_parts.py``).  ``slices_first``: the branch slices' place in the grid (the tests
     run both, so that either kind of program finishing a block is covered).  Refuses, naming
     it, what ``gluon_layer_misfit`` finds missing."""
+    m, k = x.shape
+    kg, n, _ = qweight.shape
+    r = l1.shape[1]
+    block_m = block_rows(m)
+    *default, pre = default_tile(kg, n, block_m)
+    block_n, split_k, warps, stages = tile or default
+    prescale = pre if prescale is None else prescale
+    scaled_codes = uses_scaled_codes(m) if scaled_codes is None else scaled_codes
+    wgmma = block_m == 64 if wgmma is None else wgmma
+    if wgmma and not (block_m == 64 and warps == 4 and scaled_codes):
+        raise ValueError(
+            f"the wgmma column programs take 33-64 rows, 4 warps and scaled codes; got {m} rows, {warps} "
+            f"warps, scaled codes {scaled_codes}"
+        )
+    prescale = prescale or wgmma  # (its column programs read pre-scaled activations only)
+    if stages < 2:
+        raise ValueError(f"the ring needs at least 2 slots, got {stages}")
     misfit = gluon_layer_misfit(x, smooth_inv, qweight, wscale, fmt, l1, l2, strength)
     if misfit:
         raise ValueError(
             f"the Gluon small-M layer needs {misfit}; got {fmt}, x {x.dtype} {tuple(x.shape)} on "
             f"{x.device}, rank {l1.shape[1]}"
         )
-    m, k = x.shape
-    kg, n, _ = qweight.shape
-    r = l1.shape[1]
-    *default, pre = default_tile(kg, n)
-    block_n, split_k, warps, stages = tile or default
-    prescale = pre if prescale is None else prescale
-    if stages < 2:
-        raise ValueError(f"the ring needs at least 2 slots, got {stages}")
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     part = torch.empty(split_k, m, n, device=x.device, dtype=torch.float32)
     n_blocks = triton.cdiv(n, block_n)
@@ -422,7 +500,8 @@ def w4_linear_small_m_gluon(
         m, n, kg, max(r, 1), n_la, strength.shape[0], max(rows_per_sample, 1),
         x.stride(0), src.stride(0), qweight.stride(0), wscale.stride(0), l1.stride(0), l2.stride(0),
         strength.stride(0), out.stride(0),
-        BLOCK_N=block_n, SPLIT_K=split_k, SLICE_SPLIT=slice_split, WARPS=warps, STAGES=stages,
+        BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split_k, SLICE_SPLIT=slice_split, WARPS=warps, STAGES=stages,
+        SCALED_CODES=scaled_codes, WGMMA=wgmma,
         PRESCALED=prescale, HAS_BRANCH=r > 0, HAS_BIAS=bias is not None, LA_R=LA_RANKS,
         OUT_TPW_N=min(32, block_n // 4),
         SLICES_FIRST=slices_first, num_warps=warps, times=times, TIMES=times is not None,
