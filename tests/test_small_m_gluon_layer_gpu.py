@@ -1,12 +1,13 @@
 """The one-launch Gluon small-M layer (``studio/kernels/small_m_gluon_layer.py``) vs its reference.
 
-On a GPU (``pytest -m gpu``): rows 1-64 (row blocks of 16, 32 and 64), K from 5 to 192 groups, N off the column block,
-ranks 0-160 in slices of 32 (16 and 48 leave a slice part empty), splits that leave short or
-empty runs of groups, rings deeper than a split, the branch slices first and last in the
-grid (so that either kind of program finishes blocks), activations scaled in the kernel or
-by the scaling pre-kernel.  The oracle is ``reference_small_m`` with ``scaled_codes=False``
-(exact codes, each group's dot scaled in fp32): the same bf16 roundings of the activations
-and of the branch input before and after the strengths; what is left is fp32 summation
+On a GPU (``pytest -m gpu``): rows 1-64 (row blocks of 16, 32 and 64), K from 5 to 192
+groups, N off the column block, ranks 0-160 in slices of 32 (16 and 48 leave a slice part
+empty), splits that leave short or empty runs of groups, rings deeper than a split, the
+branch slices first and last in the grid (so that either kind of program finishes blocks),
+activations scaled in the kernel or by the scaling pre-kernel, ``mma.sync`` or (from 33
+rows) ``wgmma`` column programs.  The oracle is ``reference_small_m`` with the codes the
+layer runs at that many rows (``uses_scaled_codes``: exact up to 16, each group's dot scaled
+in fp32; scaled above): the same bf16 roundings of the activations and of the branch input before and after the strengths; what is left is fp32 summation
 order and the bf16 output rounding (~2e-3), so 5e-3 relative (Frobenius), as for the
 ``tl`` kernel.  The argument checks run on the CPU too.
 """

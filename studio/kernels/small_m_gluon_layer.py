@@ -160,8 +160,8 @@ def _branch_operands(
     a_op: gl.constexpr, b_op: gl.constexpr,
 ):  # fmt: skip
     """Ranks ``r0 .. r0 + LA_R`` of the branch as ``mma.sync`` operands: ``bf16(bf16(x @ l1) *
-    strength)`` ``[16, LA_R]`` of rows ``m0 ..`` (the slices' partials in split order, each row's strengths:
-    ``reference_small_m``'s roundings) and ``l2`` transposed ``[LA_R, BLOCK_N]`` of block ``col``.
+    strength)`` ``[16, LA_R]`` of rows ``m0 ..`` (the slices' partials in split order, each
+    row's strengths: ``reference_small_m``'s roundings) and ``l2`` transposed ``[LA_R, BLOCK_N]`` of block ``col``.
 
     The partials are read in a layout that spreads the tile over the threads (four values
     each, one 16-byte load per split) and only the result goes to the operand's layout: read
@@ -250,9 +250,9 @@ def _w4_gluon_layer_kernel(
     M, N, KG, R, N_LA, S, rows_per_sample,
     stride_xm, stride_xsm, stride_qg, stride_wg, stride_l1k, stride_l2n, stride_sm, stride_om,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, SPLIT_K: gl.constexpr, SLICE_SPLIT: gl.constexpr,
-    WARPS: gl.constexpr, STAGES: gl.constexpr, SCALED_CODES: gl.constexpr, WGMMA: gl.constexpr, PRESCALED: gl.constexpr, HAS_BRANCH: gl.constexpr, HAS_BIAS: gl.constexpr,
-    LA_R: gl.constexpr, OUT_TPW_N: gl.constexpr, SLICES_FIRST: gl.constexpr, times=None,
-    TIMES: gl.constexpr = False,
+    WARPS: gl.constexpr, STAGES: gl.constexpr, SCALED_CODES: gl.constexpr, WGMMA: gl.constexpr,
+    PRESCALED: gl.constexpr, HAS_BRANCH: gl.constexpr, HAS_BIAS: gl.constexpr, LA_R: gl.constexpr,
+    OUT_TPW_N: gl.constexpr, SLICES_FIRST: gl.constexpr, times=None, TIMES: gl.constexpr = False,
 ):  # fmt: skip
     """Grid ``(N_LA * SLICE_SPLIT + n_blocks * SPLIT_K,)``; ``cnt[col]`` counts the arrivals
     at column block ``col``: its ``SPLIT_K`` column programs and every slice.
@@ -297,8 +297,8 @@ def _w4_gluon_layer_kernel(
                 gl.store(times + pid * 4 + 2, _now())
             gl.thread_barrier()
             _finish_block(col, cnt, part, la_part, strength, l2, bias, out, M, N, R, S, rows_per_sample,
-                          stride_sm, stride_l2n, stride_om, BLOCK_M, BLOCK_N, SPLIT_K, SLICE_SPLIT, LA_R, WARPS, OUT_TPW_N,
-                          HAS_BRANCH, HAS_BIAS, mma, a_op, b_op)  # fmt: skip
+                          stride_sm, stride_l2n, stride_om, BLOCK_M, BLOCK_N, SPLIT_K, SLICE_SPLIT, LA_R, WARPS,
+                          OUT_TPW_N, HAS_BRANCH, HAS_BIAS, mma, a_op, b_op)  # fmt: skip
     elif HAS_BRANCH:  # (without a branch there are no slice programs: nothing to compile)
         la_idx = (pid - first_slice) % N_LA
         pid_k = (pid - first_slice) // N_LA
