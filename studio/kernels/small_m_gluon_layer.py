@@ -232,7 +232,7 @@ def _finish_block(
     skipped); then its counter back to zero for the next launch (a plain store: every
     arrival is in).  Chunks of 16 rows keep the partials the finish holds at once to what
     the 16-row layer holds: at 64 rows and 128 columns, whole-block sums spilled registers."""
-    if BLOCK_M == FINISH_ROWS:
+    if BLOCK_M == FINISH_ROWS:  # straight-line, as the 16-row layer was measured (no loop around it)
         _finish_rows(0, col, part, la_part, strength, l2, bias, out, M, N, R, S, rows_per_sample, stride_sm,
                      stride_l2n, stride_om, BLOCK_N, SPLIT_K, SLICE_SPLIT, LA_R, WARPS, OUT_TPW_N, HAS_BRANCH,
                      HAS_BIAS, mma, a_op, b_op)  # fmt: skip
