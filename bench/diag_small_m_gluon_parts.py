@@ -7,10 +7,13 @@ Per FLUX shape (16 rows, INT4) and tile (BLOCK_N, SPLIT_K, warps, stages), timed
 ``bench_w4`` times after a memset (``flush``): the product alone (``small_m_gluon``'s kernel,
 fp32 partials), the layer without a branch (rank 0: the product, the count and the finish
 of each block) and with rank 32 (branch slices too), each with the activations scaled in the
-kernel and by the scaling pre-kernel, and rank 32 with the slices last in the grid.  Then one
-launch of the rank-32 layer after a memset with ``times``: each program's ``%globaltimer``
-when it starts, when its loop and stores are done, when it learns it finishes a block, and
-when it ends, summarised per kind of program (ns from the first start).
+kernel and by the scaling pre-kernel, and each with either finish (``await``: each block's
+last column program waits for its count; ``count``: the arrival that completes a block
+finishes it), and rank 32 with the slices last in the grid (``count`` only).  Then, per
+finish, one launch of the rank-32 layer after a memset with ``times``: each program's
+``%globaltimer`` when it starts, when its loop and stores are done, when it learns it
+finishes a block (or, awaiting, that its block is complete), and when it ends, summarised
+per kind of program (ns from the first start).
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ def spread(v: torch.Tensor) -> str:
     return f"n={v.numel()} {v.min():.0f}/{v.median():.0f}/{v.max():.0f}" if v.numel() else "none"
 
 
-def timeline(x: torch.Tensor, p: dict, bias: torch.Tensor, tile: tuple, flush: torch.Tensor) -> str:
+def timeline(
+    x: torch.Tensor, p: dict, bias: torch.Tensor, tile: tuple, flush: torch.Tensor, finish: str
+) -> str:
     """One launch after a memset: per kind of program, each stamp's min/median/max in ns."""
     kg, n = p["qweight"].shape[:2]
     slices = min(kg, 2 * tile[1]) * -(-p["l1"].shape[1] // 32)
@@ -46,11 +51,13 @@ def timeline(x: torch.Tensor, p: dict, bias: torch.Tensor, tile: tuple, flush: t
     for _ in range(3):  # the last of three launches: compiled, warm instruction caches
         times.zero_()
         flush.zero_()
-        w4_linear_small_m_gluon(*layer_args(x, p, bias), tile=tile, prescale=False, times=times)
+        w4_linear_small_m_gluon(
+            *layer_args(x, p, bias), tile=tile, prescale=False, finish=finish, times=times
+        )
     torch.cuda.synchronize()
     t = times.cpu().double()
     t = torch.where(t > 0, t - t[:, 0].min(), torch.full_like(t, float("nan")))
-    lines = []
+    lines = [f"  finish {finish}:"]
     for kind, rows in (("slices", t[:slices]), ("columns", t[slices:])):
         lines.append(f"    {kind}: " + "; ".join(f"{s} {spread(rows[:, i])}" for i, s in enumerate(STAMPS)))
     return "\n".join(lines)
@@ -75,17 +82,21 @@ def main() -> None:
             }
             for name, q in (("rank 0", rank0), ("rank 32", p)):
                 for pre in (False, True):
-                    label = f"{name}{', pre-kernel' if pre else ''}"
-                    parts[label] = bench(
-                        lambda: w4_linear_small_m_gluon(*layer_args(x, q, bias), tile=tile, prescale=pre)
-                    )
-            parts["rank 32, slices last"] = bench(
+                    for finish in ("await", "count"):
+                        label = f"{name}{', pre-kernel' if pre else ''}, {finish}"
+                        parts[label] = bench(
+                            lambda: w4_linear_small_m_gluon(
+                                *layer_args(x, q, bias), tile=tile, prescale=pre, finish=finish
+                            )
+                        )
+            parts["rank 32, slices last, count"] = bench(
                 lambda: w4_linear_small_m_gluon(
-                    *layer_args(x, p, bias), tile=tile, prescale=False, slices_first=False
+                    *layer_args(x, p, bias), tile=tile, prescale=False, slices_first=False, finish="count"
                 )
             )
             print(f"{k}x{n} {tile}: " + " | ".join(f"{s} {v:.1f}" for s, v in parts.items()), flush=True)
-            print(timeline(x, p, bias, tile, flush), flush=True)
+            for finish in ("await", "count"):
+                print(timeline(x, p, bias, tile, flush, finish), flush=True)
 
 
 if __name__ == "__main__":

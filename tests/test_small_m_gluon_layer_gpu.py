@@ -51,19 +51,20 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("slices_first", [True, False])
+@pytest.mark.parametrize("finish,slices_first", [("await", True), ("count", True), ("count", False)])
 @pytest.mark.parametrize("prescale", [False, True])
 @pytest.mark.parametrize("m,k,n,r,tile", CASES)
 def test_gluon_layer_matches_reference(
-    m: int, k: int, n: int, r: int, tile: tuple, prescale: bool, slices_first: bool
+    m: int, k: int, n: int, r: int, tile: tuple, prescale: bool, finish: str, slices_first: bool
 ) -> None:
     """Within the stated tolerance, identical run to run (no atomics on the sums), counters
-    zeroed again after every launch."""
+    zeroed again after every launch; either finish (the block's last column program waiting
+    for its count, or the arrival that completes a block, column program or slice)."""
     from studio.kernels.split_k_scratch import _SCRATCH
 
     args = small_m_case(m, k, n, r, "int4", seed=m + k + n + r, device="cuda")
     expect = w4_linear_small_m(*args, scaled_codes=uses_scaled_codes(m))
-    kw = dict(tile=tile, prescale=prescale, slices_first=slices_first)
+    kw = dict(tile=tile, prescale=prescale, slices_first=slices_first, finish=finish)
     out = w4_linear_small_m_gluon(*args, **kw)
     assert out.dtype == torch.bfloat16 and out.shape == (m, n)
     assert torch.isfinite(out).all() and _rel(out, expect) < 5e-3, kw
@@ -95,6 +96,19 @@ def test_gluon_layer_wgmma_refuses_what_it_does_not_take() -> None:
         args = small_m_case(m, 384, 64, 32, "int4")
         with pytest.raises(ValueError, match="the wgmma column programs take 33-64 rows"):
             w4_linear_small_m_gluon(*args, wgmma=True, **kw)
+
+
+@pytest.mark.parametrize("finish,slices_first", [("await", False), ("wait", True), ("", True)])
+def test_gluon_layer_refuses_an_unknown_finish_or_await_with_slices_last(
+    finish: str, slices_first: bool
+) -> None:
+    """The awaiting finish waits for programs earlier in the grid only: with the slices last
+    it is refused (checked before anything runs, so on the CPU too)."""
+    args = small_m_case(16, 384, 64, 32, "int4")
+    with pytest.raises(
+        ValueError, match="finish is 'await' \\(with the branch slices first in the grid\\) or 'count'"
+    ):
+        w4_linear_small_m_gluon(*args, finish=finish, slices_first=slices_first)
 
 
 @pytest.mark.gpu
@@ -210,8 +224,9 @@ def test_default_tile_is_the_pinned_one_or_shaped_like_them() -> None:
 
     for key, tile in GLUON_TILES.items():
         assert default_tile(key[1], key[2], key[0]) == tile
-    assert default_tile(5, 72) == (64, 1, 4, 4, False)  # a tiny layer: one split of all 5 groups
-    assert default_tile(80, 20000) == (128, 8, 4, 4, False)
+    assert default_tile(5, 72) == (64, 1, 4, 4, False, "await")  # a tiny layer: one split of all 5 groups
+    assert default_tile(80, 20000) == (128, 8, 4, 4, False, "await")
+    assert {tile[5] for tile in GLUON_TILES.values()} <= {"await", "count"}
     assert default_tile(5, 72, 64)[0] == 128  # more rows: wider blocks, fewer reads of them
     for kg in (1, 7, 48, 300):
         assert kg // default_tile(kg, 4096)[1] >= min(kg, 4)  # at least 4 groups a split

@@ -182,7 +182,8 @@ def _column_partials(
     STAGES: gl.constexpr, PRESCALED: gl.constexpr, SCALED_CODES: gl.constexpr, mma: gl.constexpr,
     a_op: gl.constexpr, b_op: gl.constexpr,
 ):  # fmt: skip
-    """Column block ``col``'s product over split ``pid_k``'s groups, stored as fp32 partials.
+    """Column block ``col``'s product over split ``pid_k``'s groups, stored as fp32 partials
+    and returned (``mma`` layout).
 
     ``BLOCK_M`` rows (16, 32 or 64): each warp owns ``BLOCK_N / WARPS`` columns at every row,
     so a code is decoded once and serves ``BLOCK_M / 16`` ``mma.sync`` tiles.
@@ -249,6 +250,7 @@ def _column_partials(
     n_c = col * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
     offs = (pid_k * M + m_c[:, None]) * N + n_c[None, :]
     gl.store(part + offs, acc, mask=(m_c < M)[:, None] & (n_c < N)[None, :])
+    return acc
 
 
 @gluon.jit

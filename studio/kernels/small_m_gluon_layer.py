@@ -63,15 +63,21 @@ def block_rows(m: int) -> int:
     return 16 if m <= 16 else 32 if m <= 32 else 64
 
 
-#: (BLOCK_M, K groups of 64, N) -> (BLOCK_N, SPLIT_K, warps, stages, prescale): the tile
-#: measured best on H100, rank 32 (``bench/diag_small_m_gluon_layer.py``; 16 rows: sixteenth
-#: session, the lowest mean of time / best time over its two timings); other shapes take
-#: ``default_tile``.
-GLUON_TILES: dict[tuple[int, int, int], tuple[int, int, int, int, bool]] = {
-    (16, 48, 3072): (64, 4, 4, 4, False),
-    (16, 48, 9216): (64, 4, 4, 3, True),
-    (16, 48, 12288): (128, 4, 4, 3, False),
-    (16, 192, 3072): (128, 8, 4, 4, True),
+#: How a column block is finished where ``GLUON_TILES`` says nothing (``w4_linear_small_m_gluon``'s
+#: ``finish``): measured faster than ``"count"`` at 16 rows on H100 (median 0.2-0.5 us over every
+#: tile, eighteenth session); at 17-64 rows, which ``w4_linear`` does not route here, not timed.
+DEFAULT_FINISH = "await"
+
+
+#: (BLOCK_M, K groups of 64, N) -> (BLOCK_N, SPLIT_K, warps, stages, prescale, finish): the
+#: tile measured best on H100, rank 32 (``bench/diag_small_m_gluon_layer.py``; 16 rows:
+#: eighteenth session, call 5, the lowest mean of time / best time over its two timings);
+#: other shapes take ``default_tile``.
+GLUON_TILES: dict[tuple[int, int, int], tuple[int, int, int, int, bool, str]] = {
+    (16, 48, 3072): (64, 8, 4, 3, False, "await"),
+    (16, 48, 9216): (64, 4, 4, 3, True, "await"),
+    (16, 48, 12288): (128, 4, 4, 3, False, "await"),
+    (16, 192, 3072): (64, 8, 4, 4, True, "await"),
 }
 
 
@@ -135,6 +141,21 @@ def _slice_partials(
 
 
 @gluon.jit
+def _reduce_slices(la_idx, la_part, M, R, SLICE_SPLIT: gl.constexpr, LA_R: gl.constexpr, WARPS: gl.constexpr):
+    """Ranks ``la_idx * LA_R ..`` of ``x @ l1``: the slices' partials summed in split order and
+    rounded to bf16 (``reference_small_m``'s first rounding), stored as fp32 after the
+    partials (split ``SLICE_SPLIT`` of ``la_part``), so that a finish reads them as one split."""
+    flat: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [WARPS, 1], [1, 0])
+    r_f = la_idx * LA_R + gl.arange(0, LA_R, layout=gl.SliceLayout(0, flat))
+    for m0 in range(0, M, FINISH_ROWS):
+        m_f = m0 + gl.arange(0, FINISH_ROWS, layout=gl.SliceLayout(1, flat))
+        offs = m_f[:, None] * R + r_f[None, :]
+        f_mask = (m_f < M)[:, None] & (r_f < R)[None, :]
+        la = _sum_splits(la_part, offs, f_mask, M * R, SLICE_SPLIT, flat)
+        gl.store(la_part + SLICE_SPLIT * M * R + offs, la.to(gl.bfloat16).to(gl.float32), mask=f_mask)
+
+
+@gluon.jit
 def _now():
     """The GPU's nanosecond clock (``%globaltimer``), for the ``times`` stamps."""
     return gl.inline_asm_elementwise(
@@ -153,15 +174,53 @@ def _sum_splits(base, offs, mask, split_stride, SPLITS: gl.constexpr, layout: gl
     return total
 
 
+#: How long an awaiting finish waits for its count (ns) before it gives up and writes NaN
+#: over its block: only a launch whose programs do not all run (which the grid order rules
+#: out: the programs it waits for come before it) would wait that long.
+AWAIT_LIMIT_NS = gl.constexpr(1_000_000_000)
+
+
 @gluon.jit
-def _branch_operands(
-    r0, m0, col, la_part, strength, l2, M, N, R, S, rows_per_sample, stride_sm, stride_l2n,
-    BLOCK_N: gl.constexpr, SLICE_SPLIT: gl.constexpr, LA_R: gl.constexpr, WARPS: gl.constexpr,
-    a_op: gl.constexpr, b_op: gl.constexpr,
+def _await_count(counter, target):
+    """Whether ``counter`` reached ``target`` (read with acquire, again until it does or
+    ``AWAIT_LIMIT_NS`` pass)."""
+    start = _now()
+    seen = gl.atomic_add(counter, 0, sem="acquire")
+    while (seen < target) & (_now() - start < AWAIT_LIMIT_NS):
+        seen = gl.atomic_add(counter, 0, sem="acquire")
+    return seen >= target
+
+
+@gluon.jit
+def _branch_weights(
+    r0, m0, col, strength, l2, M, N, R, S, rows_per_sample, stride_sm, stride_l2n,
+    BLOCK_N: gl.constexpr, LA_R: gl.constexpr, WARPS: gl.constexpr, b_op: gl.constexpr,
 ):  # fmt: skip
-    """Ranks ``r0 .. r0 + LA_R`` of the branch as ``mma.sync`` operands: ``bf16(bf16(x @ l1) *
-    strength)`` ``[16, LA_R]`` of rows ``m0 ..`` (the slices' partials in split order, each
-    row's strengths: ``reference_small_m``'s roundings) and ``l2`` transposed ``[LA_R, BLOCK_N]`` of block ``col``.
+    """Ranks ``r0 .. r0 + LA_R`` of the strengths of rows ``m0 ..`` ``[16, LA_R]`` (four values
+    a thread) and of ``l2`` transposed ``[LA_R, BLOCK_N]`` of block ``col`` (``mma.sync``
+    operand): what the finish reads that no program of the launch writes."""
+    flat: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [WARPS, 1], [1, 0])
+    m_f = m0 + gl.arange(0, FINISH_ROWS, layout=gl.SliceLayout(1, flat))
+    r_f = r0 + gl.arange(0, LA_R, layout=gl.SliceLayout(0, flat))
+    srow = (m_f // rows_per_sample) % S
+    f_mask = (m_f < M)[:, None] & (r_f < R)[None, :]
+    st = gl.load(strength + srow[:, None] * stride_sm + r_f[None, :], mask=f_mask, other=0.0)
+    r_b = r0 + gl.arange(0, LA_R, layout=gl.SliceLayout(1, b_op))
+    n_b = col * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, b_op))
+    l2t = gl.load(
+        l2 + n_b[None, :] * stride_l2n + r_b[:, None], mask=(r_b < R)[:, None] & (n_b < N)[None, :], other=0.0
+    )
+    return st, l2t
+
+
+@gluon.jit
+def _branch_input(
+    r0, m0, la_part, st, M, R, SLICE_SPLIT: gl.constexpr, LA_R: gl.constexpr, WARPS: gl.constexpr,
+    a_op: gl.constexpr,
+):  # fmt: skip
+    """Ranks ``r0 .. r0 + LA_R`` of the branch input as the ``mma.sync`` operand: ``bf16(bf16(x @
+    l1) * strength)`` ``[16, LA_R]`` of rows ``m0 ..`` (the slices' partials in split order,
+    the strengths ``st`` of ``_branch_weights``: ``reference_small_m``'s roundings).
 
     The partials are read in a layout that spreads the tile over the threads (four values
     each, one 16-byte load per split) and only the result goes to the operand's layout: read
@@ -171,16 +230,9 @@ def _branch_operands(
     m_f = m0 + gl.arange(0, FINISH_ROWS, layout=gl.SliceLayout(1, flat))
     r_f = r0 + gl.arange(0, LA_R, layout=gl.SliceLayout(0, flat))
     f_mask = (m_f < M)[:, None] & (r_f < R)[None, :]
-    srow = (m_f // rows_per_sample) % S
-    st = gl.load(strength + srow[:, None] * stride_sm + r_f[None, :], mask=f_mask, other=0.0)
-    r_b = r0 + gl.arange(0, LA_R, layout=gl.SliceLayout(1, b_op))
-    n_b = col * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, b_op))
-    l2t = gl.load(
-        l2 + n_b[None, :] * stride_l2n + r_b[:, None], mask=(r_b < R)[:, None] & (n_b < N)[None, :], other=0.0
-    )
     la = _sum_splits(la_part, m_f[:, None] * R + r_f[None, :], f_mask, M * R, SLICE_SPLIT, flat)
     la = (la.to(gl.bfloat16).to(gl.float32) * st).to(gl.bfloat16)
-    return gl.convert_layout(la, a_op), l2t
+    return gl.convert_layout(la, a_op)
 
 
 @gluon.jit
@@ -188,10 +240,14 @@ def _finish_rows(
     m0, col, part, la_part, strength, l2, bias, out, M, N, R, S, rows_per_sample, stride_sm, stride_l2n,
     stride_om, BLOCK_N: gl.constexpr, SPLIT_K: gl.constexpr, SLICE_SPLIT: gl.constexpr, LA_R: gl.constexpr,
     WARPS: gl.constexpr, OUT_TPW_N: gl.constexpr, HAS_BRANCH: gl.constexpr, HAS_BIAS: gl.constexpr,
-    mma: gl.constexpr, a_op: gl.constexpr, b_op: gl.constexpr,
+    ready, mma: gl.constexpr, a_op: gl.constexpr, b_op: gl.constexpr, own=None, counter=None, target=0,
 ):  # fmt: skip
     """Rows ``m0 .. m0 + 16`` of output block ``col``: its splits' partials in split order,
-    plus the branch, plus the bias (``reference_small_m``'s order).
+    plus the branch, plus the bias (``reference_small_m``'s order); NaN unless ``ready`` (an
+    awaiting finish that gave up: ``_await_count``).  ``own``: the last split's partials as
+    the finishing program holds them (``mma`` layout; its stored copy is not read again).
+    ``counter``: wait for it to reach ``target`` first (``_await_count``), with the bias, the
+    strengths and ``l2`` already on their way (nothing in the launch writes them).
 
     The bias, the first rank chunk's operands and every partial are loaded before any of
     them is used, in layouts of four values per thread (16-byte loads), so that the block
@@ -205,15 +261,24 @@ def _finish_rows(
     if HAS_BIAS:
         b = gl.load(bias + n_c, mask=n_c < N, other=0.0)
     if HAS_BRANCH:
-        la, l2t = _branch_operands(0, m0, col, la_part, strength, l2, M, N, R, S, rows_per_sample, stride_sm,
-                                   stride_l2n, BLOCK_N, SLICE_SPLIT, LA_R, WARPS, a_op, b_op)  # fmt: skip
-    acc = _sum_splits(part, m_c[:, None] * N + n_c[None, :], mask, M * N, SPLIT_K, flat)
+        st, l2t = _branch_weights(0, m0, col, strength, l2, M, N, R, S, rows_per_sample, stride_sm, stride_l2n,
+                                  BLOCK_N, LA_R, WARPS, b_op)  # fmt: skip
+    if counter is not None:
+        ready = _await_count(counter, target)
+    if HAS_BRANCH:
+        la = _branch_input(0, m0, la_part, st, M, R, SLICE_SPLIT, LA_R, WARPS, a_op)
+    if own is None:
+        acc = _sum_splits(part, m_c[:, None] * N + n_c[None, :], mask, M * N, SPLIT_K, flat)
+    else:
+        acc = _sum_splits(part, m_c[:, None] * N + n_c[None, :], mask, M * N, SPLIT_K - 1, flat)
+        acc += gl.convert_layout(own, flat)
+    acc = gl.where(ready, acc, float("nan"))
     if HAS_BRANCH:
         branch = mma_v2(la, l2t, gl.zeros([FINISH_ROWS, BLOCK_N], gl.float32, mma))
         for r0 in range(LA_R, R, LA_R):
-            la, l2t = _branch_operands(r0, m0, col, la_part, strength, l2, M, N, R, S, rows_per_sample,
-                                       stride_sm, stride_l2n, BLOCK_N, SLICE_SPLIT, LA_R, WARPS, a_op,
-                                       b_op)  # fmt: skip
+            st, l2t = _branch_weights(r0, m0, col, strength, l2, M, N, R, S, rows_per_sample, stride_sm,
+                                      stride_l2n, BLOCK_N, LA_R, WARPS, b_op)  # fmt: skip
+            la = _branch_input(r0, m0, la_part, st, M, R, SLICE_SPLIT, LA_R, WARPS, a_op)
             branch = mma_v2(la, l2t, branch)
         acc += gl.convert_layout(branch, flat)
     if HAS_BIAS:
@@ -226,21 +291,23 @@ def _finish_block(
     col, cnt, part, la_part, strength, l2, bias, out, M, N, R, S, rows_per_sample, stride_sm, stride_l2n,
     stride_om, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, SPLIT_K: gl.constexpr, SLICE_SPLIT: gl.constexpr,
     LA_R: gl.constexpr, WARPS: gl.constexpr, OUT_TPW_N: gl.constexpr, HAS_BRANCH: gl.constexpr,
-    HAS_BIAS: gl.constexpr, mma: gl.constexpr, a_op: gl.constexpr, b_op: gl.constexpr,
+    HAS_BIAS: gl.constexpr, ready, mma: gl.constexpr, a_op: gl.constexpr, b_op: gl.constexpr, own=None,
+    counter=None, target=0,
 ):  # fmt: skip
     """Output block ``col``, ``FINISH_ROWS`` rows at a time (``_finish_rows``; rows past M
     skipped); then its counter back to zero for the next launch (a plain store: every
     arrival is in).  Chunks of 16 rows keep the partials the finish holds at once to what
-    the 16-row layer holds: at 64 rows and 128 columns, whole-block sums spilled registers."""
+    the 16-row layer holds: at 64 rows and 128 columns, whole-block sums spilled registers.
+    ``own``, ``counter``, ``target``: at 16 rows, ``_finish_rows``'s."""
     if BLOCK_M == FINISH_ROWS:  # straight-line, as the 16-row layer was measured (no loop around it)
         _finish_rows(0, col, part, la_part, strength, l2, bias, out, M, N, R, S, rows_per_sample, stride_sm,
                      stride_l2n, stride_om, BLOCK_N, SPLIT_K, SLICE_SPLIT, LA_R, WARPS, OUT_TPW_N, HAS_BRANCH,
-                     HAS_BIAS, mma, a_op, b_op)  # fmt: skip
+                     HAS_BIAS, ready, mma, a_op, b_op, own, counter, target)  # fmt: skip
     else:
         for m0 in range(0, M, FINISH_ROWS):  # (a loop, not unrolled: no chunk's loads hoisted into another's)
             _finish_rows(m0, col, part, la_part, strength, l2, bias, out, M, N, R, S, rows_per_sample, stride_sm,
                          stride_l2n, stride_om, BLOCK_N, SPLIT_K, SLICE_SPLIT, LA_R, WARPS, OUT_TPW_N, HAS_BRANCH,
-                         HAS_BIAS, mma, a_op, b_op)  # fmt: skip
+                         HAS_BIAS, ready, mma, a_op, b_op)  # fmt: skip
     gl.store(cnt + col, 0)
 
 
@@ -252,12 +319,24 @@ def _w4_gluon_layer_kernel(
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, SPLIT_K: gl.constexpr, SLICE_SPLIT: gl.constexpr,
     WARPS: gl.constexpr, STAGES: gl.constexpr, SCALED_CODES: gl.constexpr, WGMMA: gl.constexpr,
     PRESCALED: gl.constexpr, HAS_BRANCH: gl.constexpr, HAS_BIAS: gl.constexpr, LA_R: gl.constexpr,
-    OUT_TPW_N: gl.constexpr, SLICES_FIRST: gl.constexpr, times=None, TIMES: gl.constexpr = False,
+    OUT_TPW_N: gl.constexpr, SLICES_FIRST: gl.constexpr, AWAIT_SPLITS: gl.constexpr, times=None,
+    TIMES: gl.constexpr = False,
 ):  # fmt: skip
     """Grid ``(N_LA * SLICE_SPLIT + n_blocks * SPLIT_K,)``; ``cnt[col]`` counts the arrivals
     at column block ``col``: its ``SPLIT_K`` column programs and every slice.
 
-    Whichever arrival completes a block finishes it.  The branch slices come first in the
+    ``AWAIT_SPLITS``: the block's last column program in the grid (split ``SPLIT_K - 1``)
+    finishes it, once the other column programs and every rank chunk are counted
+    (``_await_count``); it does not count itself.  Between its last product and the finish
+    that is two L2 round trips (the count's read, the partials' reads), where a finish by the
+    arrival that completes a block has three (its release, its atomic, the reads).  The slice
+    that completes a rank chunk (counted in ``cnt[n_blocks + chunk]``) sums the chunk's
+    partials once (``_reduce_slices``) and then counts the chunk in every block, so that each
+    finish reads one split of the branch input, not ``SLICE_SPLIT`` (the finish's reads are
+    most of its time).  The programs a finish waits for come before it in the grid, so they
+    were scheduled first; ``SLICES_FIRST`` is required.
+
+    Otherwise whichever arrival completes a block finishes it.  The branch slices come first in the
     grid (``SLICES_FIRST``) and each takes half a column program's run of K (``SLICE_SPLIT =
     2 * SPLIT_K``), so that their counts are in before the column programs end and a column
     program finishes each block, in parallel.  A slice that completes blocks finishes them
@@ -282,9 +361,14 @@ def _w4_gluon_layer_kernel(
     if (pid >= first_col) & (pid < first_col + n_blocks * SPLIT_K):
         col = (pid - first_col) % n_blocks
         pid_k = (pid - first_col) // n_blocks
+        own = None  # (this program's partials, kept for its own finish at 16 rows)
         if WGMMA:
             _column_partials_wgmma(col, pid_k, xs, qweight, wscale, part, M, N, KG, stride_xsm, stride_qg,
                                    stride_wg, BLOCK_N, SPLIT_K, STAGES)  # fmt: skip
+        elif BLOCK_M == FINISH_ROWS:
+            own = _column_partials(col, pid_k, xs, sinv, qweight, wscale, part, M, N, KG, stride_xsm, stride_qg,
+                                   stride_wg, BLOCK_M, BLOCK_N, SPLIT_K, WARPS, STAGES, PRESCALED, SCALED_CODES,
+                                   mma, a_op, b_op)  # fmt: skip
         else:
             _column_partials(col, pid_k, xs, sinv, qweight, wscale, part, M, N, KG, stride_xsm, stride_qg,
                              stride_wg, BLOCK_M, BLOCK_N, SPLIT_K, WARPS, STAGES, PRESCALED, SCALED_CODES, mma,
@@ -292,13 +376,29 @@ def _w4_gluon_layer_kernel(
         gl.thread_barrier()  # every thread's partials are written before the release below
         if TIMES:
             gl.store(times + pid * 4 + 1, _now())
-        if gl.atomic_add(cnt + col, 1, sem="acq_rel") == target - 1:
+        if AWAIT_SPLITS:
+            if pid_k < SPLIT_K - 1:
+                gl.atomic_add(cnt + col, 1, sem="release")
+            else:  # (the branch input comes reduced: one split, after the slices' partials)
+                arrivals = SPLIT_K - 1 + N_LA
+                if BLOCK_M == FINISH_ROWS:  # (waits inside, its first loads in flight)
+                    ready = True
+                else:
+                    ready = _await_count(cnt + col, arrivals)
+                if TIMES:
+                    gl.store(times + pid * 4 + 2, _now())
+                gl.thread_barrier()
+                _finish_block(col, cnt, part, la_part + SLICE_SPLIT * M * R, strength, l2, bias, out, M, N, R, S,
+                              rows_per_sample, stride_sm, stride_l2n, stride_om, BLOCK_M, BLOCK_N, SPLIT_K, 1, LA_R,
+                              WARPS, OUT_TPW_N, HAS_BRANCH, HAS_BIAS, ready, mma, a_op, b_op, own, cnt + col,
+                              arrivals)  # fmt: skip
+        elif gl.atomic_add(cnt + col, 1, sem="acq_rel") == target - 1:
             if TIMES:
                 gl.store(times + pid * 4 + 2, _now())
             gl.thread_barrier()
             _finish_block(col, cnt, part, la_part, strength, l2, bias, out, M, N, R, S, rows_per_sample,
                           stride_sm, stride_l2n, stride_om, BLOCK_M, BLOCK_N, SPLIT_K, SLICE_SPLIT, LA_R, WARPS,
-                          OUT_TPW_N, HAS_BRANCH, HAS_BIAS, mma, a_op, b_op)  # fmt: skip
+                          OUT_TPW_N, HAS_BRANCH, HAS_BIAS, True, mma, a_op, b_op)  # fmt: skip
     elif HAS_BRANCH:  # (without a branch there are no slice programs: nothing to compile)
         la_idx = (pid - first_slice) % N_LA
         pid_k = (pid - first_slice) // N_LA
@@ -307,24 +407,37 @@ def _w4_gluon_layer_kernel(
         gl.thread_barrier()
         if TIMES:
             gl.store(times + pid * 4 + 1, _now())
-        # Count this slice in every column block; finish those it completes.
         blocks: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
-        for b0 in range(0, n_blocks, 32 * WARPS):
-            offs_b = b0 + gl.arange(0, 32 * WARPS, layout=blocks)
-            valid = offs_b < n_blocks
-            ones = gl.full([32 * WARPS], 1, gl.int32, blocks)
-            prev = gl.atomic_add(cnt + offs_b, ones, mask=valid, sem="acq_rel")
-            done = ((prev == target - 1) & valid).to(gl.int32)
-            if gl.sum(done, axis=0) > 0:
+        ones = gl.full([32 * WARPS], 1, gl.int32, blocks)
+        if AWAIT_SPLITS:
+            # The slice that completes its rank chunk (counted after the column blocks' counters)
+            # reduces the chunk, then counts it in every column block.
+            if gl.atomic_add(cnt + n_blocks + la_idx, 1, sem="acq_rel") == SLICE_SPLIT - 1:
                 if TIMES:
                     gl.store(times + pid * 4 + 2, _now())
                 gl.thread_barrier()
-                for blk in range(b0, gl.minimum(b0 + 32 * WARPS, n_blocks)):
-                    if gl.sum(gl.where(offs_b == blk, done, 0), axis=0) > 0:
-                        _finish_block(blk, cnt, part, la_part, strength, l2, bias, out, M, N, R, S,
-                                      rows_per_sample, stride_sm, stride_l2n, stride_om, BLOCK_M, BLOCK_N, SPLIT_K,
-                                      SLICE_SPLIT, LA_R, WARPS, OUT_TPW_N, HAS_BRANCH, HAS_BIAS, mma, a_op,
-                                      b_op)  # fmt: skip
+                _reduce_slices(la_idx, la_part, M, R, SLICE_SPLIT, LA_R, WARPS)
+                gl.store(cnt + n_blocks + la_idx, 0)
+                gl.thread_barrier()
+                for b0 in range(0, n_blocks, 32 * WARPS):
+                    offs_b = b0 + gl.arange(0, 32 * WARPS, layout=blocks)
+                    gl.atomic_add(cnt + offs_b, ones, mask=offs_b < n_blocks, sem="release")
+        else:  # count this slice in every column block and finish those it completes
+            for b0 in range(0, n_blocks, 32 * WARPS):
+                offs_b = b0 + gl.arange(0, 32 * WARPS, layout=blocks)
+                valid = offs_b < n_blocks
+                prev = gl.atomic_add(cnt + offs_b, ones, mask=valid, sem="acq_rel")
+                done = ((prev == target - 1) & valid).to(gl.int32)
+                if gl.sum(done, axis=0) > 0:
+                    if TIMES:
+                        gl.store(times + pid * 4 + 2, _now())
+                    gl.thread_barrier()
+                    for blk in range(b0, gl.minimum(b0 + 32 * WARPS, n_blocks)):
+                        if gl.sum(gl.where(offs_b == blk, done, 0), axis=0) > 0:
+                            _finish_block(blk, cnt, part, la_part, strength, l2, bias, out, M, N, R, S,
+                                          rows_per_sample, stride_sm, stride_l2n, stride_om, BLOCK_M, BLOCK_N, SPLIT_K,
+                                          SLICE_SPLIT, LA_R, WARPS, OUT_TPW_N, HAS_BRANCH, HAS_BIAS, True, mma,
+                                          a_op, b_op)  # fmt: skip
     if TIMES:
         gl.thread_barrier()
         gl.store(times + pid * 4 + 3, _now())
@@ -414,15 +527,15 @@ def uses_scaled_codes(m: int) -> bool:
     return m > 16
 
 
-def default_tile(kg: int, n: int, block_m: int = 16) -> tuple[int, int, int, int, bool]:
+def default_tile(kg: int, n: int, block_m: int = 16) -> tuple[int, int, int, int, bool, str]:
     """``GLUON_TILES``'s tile of the shape, or one shaped like those: 64 columns up to 9216
     outputs at 16 rows (128 above, and at more rows: every column program reads all the rows'
     activations), 4 splits up to 64 groups (8 above), at least 4 groups a split, 4 warps, 4
-    slots, activations scaled in the kernel."""
+    slots, activations scaled in the kernel, ``DEFAULT_FINISH``."""
     if (block_m, kg, n) in GLUON_TILES:
         return GLUON_TILES[(block_m, kg, n)]
     split = max(1, min(4 if kg <= 64 else 8, kg // 4))
-    return (64 if n <= 9216 and block_m == 16 else 128), split, 4, 4, False
+    return (64 if n <= 9216 and block_m == 16 else 128), split, 4, 4, False, DEFAULT_FINISH
 
 
 def w4_linear_small_m_gluon(
@@ -441,6 +554,7 @@ def w4_linear_small_m_gluon(
     scaled_codes: bool | None = None,
     wgmma: bool | None = None,
     slices_first: bool = True,
+    finish: str | None = None,
     times: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[M, N]`` bf16; shapes as ``studio.kernels.w4_linear``; ``reference_small_m`` with
@@ -453,15 +567,20 @@ def w4_linear_small_m_gluon(
     activations); None: at 33-64 rows.  ``times``: int64 ``[programs, 4]``
     that each program fills with ``%globaltimer`` stamps (start, loop and stores done,
     finishing a block from, end; ``bench/diag_small_m_gluon_parts.py``).  ``slices_first``: the branch slices' place in the grid (the tests
-    run both, so that either kind of program finishing a block is covered).  Refuses, naming
-    it, what ``gluon_layer_misfit`` finds missing."""
+    run both, so that either kind of program finishing a block is covered).  ``finish``:
+    ``"await"`` (each block's last column program waits until the others are counted:
+    ``AWAIT_SPLITS``; needs ``slices_first``) or ``"count"`` (the arrival that completes a
+    block finishes it); None: ``default_tile``'s (``"count"`` with the slices last).  Refuses, naming it, what
+    ``gluon_layer_misfit`` finds missing."""
     m, k = x.shape
     kg, n, _ = qweight.shape
     r = l1.shape[1]
     block_m = block_rows(m)
-    *default, pre = default_tile(kg, n, block_m)
+    *default, pre, fin = default_tile(kg, n, block_m)
     block_n, split_k, warps, stages = tile or default
     prescale = pre if prescale is None else prescale
+    if finish is None:
+        finish = fin if slices_first else "count"
     scaled_codes = uses_scaled_codes(m) if scaled_codes is None else scaled_codes
     wgmma = block_m == 64 if wgmma is None else wgmma
     if wgmma and not (block_m == 64 and warps == 4 and scaled_codes):
@@ -470,6 +589,11 @@ def w4_linear_small_m_gluon(
             f"warps, scaled codes {scaled_codes}"
         )
     prescale = prescale or wgmma  # (its column programs read pre-scaled activations only)
+    if finish not in ("await", "count") or (finish == "await" and not slices_first):
+        raise ValueError(
+            f"finish is 'await' (with the branch slices first in the grid) or 'count'; got {finish!r}, "
+            f"slices first {slices_first}"
+        )
     if stages < 2:
         raise ValueError(f"the ring needs at least 2 slots, got {stages}")
     misfit = gluon_layer_misfit(x, smooth_inv, qweight, wscale, fmt, l1, l2, strength)
@@ -483,14 +607,15 @@ def w4_linear_small_m_gluon(
     n_blocks = triton.cdiv(n, block_n)
     n_la = triton.cdiv(r, LA_RANKS)
     slice_split = min(kg, 2 * split_k)
-    _, cnt = zeroed_scratch(x.device, 0, n_blocks)
+    _, cnt = zeroed_scratch(x.device, 0, n_blocks + n_la)  # (after the blocks': the rank chunks')
     src = x  # what the column programs read: raw x, or bf16(x * 1/s) padded (PRESCALED)
     if prescale:
         from studio.kernels.small_m_triton import scaled_activations
 
         src = scaled_activations(x, smooth_inv, False)[0]
     if r:
-        la_part = torch.empty(slice_split, m, r, device=x.device, dtype=torch.float32)
+        # (one split more: the reduced branch input of the awaiting finish, ``_reduce_slices``)
+        la_part = torch.empty(slice_split + 1, m, r, device=x.device, dtype=torch.float32)
     else:  # no branch: no slice programs, and the branch arguments go unread (any valid pointer)
         l1, l2, strength, la_part = x, x, wscale, part
     bias_t = bias.float().contiguous() if bias is not None else out
@@ -504,6 +629,7 @@ def w4_linear_small_m_gluon(
         SCALED_CODES=scaled_codes, WGMMA=wgmma,
         PRESCALED=prescale, HAS_BRANCH=r > 0, HAS_BIAS=bias is not None, LA_R=LA_RANKS,
         OUT_TPW_N=min(32, block_n // 4),
-        SLICES_FIRST=slices_first, num_warps=warps, times=times, TIMES=times is not None,
+        SLICES_FIRST=slices_first, AWAIT_SPLITS=finish == "await", num_warps=warps, times=times,
+        TIMES=times is not None,
     )  # fmt: skip
     return out
