@@ -98,6 +98,16 @@ def test_gluon_layer_wgmma_refuses_what_it_does_not_take() -> None:
             w4_linear_small_m_gluon(*args, wgmma=True, **kw)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k,n,r,tile", [CASES[i] for i in (1, 2, 4, 5, 10)])
+def test_gluon_layer_finishes_agree_bit_for_bit(m: int, k: int, n: int, r: int, tile: tuple) -> None:
+    """Both finishes add the same partials in the same order (the awaiting one its own split
+    from registers and the branch input reduced once): the same bits."""
+    args = small_m_case(m, k, n, r, "int4", seed=m + k, device="cuda")
+    runs = [w4_linear_small_m_gluon(*args, tile=tile, finish=finish) for finish in ("await", "count")]
+    assert torch.equal(*runs)
+
+
 @pytest.mark.parametrize("finish,slices_first", [("await", False), ("wait", True), ("", True)])
 def test_gluon_layer_refuses_an_unknown_finish_or_await_with_slices_last(
     finish: str, slices_first: bool

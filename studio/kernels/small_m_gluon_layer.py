@@ -64,8 +64,9 @@ def block_rows(m: int) -> int:
 
 
 #: How a column block is finished where ``GLUON_TILES`` says nothing (``w4_linear_small_m_gluon``'s
-#: ``finish``): measured faster than ``"count"`` at 16 rows on H100 (median 0.2-0.5 us over every
-#: tile, eighteenth session); at 17-64 rows, which ``w4_linear`` does not route here, not timed.
+#: ``finish``): measured faster than ``"count"`` at 16 rows on H100 (by a median of 0.5-0.8 us per
+#: shape over every tile after a memset, eighteenth session); at 17-64 rows, which ``w4_linear``
+#: does not route here, not timed.
 DEFAULT_FINISH = "await"
 
 
@@ -323,7 +324,8 @@ def _w4_gluon_layer_kernel(
     TIMES: gl.constexpr = False,
 ):  # fmt: skip
     """Grid ``(N_LA * SLICE_SPLIT + n_blocks * SPLIT_K,)``; ``cnt[col]`` counts the arrivals
-    at column block ``col``: its ``SPLIT_K`` column programs and every slice.
+    at column block ``col``: its ``SPLIT_K`` column programs and every slice (with
+    ``AWAIT_SPLITS``: all but the last column program, and every rank chunk).
 
     ``AWAIT_SPLITS``: the block's last column program in the grid (split ``SPLIT_K - 1``)
     finishes it, once the other column programs and every rank chunk are counted
@@ -566,7 +568,8 @@ def w4_linear_small_m_gluon(
     programs of ``small_m_gluon_wgmma`` (33-64 rows, 4 warps, scaled codes, pre-scaled
     activations); None: at 33-64 rows.  ``times``: int64 ``[programs, 4]``
     that each program fills with ``%globaltimer`` stamps (start, loop and stores done,
-    finishing a block from, end; ``bench/diag_small_m_gluon_parts.py``).  ``slices_first``: the branch slices' place in the grid (the tests
+    finishing a block from (an awaiting finish at 16 rows: before its wait), end;
+    ``bench/diag_small_m_gluon_parts.py``).  ``slices_first``: the branch slices' place in the grid (the tests
     run both, so that either kind of program finishing a block is covered).  ``finish``:
     ``"await"`` (each block's last column program waits until the others are counted:
     ``AWAIT_SPLITS``; needs ``slices_first``) or ``"count"`` (the arrival that completes a
