@@ -292,19 +292,23 @@ def _finish_block(
     col, cnt, part, la_part, strength, l2, bias, out, M, N, R, S, rows_per_sample, stride_sm, stride_l2n,
     stride_om, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, SPLIT_K: gl.constexpr, SLICE_SPLIT: gl.constexpr,
     LA_R: gl.constexpr, WARPS: gl.constexpr, OUT_TPW_N: gl.constexpr, HAS_BRANCH: gl.constexpr,
-    HAS_BIAS: gl.constexpr, ready, mma: gl.constexpr, a_op: gl.constexpr, b_op: gl.constexpr, own=None,
+    HAS_BIAS: gl.constexpr, mma: gl.constexpr, a_op: gl.constexpr, b_op: gl.constexpr, own=None,
     counter=None, target=0,
 ):  # fmt: skip
     """Output block ``col``, ``FINISH_ROWS`` rows at a time (``_finish_rows``; rows past M
     skipped); then its counter back to zero for the next launch (a plain store: every
     arrival is in).  Chunks of 16 rows keep the partials the finish holds at once to what
     the 16-row layer holds: at 64 rows and 128 columns, whole-block sums spilled registers.
-    ``own``, ``counter``, ``target``: at 16 rows, ``_finish_rows``'s."""
+    ``counter``: wait for it to reach ``target`` first (at 16 rows inside ``_finish_rows``, its
+    first loads in flight); ``own``: at 16 rows, ``_finish_rows``'s."""
     if BLOCK_M == FINISH_ROWS:  # straight-line, as the 16-row layer was measured (no loop around it)
         _finish_rows(0, col, part, la_part, strength, l2, bias, out, M, N, R, S, rows_per_sample, stride_sm,
                      stride_l2n, stride_om, BLOCK_N, SPLIT_K, SLICE_SPLIT, LA_R, WARPS, OUT_TPW_N, HAS_BRANCH,
-                     HAS_BIAS, ready, mma, a_op, b_op, own, counter, target)  # fmt: skip
+                     HAS_BIAS, True, mma, a_op, b_op, own, counter, target)  # fmt: skip
     else:
+        ready = True
+        if counter is not None:
+            ready = _await_count(counter, target)
         for m0 in range(0, M, FINISH_ROWS):  # (a loop, not unrolled: no chunk's loads hoisted into another's)
             _finish_rows(m0, col, part, la_part, strength, l2, bias, out, M, N, R, S, rows_per_sample, stride_sm,
                          stride_l2n, stride_om, BLOCK_N, SPLIT_K, SLICE_SPLIT, LA_R, WARPS, OUT_TPW_N, HAS_BRANCH,
@@ -363,18 +367,14 @@ def _w4_gluon_layer_kernel(
     if (pid >= first_col) & (pid < first_col + n_blocks * SPLIT_K):
         col = (pid - first_col) % n_blocks
         pid_k = (pid - first_col) // n_blocks
-        own = None  # (this program's partials, kept for its own finish at 16 rows)
         if WGMMA:
+            own = None
             _column_partials_wgmma(col, pid_k, xs, qweight, wscale, part, M, N, KG, stride_xsm, stride_qg,
                                    stride_wg, BLOCK_N, SPLIT_K, STAGES)  # fmt: skip
-        elif BLOCK_M == FINISH_ROWS:
+        else:  # (``own``: this program's partials, which its own finish takes from registers at 16 rows)
             own = _column_partials(col, pid_k, xs, sinv, qweight, wscale, part, M, N, KG, stride_xsm, stride_qg,
                                    stride_wg, BLOCK_M, BLOCK_N, SPLIT_K, WARPS, STAGES, PRESCALED, SCALED_CODES,
                                    mma, a_op, b_op)  # fmt: skip
-        else:
-            _column_partials(col, pid_k, xs, sinv, qweight, wscale, part, M, N, KG, stride_xsm, stride_qg,
-                             stride_wg, BLOCK_M, BLOCK_N, SPLIT_K, WARPS, STAGES, PRESCALED, SCALED_CODES, mma,
-                             a_op, b_op)  # fmt: skip
         gl.thread_barrier()  # every thread's partials are written before the release below
         if TIMES:
             gl.store(times + pid * 4 + 1, _now())
@@ -382,25 +382,20 @@ def _w4_gluon_layer_kernel(
             if pid_k < SPLIT_K - 1:
                 gl.atomic_add(cnt + col, 1, sem="release")
             else:  # (the branch input comes reduced: one split, after the slices' partials)
-                arrivals = SPLIT_K - 1 + N_LA
-                if BLOCK_M == FINISH_ROWS:  # (waits inside, its first loads in flight)
-                    ready = True
-                else:
-                    ready = _await_count(cnt + col, arrivals)
                 if TIMES:
                     gl.store(times + pid * 4 + 2, _now())
                 gl.thread_barrier()
                 _finish_block(col, cnt, part, la_part + SLICE_SPLIT * M * R, strength, l2, bias, out, M, N, R, S,
                               rows_per_sample, stride_sm, stride_l2n, stride_om, BLOCK_M, BLOCK_N, SPLIT_K, 1, LA_R,
-                              WARPS, OUT_TPW_N, HAS_BRANCH, HAS_BIAS, ready, mma, a_op, b_op, own, cnt + col,
-                              arrivals)  # fmt: skip
+                              WARPS, OUT_TPW_N, HAS_BRANCH, HAS_BIAS, mma, a_op, b_op, own, cnt + col,
+                              SPLIT_K - 1 + N_LA)  # fmt: skip
         elif gl.atomic_add(cnt + col, 1, sem="acq_rel") == target - 1:
             if TIMES:
                 gl.store(times + pid * 4 + 2, _now())
             gl.thread_barrier()
             _finish_block(col, cnt, part, la_part, strength, l2, bias, out, M, N, R, S, rows_per_sample,
                           stride_sm, stride_l2n, stride_om, BLOCK_M, BLOCK_N, SPLIT_K, SLICE_SPLIT, LA_R, WARPS,
-                          OUT_TPW_N, HAS_BRANCH, HAS_BIAS, True, mma, a_op, b_op)  # fmt: skip
+                          OUT_TPW_N, HAS_BRANCH, HAS_BIAS, mma, a_op, b_op)  # fmt: skip
     elif HAS_BRANCH:  # (without a branch there are no slice programs: nothing to compile)
         la_idx = (pid - first_slice) % N_LA
         pid_k = (pid - first_slice) // N_LA
@@ -438,8 +433,8 @@ def _w4_gluon_layer_kernel(
                         if gl.sum(gl.where(offs_b == blk, done, 0), axis=0) > 0:
                             _finish_block(blk, cnt, part, la_part, strength, l2, bias, out, M, N, R, S,
                                           rows_per_sample, stride_sm, stride_l2n, stride_om, BLOCK_M, BLOCK_N, SPLIT_K,
-                                          SLICE_SPLIT, LA_R, WARPS, OUT_TPW_N, HAS_BRANCH, HAS_BIAS, True, mma,
-                                          a_op, b_op)  # fmt: skip
+                                          SLICE_SPLIT, LA_R, WARPS, OUT_TPW_N, HAS_BRANCH, HAS_BIAS, mma, a_op,
+                                          b_op)  # fmt: skip
     if TIMES:
         gl.thread_barrier()
         gl.store(times + pid * 4 + 3, _now())
@@ -568,7 +563,7 @@ def w4_linear_small_m_gluon(
     programs of ``small_m_gluon_wgmma`` (33-64 rows, 4 warps, scaled codes, pre-scaled
     activations); None: at 33-64 rows.  ``times``: int64 ``[programs, 4]``
     that each program fills with ``%globaltimer`` stamps (start, loop and stores done,
-    finishing a block from (an awaiting finish at 16 rows: before its wait), end;
+    finishing a block from (an awaiting finish: before its wait), end;
     ``bench/diag_small_m_gluon_parts.py``).  ``slices_first``: the branch slices' place in the grid (the tests
     run both, so that either kind of program finishing a block is covered).  ``finish``:
     ``"await"`` (each block's last column program waits until the others are counted:
