@@ -52,17 +52,19 @@ TILES_WGMMA = [(bn, sk, 4, st) for bn in (64, 128) for sk in (2, 4, 8) for st in
 
 
 def variants(m: int) -> list[tuple[tuple[int, ...], dict]]:
-    """(tile, launcher keywords) swept at ``m`` rows.  Up to 16: exact codes, activations
-    scaled in the kernel or by the pre-kernel, either finish (``await`` or ``count``).  Above: scaled codes and the pre-kernel (faster
-    at every tile of the seventeenth session's first sweep at 64 rows); ``mma.sync`` column
-    programs at 17-32 rows; at 33-64 ``wgmma`` ones, beside the two best ``mma.sync`` tiles of
-    that sweep."""
+    """(tile, launcher keywords) swept at ``m`` rows.  Up to 16: exact codes, the awaiting
+    finish, activations scaled in the kernel or by the pre-kernel (launched before the layer
+    with dependent launch), the codes as the dot's left or right operand (``codes_left``; the
+    eighteenth session swept both finishes: ``await`` was faster in 26-31 of 38 pairs per
+    shape).  Above: scaled codes and the pre-kernel (faster at every tile of the seventeenth
+    session's first sweep at 64 rows); ``mma.sync`` column programs at 17-32 rows; at 33-64
+    ``wgmma`` ones, beside the two best ``mma.sync`` tiles of that sweep."""
     if m <= 16:
         return [
-            (t, {"prescale": pre, "finish": fin})
+            (t, {"prescale": pre, "codes_left": left})
             for t in TILES
             for pre in (False, True)
-            for fin in ("await", "count")
+            for left in (True, False)
         ]
     mma = {"prescale": True, "scaled_codes": True, "wgmma": False}
     if m <= 32:

@@ -24,6 +24,10 @@ CASES = [
     (16, 3072, 200, ("async", 128, 5, 8, 4)),
     (12, 704, 256, ("async", 256, 16, 8, 6)),
     (16, 12288, 64, ("async", 128, 16, 4, 2)),
+    (5, 320, 96, ("left", 64, 2, 4, 3)),
+    (16, 3072, 200, ("left", 128, 5, 4, 4)),
+    (12, 704, 256, ("left", 256, 16, 8, 6)),
+    (16, 12288, 64, ("left", 64, 16, 4, 2)),
 ]
 
 
@@ -67,6 +71,7 @@ def _misfit(change: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ("rows", ("regs", 64, 1, 4, 1), "at most 16 rows"),
         ("none", ("tma", 64, 1, 4, 1), "kind must be"),
         ("none", ("async", 64, 1, 4, 1), "depth >= 2"),
+        ("none", ("left", 64, 1, 8, 2), "a multiple of 16 \\* warps"),
         ("short xs", ("regs", 64, 1, 4, 1), "xs must be bf16"),
         ("strided codes", ("regs", 64, 1, 4, 1), "qweight must be uint8"),
         ("fp64 scales", ("regs", 64, 1, 4, 1), "wscale must be fp32"),

@@ -74,6 +74,58 @@ def test_gluon_layer_matches_reference(
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("prescale", [False, True])
+@pytest.mark.parametrize("m,k,n,r,tile", [CASES[i] for i in (0, 1, 2, 3, 4, 5, 7, 8, 9, 10)])
+def test_gluon_layer_codes_left_matches_reference(
+    m: int, k: int, n: int, r: int, tile: tuple, prescale: bool
+) -> None:
+    """Codes as the dot's left operand (``mma.sync`` column programs at any rows), the
+    activations scaled in the kernel or by the pre-kernel."""
+    args = small_m_case(m, k, n, r, "int4", seed=m + k + n + r, device="cuda")
+    expect = w4_linear_small_m(*args, scaled_codes=uses_scaled_codes(m))
+    kw = dict(tile=tile, prescale=prescale, codes_left=True, wgmma=False)
+    out = w4_linear_small_m_gluon(*args, **kw)
+    assert torch.isfinite(out).all() and _rel(out, expect) < 5e-3, kw
+    assert torch.equal(out, w4_linear_small_m_gluon(*args, **kw)), kw
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("codes_left", [False, True])
+@pytest.mark.parametrize("m,k,n,r,tile", [CASES[i] for i in (0, 1, 2, 4, 5, 7)])
+def test_gluon_layer_dependent_launch_matches_the_plain_one(
+    m: int, k: int, n: int, r: int, tile: tuple, codes_left: bool
+) -> None:
+    """Launched after the scaling pre-kernel with programmatic dependent launch (its column
+    programs read only weights until the pre-kernel is done; its slices read the raw
+    activations, which the pre-kernel does not write): the same bits as the plain launch,
+    twice in a row and in a CUDA graph after a kernel that writes the activations (as
+    ``bench_w4`` times it)."""
+    args = small_m_case(m, k, n, r, "int4", seed=m + k + n, device="cuda")
+    kw = dict(tile=tile, prescale=True, codes_left=codes_left, wgmma=False)
+    plain = w4_linear_small_m_gluon(*args, dependent_launch=False, **kw)
+    runs = [w4_linear_small_m_gluon(*args, dependent_launch=True, **kw) for _ in range(2)]
+    x = args[0]
+    x_in = x.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        x.copy_(x_in * 1.0)  # (a kernel that writes x right before the layer reads it)
+        captured = w4_linear_small_m_gluon(*args, dependent_launch=True, **kw)
+    x.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    for out in (*runs, captured):
+        assert torch.equal(out, plain), kw
+
+
+def test_gluon_layer_codes_left_refuses_narrow_warps() -> None:
+    """Codes as the left operand need ``BLOCK_N`` a multiple of ``16 * warps`` (checked
+    before anything runs)."""
+    args = small_m_case(16, 384, 64, 32, "int4")
+    with pytest.raises(ValueError, match="a multiple of 16 \\* warps"):
+        w4_linear_small_m_gluon(*args, tile=(64, 2, 8, 3), codes_left=True)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize(
     "m,scaled,tile", [(16, True, None), (64, False, (64, 4, 8, 3)), (40, True, (128, 4, 8, 4))]
 )

@@ -95,6 +95,25 @@ def _scaled_group_dot(acc, codes, x_lo, x_hi, scale):
 
 
 @gluon.jit
+def _group_dot_left(acc, codes, x_lo, x_hi, scale, mma: gl.constexpr):
+    """``_group_dot`` transposed: codes ``[BLOCK_N, 32]`` as the dot's left operand, the
+    activations ``[32, BLOCK_M]`` as its right one, ``acc [BLOCK_N, BLOCK_M]``."""
+    lo, hi = _int4_codes_minus_8(codes)
+    d = mma_v2(lo, x_lo, gl.zeros(acc.shape, gl.float32, mma))
+    d = mma_v2(hi, x_hi, d)
+    return acc + d * scale[:, None]
+
+
+@gluon.jit
+def _scaled_group_dot_left(acc, codes, x_lo, x_hi, scale):
+    """``_scaled_group_dot`` transposed (as ``_group_dot_left``)."""
+    lo, hi = _int4_codes_minus_8(codes)
+    s = scale.to(gl.bfloat16)[:, None]
+    acc = mma_v2(lo * s, x_lo, acc)
+    return mma_v2(hi * s, x_hi, acc)
+
+
+@gluon.jit
 def _w4_gluon_kernel(
     xs, qweight, wscale, part,
     M, N, KG, stride_xm, stride_qg, stride_wg,
@@ -162,17 +181,32 @@ def _ring_step_wait(STAGES: gl.constexpr):
 @gluon.jit
 def _issue_column_copies(
     c_ring, x_ring, s_ring, v_ring, g, g1, stage, q_ptrs, q_mask, x_ptrs, x_mask, s_ptrs, s_mask, v_ptrs,
-    stride_qg, stride_wg, PRESCALED: gl.constexpr,
+    stride_qg, stride_wg, PRESCALED: gl.constexpr, WEIGHTS: gl.constexpr = True, ACTIVATIONS: gl.constexpr = True,
 ):  # fmt: skip
     """``cp.async`` of group ``g``'s codes, activations, scales (and smoothing factors unless
-    ``PRESCALED``) into slot ``stage``; nothing is read past ``g1``.  One copy group."""
+    ``PRESCALED``) into slot ``stage``; nothing is read past ``g1``.  One copy group.
+    ``WEIGHTS`` / ``ACTIVATIONS`` False: leave out the codes and scales / the activations
+    (and without the activations commit nothing: the next call's group takes them)."""
     live = g < g1
-    async_copy.async_copy_global_to_shared(c_ring.index(stage), q_ptrs + g * stride_qg, mask=q_mask & live)
-    async_copy.async_copy_global_to_shared(x_ring.index(stage), x_ptrs + g * 64, mask=x_mask & live)
-    async_copy.async_copy_global_to_shared(s_ring.index(stage), s_ptrs + g * stride_wg, mask=s_mask & live)
-    if not PRESCALED:
-        async_copy.async_copy_global_to_shared(v_ring.index(stage), v_ptrs + g * 64, mask=live)
-    async_copy.commit_group()
+    if WEIGHTS:
+        async_copy.async_copy_global_to_shared(
+            c_ring.index(stage), q_ptrs + g * stride_qg, mask=q_mask & live
+        )
+        async_copy.async_copy_global_to_shared(
+            s_ring.index(stage), s_ptrs + g * stride_wg, mask=s_mask & live
+        )
+    if ACTIVATIONS:
+        async_copy.async_copy_global_to_shared(x_ring.index(stage), x_ptrs + g * 64, mask=x_mask & live)
+        if not PRESCALED:
+            async_copy.async_copy_global_to_shared(v_ring.index(stage), v_ptrs + g * 64, mask=live)
+        async_copy.commit_group()
+
+
+@gluon.jit
+def _grid_dependency_wait():
+    """Wait until the grids this launch depends on are complete and their writes visible
+    (``griddepcontrol.wait``; a no-op for a launch without programmatic dependent launch)."""
+    gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -180,14 +214,31 @@ def _column_partials(
     col, pid_k, x, sinv, qweight, wscale, part, M, N, KG, stride_xm, stride_qg, stride_wg,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, SPLIT_K: gl.constexpr, WARPS: gl.constexpr,
     STAGES: gl.constexpr, PRESCALED: gl.constexpr, SCALED_CODES: gl.constexpr, mma: gl.constexpr,
-    a_op: gl.constexpr, b_op: gl.constexpr,
+    a_op: gl.constexpr, b_op: gl.constexpr, CODES_LEFT: gl.constexpr = False, GRID_DEP_WAIT: gl.constexpr = False,
 ):  # fmt: skip
     """Column block ``col``'s product over split ``pid_k``'s groups, stored as fp32 partials
-    and returned (``mma`` layout).
+    and returned (``[BLOCK_M, BLOCK_N]``: ``mma`` layout, or its transpose with ``CODES_LEFT``).
 
     ``BLOCK_M`` rows (16, 32 or 64): each warp owns ``BLOCK_N / WARPS`` columns at every row,
     so a code is decoded once and serves ``BLOCK_M / 16`` ``mma.sync`` tiles.
-    ``SCALED_CODES``: ``_scaled_group_dot``, else ``_group_dot`` (exact codes)."""
+    ``SCALED_CODES``: ``_scaled_group_dot``, else ``_group_dot`` (exact codes).
+
+    ``CODES_LEFT``: the transposed product ``W @ x.T`` (``_group_dot_left``): the decoded codes
+    are the dot's left operand and the activations its right one.  The left operand's four
+    registers hold two rows each; the activations' rows come from two shared-memory reads,
+    so as the left operand they were copied into place before every dot (35 moves of 156
+    instructions a group at 16 rows, Triton 3.6, sm_90).  Decoded codes are computed where
+    the dot needs them, and the activations as the right operand are one row each.  Needs
+    ``BLOCK_N`` a multiple of ``16 * WARPS``."""
+    if CODES_LEFT:
+        gl.static_assert(
+            BLOCK_N % (16 * WARPS) == 0, "codes as the left operand: BLOCK_N a multiple of 16 * WARPS"
+        )
+    mma_t: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[2, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, 8]
+    )
+    a_t: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_t, k_width=8)
+    b_t: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma_t, k_width=8)
     c_copy: gl.constexpr = gl.BlockedLayout([16, 1], [2, 16], [1, WARPS], [0, 1])
     x_copy: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
     s_copy: gl.constexpr = gl.BlockedLayout([4], [32], [WARPS], [0])
@@ -218,10 +269,22 @@ def _column_partials(
     per_split = gl.cdiv(KG, SPLIT_K)
     g0 = pid_k * per_split
     g1 = gl.minimum(g0 + per_split, KG)
-    for s in gl.static_range(STAGES - 1):
-        _issue_column_copies(c_ring, x_ring, s_ring, v_ring, g0 + s, g1, s, q_ptrs, q_mask, x_ptrs, x_mask,
-                             s_ptrs, s_mask, v_ptrs, stride_qg, stride_wg, PRESCALED)  # fmt: skip
-    acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma)
+    if GRID_DEP_WAIT:  # the weights' first copies in flight before the activations can be read
+        for s in gl.static_range(STAGES - 1):
+            _issue_column_copies(c_ring, x_ring, s_ring, v_ring, g0 + s, g1, s, q_ptrs, q_mask, x_ptrs, x_mask,
+                                 s_ptrs, s_mask, v_ptrs, stride_qg, stride_wg, PRESCALED, True, False)  # fmt: skip
+        _grid_dependency_wait()
+        for s in gl.static_range(STAGES - 1):
+            _issue_column_copies(c_ring, x_ring, s_ring, v_ring, g0 + s, g1, s, q_ptrs, q_mask, x_ptrs, x_mask,
+                                 s_ptrs, s_mask, v_ptrs, stride_qg, stride_wg, PRESCALED, False, True)  # fmt: skip
+    else:
+        for s in gl.static_range(STAGES - 1):
+            _issue_column_copies(c_ring, x_ring, s_ring, v_ring, g0 + s, g1, s, q_ptrs, q_mask, x_ptrs, x_mask,
+                                 s_ptrs, s_mask, v_ptrs, stride_qg, stride_wg, PRESCALED)  # fmt: skip
+    if CODES_LEFT:
+        acc_t = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma_t)
+    else:
+        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma)
     for g in range(g0, g1):
         i = g - g0
         _ring_step_wait(STAGES)
@@ -229,27 +292,51 @@ def _column_partials(
                              q_ptrs, q_mask, x_ptrs, x_mask, s_ptrs, s_mask, v_ptrs, stride_qg, stride_wg,
                              PRESCALED)  # fmt: skip
         stage = i % STAGES
-        codes = c_ring.index(stage).load(b_op)
         x_tile = x_ring.index(stage)
-        x_lo = x_tile.slice(0, 32, dim=1).load(a_op)
-        x_hi = x_tile.slice(32, 32, dim=1).load(a_op)
-        if not PRESCALED:  # bf16(x * 1/s), rounded to nearest even as the reference rounds
-            v_tile = v_ring.index(stage)
-            v_lo = v_tile.slice(0, 32).load(gl.SliceLayout(0, a_op))
-            v_hi = v_tile.slice(32, 32).load(gl.SliceLayout(0, a_op))
-            x_lo = (x_lo.to(gl.float32) * v_lo[None, :]).to(gl.bfloat16)
-            x_hi = (x_hi.to(gl.float32) * v_hi[None, :]).to(gl.bfloat16)
-        if SCALED_CODES:
-            scale = s_ring.index(stage).load(gl.SliceLayout(0, b_op))
-            acc = _scaled_group_dot(acc, codes, x_lo, x_hi, scale)
+        if CODES_LEFT:
+            codes = c_ring.index(stage).permute((1, 0)).load(a_t)
+            x_lo = x_tile.slice(0, 32, dim=1).permute((1, 0)).load(b_t)
+            x_hi = x_tile.slice(32, 32, dim=1).permute((1, 0)).load(b_t)
+            if not PRESCALED:
+                v_tile = v_ring.index(stage)
+                v_lo = v_tile.slice(0, 32).load(gl.SliceLayout(1, b_t))
+                v_hi = v_tile.slice(32, 32).load(gl.SliceLayout(1, b_t))
+                x_lo = (x_lo.to(gl.float32) * v_lo[:, None]).to(gl.bfloat16)
+                x_hi = (x_hi.to(gl.float32) * v_hi[:, None]).to(gl.bfloat16)
+            if SCALED_CODES:
+                scale = s_ring.index(stage).load(gl.SliceLayout(1, a_t))
+                acc_t = _scaled_group_dot_left(acc_t, codes, x_lo, x_hi, scale)
+            else:
+                scale = s_ring.index(stage).load(gl.SliceLayout(1, mma_t))
+                acc_t = _group_dot_left(acc_t, codes, x_lo, x_hi, scale, mma_t)
         else:
-            scale = s_ring.index(stage).load(gl.SliceLayout(0, mma))
-            acc = _group_dot(acc, codes, x_lo, x_hi, scale, mma)
+            codes = c_ring.index(stage).load(b_op)
+            x_lo = x_tile.slice(0, 32, dim=1).load(a_op)
+            x_hi = x_tile.slice(32, 32, dim=1).load(a_op)
+            if not PRESCALED:  # bf16(x * 1/s), rounded to nearest even as the reference rounds
+                v_tile = v_ring.index(stage)
+                v_lo = v_tile.slice(0, 32).load(gl.SliceLayout(0, a_op))
+                v_hi = v_tile.slice(32, 32).load(gl.SliceLayout(0, a_op))
+                x_lo = (x_lo.to(gl.float32) * v_lo[None, :]).to(gl.bfloat16)
+                x_hi = (x_hi.to(gl.float32) * v_hi[None, :]).to(gl.bfloat16)
+            if SCALED_CODES:
+                scale = s_ring.index(stage).load(gl.SliceLayout(0, b_op))
+                acc = _scaled_group_dot(acc, codes, x_lo, x_hi, scale)
+            else:
+                scale = s_ring.index(stage).load(gl.SliceLayout(0, mma))
+                acc = _group_dot(acc, codes, x_lo, x_hi, scale, mma)
     async_copy.wait_group(0)
-    m_c = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
-    n_c = col * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
-    offs = (pid_k * M + m_c[:, None]) * N + n_c[None, :]
-    gl.store(part + offs, acc, mask=(m_c < M)[:, None] & (n_c < N)[None, :])
+    if CODES_LEFT:
+        n_t = col * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma_t))
+        m_t = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma_t))
+        offs = (pid_k * M + m_t[None, :]) * N + n_t[:, None]
+        gl.store(part + offs, acc_t, mask=(m_t < M)[None, :] & (n_t < N)[:, None])
+        acc = gl.permute(acc_t, (1, 0))
+    else:
+        m_c = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
+        n_c = col * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
+        offs = (pid_k * M + m_c[:, None]) * N + n_c[None, :]
+        gl.store(part + offs, acc, mask=(m_c < M)[:, None] & (n_c < N)[None, :])
     return acc
 
 
@@ -258,6 +345,7 @@ def _w4_gluon_async_kernel(
     xs, qweight, wscale, part,
     M, N, KG, stride_xm, stride_qg, stride_wg,
     BLOCK_N: gl.constexpr, SPLIT_K: gl.constexpr, WARPS: gl.constexpr, STAGES: gl.constexpr,
+    CODES_LEFT: gl.constexpr,
 ):  # fmt: skip
     """``_w4_gluon_kernel`` with its loads in flight through a ring of ``STAGES`` shared-memory
     slots (``cp.async``, as Marlin-style kernels stream weights): bytes in flight without the
@@ -270,7 +358,8 @@ def _w4_gluon_async_kernel(
     b_op: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=8)
     # (wscale stands in for the smoothing factors, which pre-scaled activations leave unread)
     _column_partials(gl.program_id(0), gl.program_id(1), xs, wscale, qweight, wscale, part, M, N, KG, stride_xm,
-                     stride_qg, stride_wg, 16, BLOCK_N, SPLIT_K, WARPS, STAGES, True, False, mma, a_op, b_op)  # fmt: skip
+                     stride_qg, stride_wg, 16, BLOCK_N, SPLIT_K, WARPS, STAGES, True, False, mma, a_op, b_op,
+                     CODES_LEFT)  # fmt: skip
 
 
 def w4_small_m_partials_gluon(
@@ -280,15 +369,24 @@ def w4_small_m_partials_gluon(
     applied) and INT4 ``qweight [KG, N, 32]`` (uint8) with group scales ``wscale [KG, N]``
     (fp32); their sum over the first axis is ``xs @ W.T``.  ``config``: (kind, BLOCK_N,
     SPLIT_K, warps, depth): kind ``"regs"`` (``_w4_gluon_kernel``, depth = groups per step:
-    1, 2 or 4) or ``"async"`` (``_w4_gluon_async_kernel``, depth = ring slots, at least 2).  GPU only (Gluon has no interpreter)."""
+    1, 2 or 4), ``"async"`` (``_w4_gluon_async_kernel``, depth = ring slots, at least 2) or
+    ``"left"`` (the same with the codes as the dot's left operand, ``_column_partials``'s
+    ``CODES_LEFT``; ``BLOCK_N`` a multiple of ``16 * warps``).  GPU only (Gluon has no
+    interpreter)."""
     kind, block_n, split_k, warps, depth = config
     m = xs.shape[0]
     kg, n, _ = qweight.shape
     if m > 16:
         raise ValueError(f"the Gluon small-M kernel takes at most 16 rows, got {m}")
-    if (kind, depth) not in {("regs", 1), ("regs", 2), ("regs", 4)} and not (kind == "async" and depth >= 2):
+    if (kind, depth) not in {("regs", 1), ("regs", 2), ("regs", 4)} and not (
+        kind in ("async", "left") and depth >= 2
+    ):
         raise ValueError(
-            f"kind must be 'regs' (depth 1, 2 or 4) or 'async' (depth >= 2), not {kind!r} / {depth}"
+            f"kind must be 'regs' (depth 1, 2 or 4) or 'async' / 'left' (depth >= 2), not {kind!r} / {depth}"
+        )
+    if kind == "left" and block_n % (16 * warps):
+        raise ValueError(
+            f"codes as the left operand need BLOCK_N a multiple of 16 * warps, got {block_n} / {warps}"
         )
     if xs.dtype != torch.bfloat16 or xs.stride(1) != 1 or xs.shape[1] < kg * 64:
         raise ValueError(
@@ -311,6 +409,12 @@ def w4_small_m_partials_gluon(
         )
     else:
         _w4_gluon_async_kernel[grid](
-            *args, BLOCK_N=block_n, SPLIT_K=split_k, WARPS=warps, STAGES=depth, num_warps=warps
+            *args,
+            BLOCK_N=block_n,
+            SPLIT_K=split_k,
+            WARPS=warps,
+            STAGES=depth,
+            CODES_LEFT=kind == "left",
+            num_warps=warps,
         )
     return part

@@ -24,7 +24,12 @@ scheme (``small_m_triton._w4_small_m_kernel``) on top of that product:
 
 ``PRESCALED``: the activations come scaled and padded from ``small_m_triton``'s scaling
 kernel (one launch more) instead of being scaled in the column programs: measured faster on
-two of the four FLUX shapes (``GLUON_TILES``), slower on the other two.  Requirements
+three of the four FLUX shapes (``GLUON_TILES``), slower on 3072x3072.  The layer is then
+launched by programmatic dependent launch (``GRID_DEP_WAIT``, ``DEFAULT_DEPENDENT_LAUNCH``):
+its programs start while the scaling kernel runs, and the column programs wait for it only
+before their first activation copies (their first codes are already in flight).
+``CODES_LEFT`` (``DEFAULT_CODES_LEFT``): the column programs compute ``W @ x.T``, the decoded
+codes as ``mma.sync``'s left operand (``small_m_gluon._column_partials``).  Requirements
 (``gluon_layer_misfit``): INT4, 1-64 rows of bf16 activations, K a multiple of 64 and the
 branch's rank a multiple of 16 (the ``cp.async`` copies move 16 bytes and are masked by
 whole rows only), contiguous rows everywhere.
@@ -69,16 +74,26 @@ def block_rows(m: int) -> int:
 #: does not route here, not timed.
 DEFAULT_FINISH = "await"
 
+#: Whether the ``mma.sync`` column programs take the codes as the dot's left operand
+#: (``_column_partials``'s ``CODES_LEFT``; ``w4_linear_small_m_gluon``'s ``codes_left``).
+DEFAULT_CODES_LEFT = True
+
+#: Whether the layer launches after the scaling pre-kernel with programmatic dependent launch
+#: (``w4_linear_small_m_gluon``'s ``dependent_launch``; sm_90): its programs start while the
+#: pre-kernel runs, and only the column programs' first activation copies wait for it.
+DEFAULT_DEPENDENT_LAUNCH = True
+
 
 #: (BLOCK_M, K groups of 64, N) -> (BLOCK_N, SPLIT_K, warps, stages, prescale, finish): the
 #: tile measured best on H100, rank 32 (``bench/diag_small_m_gluon_layer.py``; 16 rows:
-#: eighteenth session, call 5, the lowest mean of time / best time over its two timings);
+#: nineteenth session, call 5, codes as the left operand, the pre-kernel launched before the
+#: layer with dependent launch; the lowest mean of time / best time over its two timings);
 #: other shapes take ``default_tile``.
 GLUON_TILES: dict[tuple[int, int, int], tuple[int, int, int, int, bool, str]] = {
     (16, 48, 3072): (64, 8, 4, 3, False, "await"),
-    (16, 48, 9216): (64, 4, 4, 3, True, "await"),
-    (16, 48, 12288): (128, 4, 4, 3, False, "await"),
-    (16, 192, 3072): (64, 8, 4, 4, True, "await"),
+    (16, 48, 9216): (128, 4, 4, 3, True, "await"),
+    (16, 48, 12288): (128, 4, 4, 3, True, "await"),
+    (16, 192, 3072): (128, 8, 4, 4, True, "await"),
 }
 
 
@@ -325,7 +340,8 @@ def _w4_gluon_layer_kernel(
     WARPS: gl.constexpr, STAGES: gl.constexpr, SCALED_CODES: gl.constexpr, WGMMA: gl.constexpr,
     PRESCALED: gl.constexpr, HAS_BRANCH: gl.constexpr, HAS_BIAS: gl.constexpr, LA_R: gl.constexpr,
     OUT_TPW_N: gl.constexpr, SLICES_FIRST: gl.constexpr, AWAIT_SPLITS: gl.constexpr, times=None,
-    TIMES: gl.constexpr = False,
+    TIMES: gl.constexpr = False, CODES_LEFT: gl.constexpr = False,
+    GRID_DEP_WAIT: gl.constexpr = False,
 ):  # fmt: skip
     """Grid ``(N_LA * SLICE_SPLIT + n_blocks * SPLIT_K,)``; ``cnt[col]`` counts the arrivals
     at column block ``col``: its ``SPLIT_K`` column programs and every slice (with
@@ -374,7 +390,7 @@ def _w4_gluon_layer_kernel(
         else:  # (``own``: this program's partials, which its own finish takes from registers at 16 rows)
             own = _column_partials(col, pid_k, xs, sinv, qweight, wscale, part, M, N, KG, stride_xsm, stride_qg,
                                    stride_wg, BLOCK_M, BLOCK_N, SPLIT_K, WARPS, STAGES, PRESCALED, SCALED_CODES,
-                                   mma, a_op, b_op)  # fmt: skip
+                                   mma, a_op, b_op, CODES_LEFT, GRID_DEP_WAIT)  # fmt: skip
         gl.thread_barrier()  # every thread's partials are written before the release below
         if TIMES:
             gl.store(times + pid * 4 + 1, _now())
@@ -553,6 +569,8 @@ def w4_linear_small_m_gluon(
     slices_first: bool = True,
     finish: str | None = None,
     times: torch.Tensor | None = None,
+    codes_left: bool | None = None,
+    dependent_launch: bool | None = None,
 ) -> torch.Tensor:
     """``[M, N]`` bf16; shapes as ``studio.kernels.w4_linear``; ``reference_small_m`` with
     ``scaled_codes=False`` is its oracle.  ``tile``: (BLOCK_N, SPLIT_K, warps, stages);
@@ -577,6 +595,8 @@ def w4_linear_small_m_gluon(
     *default, pre, fin = default_tile(kg, n, block_m)
     block_n, split_k, warps, stages = tile or default
     prescale = pre if prescale is None else prescale
+    if codes_left is None:  # (the default where the tile allows it)
+        codes_left = DEFAULT_CODES_LEFT and block_n % (16 * warps) == 0
     if finish is None:
         finish = fin if slices_first else "count"
     scaled_codes = uses_scaled_codes(m) if scaled_codes is None else scaled_codes
@@ -587,6 +607,12 @@ def w4_linear_small_m_gluon(
             f"warps, scaled codes {scaled_codes}"
         )
     prescale = prescale or wgmma  # (its column programs read pre-scaled activations only)
+    codes_left = codes_left and not wgmma
+    if codes_left and block_n % (16 * warps):
+        raise ValueError(
+            f"codes as the dot's left operand need BLOCK_N a multiple of 16 * warps, got {block_n} columns, "
+            f"{warps} warps"
+        )
     if finish not in ("await", "count") or (finish == "await" and not slices_first):
         raise ValueError(
             f"finish is 'await' (with the branch slices first in the grid) or 'count'; got {finish!r}, "
@@ -607,10 +633,14 @@ def w4_linear_small_m_gluon(
     slice_split = min(kg, 2 * split_k)
     _, cnt = zeroed_scratch(x.device, 0, n_blocks + n_la)  # (after the blocks': the rank chunks')
     src = x  # what the column programs read: raw x, or bf16(x * 1/s) padded (PRESCALED)
+    dependent_launch = DEFAULT_DEPENDENT_LAUNCH if dependent_launch is None else dependent_launch
+    dependent_launch = (
+        dependent_launch and prescale and not wgmma and torch.cuda.get_device_capability(x.device)[0] >= 9
+    )
     if prescale:
         from studio.kernels.small_m_triton import scaled_activations
 
-        src = scaled_activations(x, smooth_inv, False)[0]
+        src = scaled_activations(x, smooth_inv, False, launch_dependents=dependent_launch)[0]
     if r:
         # (one split more: the reduced branch input of the awaiting finish, ``_reduce_slices``)
         la_part = torch.empty(slice_split + 1, m, r, device=x.device, dtype=torch.float32)
@@ -628,6 +658,7 @@ def w4_linear_small_m_gluon(
         PRESCALED=prescale, HAS_BRANCH=r > 0, HAS_BIAS=bias is not None, LA_R=LA_RANKS,
         OUT_TPW_N=min(32, block_n // 4),
         SLICES_FIRST=slices_first, AWAIT_SPLITS=finish == "await", num_warps=warps, times=times,
-        TIMES=times is not None,
+        TIMES=times is not None, CODES_LEFT=codes_left,
+        GRID_DEP_WAIT=dependent_launch, launch_pdl=dependent_launch,
     )  # fmt: skip
     return out

@@ -148,11 +148,17 @@ def _times_group_scale(codes, ws, OFFSET: tl.constexpr, ROUND_BY_BITS: tl.conste
 def _scale_x_kernel(
     x_ptr, sinv_ptr, xs_ptr, rs_ptr, M, K, KG, stride_xm,
     ROW_SUMS: tl.constexpr, FRAGMENT_ORDER: tl.constexpr, BLOCK_M: tl.constexpr, GROUPS: tl.constexpr,
+    LAUNCH_DEPENDENTS: tl.constexpr = False,
 ):  # fmt: skip
     """``xs = bf16(x * 1/s)`` as ``[M, KG * 64]`` (zeros past K) and, for INT4's bit-built
     codes, each group's row sums of ``xs`` in fp32, ``[M, KG]``: once per launch, instead of
     in every column program for its own columns (``PRESCALED``, chosen by ``use_prescale``).
-    ``FRAGMENT_ORDER``: each half group's 32 columns in ``_fragment_order``'s order."""
+    ``FRAGMENT_ORDER``: each half group's 32 columns in ``_fragment_order``'s order.
+    ``LAUNCH_DEPENDENTS`` (sm_90, not in the interpreter): a kernel launched after this one
+    with programmatic dependent launch may start at once (it waits for ``xs`` itself:
+    ``small_m_gluon_layer``'s ``GRID_DEP_WAIT``)."""
+    if LAUNCH_DEPENDENTS:
+        tl.extra.cuda.gdc_launch_dependents()
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_g = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)
     kk = offs_g[:, None] * 64 + tl.arange(0, 64)[None, :]
@@ -502,18 +508,24 @@ def use_magic(fmt: str, m: int) -> bool:
 
 
 def scaled_activations(
-    x: torch.Tensor, smooth_inv: torch.Tensor, row_sums: bool, fragment_order: bool = False
+    x: torch.Tensor,
+    smooth_inv: torch.Tensor,
+    row_sums: bool,
+    fragment_order: bool = False,
+    launch_dependents: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(bf16(x * smooth_inv) [M, KG * 64] zero-padded, its row sums per group [M, KG] fp32)``;
     the sums are left empty unless ``row_sums`` (only INT4's bit-built codes need them).
-    ``fragment_order``: each 32 columns in ``_fragment_order``'s order (``use_fragment_order``)."""
+    ``fragment_order``: each 32 columns in ``_fragment_order``'s order (``use_fragment_order``).
+    ``launch_dependents``: let a next kernel launched with programmatic dependent launch start
+    before this one ends (``_scale_x_kernel``'s ``LAUNCH_DEPENDENTS``; sm_90)."""
     m, k = x.shape
     kg = triton.cdiv(k, 64)
     xs = torch.empty(m, kg * 64, device=x.device, dtype=torch.bfloat16)
     sums = torch.empty(m, kg if row_sums else 0, device=x.device, dtype=torch.float32)
     _scale_x_kernel[(triton.cdiv(kg, 4), triton.cdiv(m, 16))](
         x, smooth_inv, xs, sums, m, k, kg, x.stride(0), ROW_SUMS=row_sums, FRAGMENT_ORDER=fragment_order,
-        BLOCK_M=16, GROUPS=4,
+        BLOCK_M=16, GROUPS=4, LAUNCH_DEPENDENTS=launch_dependents,
     )  # fmt: skip
     return xs, sums
 
