@@ -5,7 +5,7 @@
 
 Per FLUX shape (16 rows, INT4) and tile (BLOCK_N, SPLIT_K, warps, stages), timed as
 ``bench_w4`` times after a memset (``flush``): the product alone (``small_m_gluon``'s kernel,
-fp32 partials), the layer without a branch (rank 0: the product, the count and the finish
+fp32 partials, the codes on the side of the dot the layer takes: ``product_kind``), the layer without a branch (rank 0: the product, the count and the finish
 of each block) and with rank 32 (branch slices too), each with the activations scaled in the
 kernel and by the scaling pre-kernel, and each with either finish (``await``: each block's
 last column program waits for its count; ``count``: the arrival that completes a block
@@ -29,10 +29,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_w4 import bench, parse_tiles, swept_layers  # noqa: E402
 from bench.diag_small_m_gluon_layer import layer_args  # noqa: E402
 from studio.kernels.small_m_gluon import w4_small_m_partials_gluon  # noqa: E402
-from studio.kernels.small_m_gluon_layer import w4_linear_small_m_gluon  # noqa: E402
+from studio.kernels.small_m_gluon_layer import DEFAULT_CODES_LEFT, w4_linear_small_m_gluon  # noqa: E402
 from studio.kernels.small_m_triton import scaled_activations  # noqa: E402
 
 STAMPS = ("start", "loop and stores done", "finishes a block from", "end")
+
+
+def product_kind(tile: tuple) -> str:
+    """The product kernel's kind that matches the layer's column programs at ``tile``: the codes
+    as the dot's left operand where the tile allows it (``DEFAULT_CODES_LEFT``)."""
+    return "left" if DEFAULT_CODES_LEFT and tile[0] % (16 * tile[2]) == 0 else "async"
 
 
 def spread(v: torch.Tensor) -> str:
@@ -77,7 +83,9 @@ def main() -> None:
         for tile in parse_tiles(args.tiles):
             parts = {
                 "product": bench(
-                    lambda: w4_small_m_partials_gluon(xs, p["qweight"], p["wscale"], ("async", *tile))
+                    lambda: w4_small_m_partials_gluon(
+                        xs, p["qweight"], p["wscale"], (product_kind(tile), *tile)
+                    )
                 )
             }
             for name, q in (("rank 0", rank0), ("rank 32", p)):

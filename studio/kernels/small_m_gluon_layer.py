@@ -586,7 +586,14 @@ def w4_linear_small_m_gluon(
     run both, so that either kind of program finishing a block is covered).  ``finish``:
     ``"await"`` (each block's last column program waits until the others are counted:
     ``AWAIT_SPLITS``; needs ``slices_first``) or ``"count"`` (the arrival that completes a
-    block finishes it); None: ``default_tile``'s (``"count"`` with the slices last).  Refuses, naming it, what
+    block finishes it); None: ``default_tile``'s (``"count"`` with the slices last).
+    ``codes_left``: the ``mma.sync`` column programs take the decoded codes as the dot's left
+    operand (``CODES_LEFT``; needs ``BLOCK_N`` a multiple of ``16 * warps``); None:
+    ``DEFAULT_CODES_LEFT`` where the tile allows it, else the right operand; ignored by the
+    ``wgmma`` column programs.  ``dependent_launch``: with ``prescale`` on sm_90 and up, the
+    layer is launched by programmatic dependent launch after the scaling pre-kernel
+    (``GRID_DEP_WAIT``); None: ``DEFAULT_DEPENDENT_LAUNCH``; without the pre-kernel or with the
+    ``wgmma`` column programs it is launched plainly.  Refuses, naming it, what
     ``gluon_layer_misfit`` finds missing."""
     m, k = x.shape
     kg, n, _ = qweight.shape
