@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_w4 import bench, parse_tiles, swept_layers  # noqa: E402
 from bench.diag_small_m_gluon_layer import layer_args  # noqa: E402
-from studio.kernels.small_m_gluon import w4_small_m_partials_gluon  # noqa: E402
+from studio.kernels.small_m_gluon import codes_left_fits, w4_small_m_partials_gluon  # noqa: E402
 from studio.kernels.small_m_gluon_layer import DEFAULT_CODES_LEFT, w4_linear_small_m_gluon  # noqa: E402
 from studio.kernels.small_m_triton import scaled_activations  # noqa: E402
 
@@ -38,7 +38,7 @@ STAMPS = ("start", "loop and stores done", "finishes a block from", "end")
 def product_kind(tile: tuple) -> str:
     """The product kernel's kind that matches the layer's column programs at ``tile``: the codes
     as the dot's left operand where the tile allows it (``DEFAULT_CODES_LEFT``)."""
-    return "left" if DEFAULT_CODES_LEFT and tile[0] % (16 * tile[2]) == 0 else "async"
+    return "left" if DEFAULT_CODES_LEFT and codes_left_fits(tile[0], tile[2]) else "async"
 
 
 def spread(v: torch.Tensor) -> str:

@@ -362,6 +362,13 @@ def _w4_gluon_async_kernel(
                      CODES_LEFT)  # fmt: skip
 
 
+def codes_left_fits(block_n: int, warps: int) -> bool:
+    """Whether a tile of ``block_n`` columns and ``warps`` warps can take the codes as the dot's
+    left operand (``_column_partials``'s ``CODES_LEFT``): each warp owns whole 16-row tiles of
+    ``W``, so ``block_n`` is a multiple of ``16 * warps``."""
+    return block_n % (16 * warps) == 0
+
+
 def w4_small_m_partials_gluon(
     xs: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor, config: tuple[str, int, int, int, int]
 ) -> torch.Tensor:
@@ -384,7 +391,7 @@ def w4_small_m_partials_gluon(
         raise ValueError(
             f"kind must be 'regs' (depth 1, 2 or 4) or 'async' / 'left' (depth >= 2), not {kind!r} / {depth}"
         )
-    if kind == "left" and block_n % (16 * warps):
+    if kind == "left" and not codes_left_fits(block_n, warps):
         raise ValueError(
             f"codes as the left operand need BLOCK_N a multiple of 16 * warps, got {block_n} / {warps}"
         )

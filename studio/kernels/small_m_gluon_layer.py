@@ -49,7 +49,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
-from studio.kernels.small_m_gluon import _column_partials, _ring_step_wait
+from studio.kernels.small_m_gluon import _column_partials, _ring_step_wait, codes_left_fits
 from studio.kernels.small_m_gluon_wgmma import _column_partials_wgmma
 from studio.kernels.split_k_scratch import zeroed_scratch
 
@@ -603,7 +603,7 @@ def w4_linear_small_m_gluon(
     block_n, split_k, warps, stages = tile or default
     prescale = pre if prescale is None else prescale
     if codes_left is None:  # (the default where the tile allows it)
-        codes_left = DEFAULT_CODES_LEFT and block_n % (16 * warps) == 0
+        codes_left = DEFAULT_CODES_LEFT and codes_left_fits(block_n, warps)
     if finish is None:
         finish = fin if slices_first else "count"
     scaled_codes = uses_scaled_codes(m) if scaled_codes is None else scaled_codes
@@ -615,7 +615,7 @@ def w4_linear_small_m_gluon(
         )
     prescale = prescale or wgmma  # (its column programs read pre-scaled activations only)
     codes_left = codes_left and not wgmma
-    if codes_left and block_n % (16 * warps):
+    if codes_left and not codes_left_fits(block_n, warps):
         raise ValueError(
             f"codes as the dot's left operand need BLOCK_N a multiple of 16 * warps, got {block_n} columns, "
             f"{warps} warps"
