@@ -19,6 +19,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.experimental.gluon._runtime import GluonASTSource
 from triton.runtime.jit import JITFunction
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -37,7 +38,8 @@ def caught_launches(launch: Callable[[], object]) -> list[tuple[JITFunction, tup
     seen: list[tuple[JITFunction, tuple, dict]] = []
 
     def catch(self: JITFunction, *args: object, grid: object, warmup: bool, **kwargs: object) -> None:
-        seen.append((self, args, kwargs))
+        if not warmup:  # (a warmup compiles what the launch after it runs: ``cluster_launch``)
+            seen.append((self, args, kwargs))
 
     with mock.patch.object(JITFunction, "run", catch):
         launch()
@@ -51,7 +53,7 @@ def compile_for_hopper(fn: JITFunction, args: tuple, kwargs: dict) -> object:
     values = dict(zip(fn.arg_names, args)) | kwargs
     signature, constexprs, attrs = {}, {}, {}
     for i, param in enumerate(fn.params):
-        value = values[param.name]
+        value = values[param.name] if param.name in values else param.default
         if param.is_constexpr or (type(value) is int and value == 1):
             # (a launch specialises an integer argument equal to 1 into a constant, too)
             signature[param.name] = "constexpr"
@@ -65,7 +67,9 @@ def compile_for_hopper(fn: JITFunction, args: tuple, kwargs: dict) -> object:
             aligned = int(value) % 16 == 0
         if aligned:  # as a launch does: the hint that lets loads and stores be vectorised
             attrs[(i,)] = [["tt.divisibility", 16]]
-    source = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
+    source = (GluonASTSource if fn.is_gluon() else ASTSource)(
+        fn, signature, constexprs=constexprs, attrs=attrs
+    )
     return triton.compile(source, target=HOPPER, options=options)
 
 

@@ -215,9 +215,12 @@ def _column_partials(
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, SPLIT_K: gl.constexpr, WARPS: gl.constexpr,
     STAGES: gl.constexpr, PRESCALED: gl.constexpr, SCALED_CODES: gl.constexpr, mma: gl.constexpr,
     a_op: gl.constexpr, b_op: gl.constexpr, CODES_LEFT: gl.constexpr = False, GRID_DEP_WAIT: gl.constexpr = False,
+    STORE: gl.constexpr = True,
 ):  # fmt: skip
     """Column block ``col``'s product over split ``pid_k``'s groups, stored as fp32 partials
     and returned (``[BLOCK_M, BLOCK_N]``: ``mma`` layout, or its transpose with ``CODES_LEFT``).
+    ``STORE`` False: not stored, and returned as the accumulator is held (with ``CODES_LEFT``
+    ``[BLOCK_N, BLOCK_M]`` in ``mma.sync``'s layout with the warps along the columns).
 
     ``BLOCK_M`` rows (16, 32 or 64): each warp owns ``BLOCK_N / WARPS`` columns at every row,
     so a code is decoded once and serves ``BLOCK_M / 16`` ``mma.sync`` tiles.
@@ -327,12 +330,15 @@ def _column_partials(
                 acc = _group_dot(acc, codes, x_lo, x_hi, scale, mma)
     async_copy.wait_group(0)
     if CODES_LEFT:
-        n_t = col * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma_t))
-        m_t = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma_t))
-        offs = (pid_k * M + m_t[None, :]) * N + n_t[:, None]
-        gl.store(part + offs, acc_t, mask=(m_t < M)[None, :] & (n_t < N)[:, None])
-        acc = gl.permute(acc_t, (1, 0))
-    else:
+        if STORE:
+            n_t = col * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma_t))
+            m_t = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma_t))
+            offs = (pid_k * M + m_t[None, :]) * N + n_t[:, None]
+            gl.store(part + offs, acc_t, mask=(m_t < M)[None, :] & (n_t < N)[:, None])
+            acc = gl.permute(acc_t, (1, 0))
+        else:
+            acc = acc_t
+    elif STORE:
         m_c = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
         n_c = col * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
         offs = (pid_k * M + m_c[:, None]) * N + n_c[None, :]

@@ -98,13 +98,13 @@ GLUON_TILES: dict[tuple[int, int, int], tuple[int, int, int, int, bool, str]] = 
 
 
 @gluon.jit
-def _slice_partials(
-    la_idx, pid_k, x, l1, la_part, M, KG, R, stride_xm, stride_l1k,
+def _slice_sum(
+    la_idx, pid_k, x, l1, M, KG, R, stride_xm, stride_l1k,
     BLOCK_M: gl.constexpr, SPLIT_K: gl.constexpr, WARPS: gl.constexpr, STAGES: gl.constexpr,
     LA_R: gl.constexpr, mma: gl.constexpr, a_op: gl.constexpr, b_op: gl.constexpr,
 ):  # fmt: skip
-    """Ranks ``la_idx * LA_R ..`` of ``bf16(x) @ l1`` over split ``pid_k``'s groups, stored as
-    fp32 partials ``[SPLIT_K, M, R]``."""
+    """Ranks ``la_idx * LA_R ..`` of ``bf16(x) @ l1`` over split ``pid_k``'s groups: fp32
+    ``[BLOCK_M, LA_R]`` in the ``mma`` layout."""
     x_copy: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
     l_copy: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [WARPS, 1], [1, 0])
     x_ring = gl.allocate_shared_memory(
@@ -150,6 +150,18 @@ def _slice_partials(
         la = mma_v2(x_tile.slice(0, 32, dim=1).load(a_op), l_tile.slice(0, 32, dim=0).load(b_op), la)
         la = mma_v2(x_tile.slice(32, 32, dim=1).load(a_op), l_tile.slice(32, 32, dim=0).load(b_op), la)
     async_copy.wait_group(0)
+    return la
+
+
+@gluon.jit
+def _slice_partials(
+    la_idx, pid_k, x, l1, la_part, M, KG, R, stride_xm, stride_l1k,
+    BLOCK_M: gl.constexpr, SPLIT_K: gl.constexpr, WARPS: gl.constexpr, STAGES: gl.constexpr,
+    LA_R: gl.constexpr, mma: gl.constexpr, a_op: gl.constexpr, b_op: gl.constexpr,
+):  # fmt: skip
+    """``_slice_sum`` stored as fp32 partials ``[SPLIT_K, M, R]``."""
+    la = _slice_sum(la_idx, pid_k, x, l1, M, KG, R, stride_xm, stride_l1k, BLOCK_M, SPLIT_K, WARPS, STAGES, LA_R,
+                    mma, a_op, b_op)  # fmt: skip
     m_c = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
     r_c = la_idx * LA_R + gl.arange(0, LA_R, layout=gl.SliceLayout(0, mma))
     offs = (pid_k * M + m_c[:, None]) * R + r_c[None, :]

@@ -1,0 +1,131 @@
+# ruff: noqa: B023  (every closure below is timed before its loop variables change)
+"""The 16-row layer with its split-K sums added in clusters, against the Gluon layer as it runs.
+
+    python bench/diag_small_m_cluster.py [--shapes 3072x3072,...] [--tiles "64,8,4,3;128,4,4,3"]
+
+Per FLUX shape (16 rows, INT4, a bias), timed as ``bench_w4`` times (after a 64 MB memset):
+- bf16 ``F.linear`` and the Gluon layer (``w4_linear_small_m_gluon``) at its pinned tile,
+  rank 32 and rank 0;
+- the cluster layer's pre-kernel alone (``x @ l1`` in clusters of 8 or 16, without and with
+  the activations' scaling);
+- per tile, the cluster layer (``w4_linear_small_m_cluster``) at rank 32, activations scaled
+  by its pre-kernel (``pre``) or in its column programs (``in``), with its relative error
+  against the reference;
+- per tile, at rank 0 (no pre-kernel), the cluster layer as it runs (``exchange``), the
+  same kernel with the exchange left out (``no exchange``: each CTA writes its own
+  partials, a wrong result that times the product and the cluster launch alone), and that
+  launched without clusters (``plain``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.bench_w4 import bench, parse_tiles, swept_layers  # noqa: E402
+from bench.diag_small_m_gluon_layer import layer_args  # noqa: E402
+from studio.kernels.cluster_launch import launch_in_clusters  # noqa: E402
+from studio.kernels.reference_small_m import w4_linear_small_m  # noqa: E402
+from studio.kernels.small_m_gluon_cluster import (  # noqa: E402
+    LA_MAX_STAGES,
+    SCALE_COLS,
+    _prepare_kernel,
+    _w4_cluster_layer_kernel,
+    w4_linear_small_m_cluster,
+)
+from studio.kernels.small_m_gluon_layer import LA_RANKS, w4_linear_small_m_gluon  # noqa: E402
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def pre_kernel_alone(
+    x: torch.Tensor, sinv: torch.Tensor, l1: torch.Tensor, la_cluster: int, prescale: bool
+) -> None:
+    """The cluster layer's pre-kernel as its launcher launches it, without the layer after it."""
+    m, k = x.shape
+    kg, r = k // 64, l1.shape[1]
+    n_la = triton.cdiv(r, LA_RANKS)
+    la = torch.empty(m, r, device=x.device, dtype=torch.bfloat16)
+    xs = torch.empty_like(x)
+    ctas = n_la * la_cluster + (
+        triton.cdiv(triton.cdiv(k, SCALE_COLS), la_cluster) * la_cluster if prescale else 0
+    )
+    launch_in_clusters(
+        _prepare_kernel, ctas, la_cluster, "LA_CLUSTER",
+        x, sinv, l1, xs, la, m, k, kg, r, x.stride(0), xs.stride(0), l1.stride(0), la.stride(0),
+        LA_CLUSTER=la_cluster, N_LA=n_la, STAGES=min(triton.cdiv(kg, la_cluster), LA_MAX_STAGES - 1) + 1, WARPS=4,
+        LA_R=LA_RANKS, SCALE_COLS=SCALE_COLS, PRESCALE=prescale, LAUNCH_DEPENDENTS=False, num_warps=4,
+    )  # fmt: skip
+
+
+def rank0_layer(
+    x: torch.Tensor, p: dict, bias: torch.Tensor, tile: tuple, clusters: bool, exchange: bool
+) -> None:
+    """The cluster layer's kernel at rank 0, activations scaled in it; ``exchange`` False
+    leaves the exchange out (wrong output), ``clusters`` False launches it plainly."""
+    m, _ = x.shape
+    kg, n, _ = p["qweight"].shape
+    block_n, split_k, warps, stages = tile
+    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    q, s = p["qweight"], p["wscale"]
+    args = (x, p["smooth_inv"], q, s, x, x, s, bias, out, m, n, kg, 1, 1, 1, x.stride(0), q.stride(0), s.stride(0),
+            1, 1, 1, out.stride(0))  # fmt: skip
+    kw = dict(BLOCK_N=block_n, SPLIT_K=split_k, WARPS=warps, STAGES=stages, PRESCALED=False, HAS_BRANCH=False,
+              HAS_BIAS=True, GRID_DEP_WAIT=False, LA_R=LA_RANKS, EXCHANGE=exchange, num_warps=warps)  # fmt: skip
+    ctas = triton.cdiv(n, block_n) * split_k
+    if clusters:
+        launch_in_clusters(_w4_cluster_layer_kernel, ctas, split_k, "SPLIT_K", *args, **kw)
+    else:
+        _w4_cluster_layer_kernel[(ctas,)](*args, **kw)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="3072x3072,3072x9216,3072x12288,12288x3072")
+    ap.add_argument("--tiles", default="64,8,4,3;128,4,4,3;128,8,4,4")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("diag_small_m_cluster needs a CUDA GPU")
+    for k, n, _, x, (w, bias, _, p, _) in swept_layers(args.shapes, "16"):
+        a = layer_args(x, p, bias)
+        a0 = (*a[:5], *(t[:, :0].contiguous() for t in a[5:8]), *a[8:])
+        ref = w4_linear_small_m(*a, scaled_codes=False)
+        bf16 = bench(lambda: F.linear(x, w, bias.to(torch.bfloat16)))
+        gluon = bench(lambda: w4_linear_small_m_gluon(*a))
+        gluon0 = bench(lambda: w4_linear_small_m_gluon(*a0))
+        print(f"{k}x{n}: bf16 {bf16:.1f} us; Gluon layer rank 32 {gluon:.1f} us ({bf16 / gluon:.2f}x), rank 0 "
+              f"{gluon0:.1f} us", flush=True)  # fmt: skip
+        pre = [
+            f"cluster {c}: {bench(lambda: pre_kernel_alone(x, a[1], a[5], c, False)):.1f} / "
+            f"{bench(lambda: pre_kernel_alone(x, a[1], a[5], c, True)):.1f}"
+            for c in (8, 16)
+        ]
+        print("  pre-kernel alone, x @ l1 / and scaling, us: " + " | ".join(pre), flush=True)
+        for tile in parse_tiles(args.tiles):
+            cells = []
+            for label, prescale in (("pre", True), ("in", False)):
+
+                def layer() -> torch.Tensor:
+                    return w4_linear_small_m_cluster(*a, tile=tile, prescale=prescale)
+
+                err = _rel(layer(), ref)
+                cells.append(f"{label} {bench(layer):.1f} ({err:.1e})")
+            for label, clusters, exchange in (("exchange", True, True), ("no exchange", True, False),
+                                              ("plain", False, False)):  # fmt: skip
+                cells.append(
+                    f"r0 {label} {bench(lambda: rank0_layer(x, p, bias.float(), tile, clusters, exchange)):.1f}"
+                )
+            print(f"  {tile}: " + " | ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()
