@@ -101,7 +101,34 @@ def test_cluster_misfit_names_what_is_missing(m: int, tile: tuple, need: str) ->
 
 
 def test_cluster_tile_splits_k_and_keeps_whole_clusters() -> None:
-    for kg, n in [(48, 3072), (48, 9216), (48, 12288), (192, 3072), (5, 200), (1, 64)]:
+    for kg, n in [(48, 3072), (48, 9216), (48, 12288), (192, 3072), (5, 200), (7, 96), (13, 64), (1, 64)]:
         block_n, split, warps, stages, _ = cluster_tile(kg, n)
         assert cluster_misfit(16, (block_n, split, warps, stages)) == ""
         assert split <= max(1, kg // 2)
+
+
+def test_cluster_layer_refuses_a_cpu_tensor() -> None:
+    """On the CPU (no sm_80 GPU) the launcher names what is missing before it launches anything."""
+    with pytest.raises(ValueError, match="CUDA GPU"):
+        w4_linear_small_m_cluster(*small_m_case(4, 448, 96, 32, "int4"))
+
+
+@pytest.mark.gpu
+def test_cluster_layer_refuses_a_tile_or_pre_kernel_cluster_it_cannot_take() -> None:
+    args = small_m_case(4, 448, 96, 32, "int4", device="cuda")
+    with pytest.raises(ValueError, match="BLOCK_N a multiple"):
+        w4_linear_small_m_cluster(*args, tile=(96, 4, 4, 3))
+    with pytest.raises(ValueError, match="pre-kernel cluster of 1-16"):
+        w4_linear_small_m_cluster(*args, la_cluster=17)
+
+
+def test_launch_in_clusters_refuses_partial_clusters_or_a_mismatched_size() -> None:
+    from studio.kernels.cluster_launch import launch_in_clusters
+    from studio.kernels.small_m_gluon_cluster import _w4_cluster_layer_kernel
+
+    with pytest.raises(ValueError, match="must be the cluster size 4"):
+        launch_in_clusters(_w4_cluster_layer_kernel, 8, 4, "SPLIT_K", SPLIT_K=2)
+    with pytest.raises(ValueError, match="whole clusters"):
+        launch_in_clusters(_w4_cluster_layer_kernel, 10, 4, "SPLIT_K", SPLIT_K=4)
+    with pytest.raises(ValueError, match="whole clusters"):
+        launch_in_clusters(_w4_cluster_layer_kernel, 32, 32, "SPLIT_K", SPLIT_K=32)

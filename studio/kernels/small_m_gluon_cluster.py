@@ -130,7 +130,9 @@ def _prepare_kernel(
             rank = pid % LA_CLUSTER
             part = _slice_sum(chunk, rank, x, l1, M, KG, R, stride_xm, stride_l1k, 16, LA_CLUSTER, WARPS, STAGES, LA_R,
                               mma, a_op, b_op)  # fmt: skip
-            gl.thread_barrier()  # every warp is done with the ring before its space takes the partials
+            # Every warp is done with the ring before its space takes the partials (64 * LA_R
+            # bytes, less than one of the ring's slots of x and l1).
+            gl.thread_barrier()
             m_c = gl.arange(0, 16, layout=gl.SliceLayout(1, mma))
             r_c = gl.arange(0, LA_R, layout=gl.SliceLayout(0, mma))
             offs = m_c[:, None] * LA_R + r_c[None, :]
@@ -220,7 +222,9 @@ def _w4_cluster_layer_kernel(
         lat = gl.load(la_ptrs, mask=la_mask, other=0.0, cache_modifier=".cg")  # (used after the exchange)
 
     if EXCHANGE:
-        gl.thread_barrier()  # every warp is done with the ring before its space takes the partials
+        # Every warp is done with the ring before its space takes the partials: 64 * BLOCK_N
+        # bytes, less than the ring's codes alone (at least 2 slots of 32 x BLOCK_N bytes).
+        gl.thread_barrier()
         offs = n_t[:, None] * 16 + m_t[None, :]
         _share(offs, acc)
         _cluster_arrive()
@@ -268,12 +272,18 @@ def cluster_misfit(m: int, tile: tuple[int, int, int, int]) -> str:
 
 def cluster_tile(kg: int, n: int) -> tuple[int, int, int, int, bool]:
     """``CLUSTER_TILES``'s tile of the shape, else 128 columns (64 up to 3072 outputs), 8 splits
-    (4 up to 64 groups; at least 2 groups a split), 4 warps, 4 slots, activations scaled by the
-    pre-kernel."""
+    (4 up to 64 groups; at least 2 groups a split, a power of two), 4 warps, 4 slots,
+    activations scaled by the pre-kernel."""
     if (kg, n) in CLUSTER_TILES:
         return CLUSTER_TILES[(kg, n)]
-    split = max(1, min(4 if kg <= 64 else 8, kg // 2))
-    return (64 if n <= 3072 else 128), split, 4, 4, True
+    most = max(1, min(4 if kg <= 64 else 8, kg // 2))
+    return (
+        (64 if n <= 3072 else 128),
+        1 << (most.bit_length() - 1),
+        4,
+        4,
+        True,
+    )  # (a power of two: divides BLOCK_N)
 
 
 def w4_linear_small_m_cluster(
