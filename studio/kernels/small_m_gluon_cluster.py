@@ -308,8 +308,8 @@ def w4_linear_small_m_cluster(
     ``prescale``: the pre-kernel scales the activations (else the column programs do); None:
     ``cluster_tile``'s.  ``la_cluster``: CTAs per rank chunk of the branch input in the
     pre-kernel (1-16); None: 8, 16 from 128 groups.  ``dependent_launch``: the layer starts
-    while the pre-kernel runs (sm_90).  Refuses, naming it, what ``gluon_layer_misfit`` or
-    ``cluster_misfit`` finds missing."""
+    while the pre-kernel runs.  Refuses, naming it, what ``gluon_layer_misfit`` or
+    ``cluster_misfit`` finds missing, and a GPU before sm_90."""
     m, k = x.shape
     kg, n, _ = qweight.shape
     r = l1.shape[1]
@@ -320,6 +320,8 @@ def w4_linear_small_m_cluster(
     misfit = gluon_layer_misfit(x, smooth_inv, qweight, wscale, fmt, l1, l2, strength) or cluster_misfit(
         m, tile
     )
+    if not misfit and torch.cuda.get_device_capability(x.device)[0] < 9:
+        misfit = "an sm_90 GPU or later (thread-block clusters)"
     if misfit or not 1 <= la_cluster <= MAX_CLUSTER:
         raise ValueError(
             f"the cluster small-M layer needs {misfit or f'a pre-kernel cluster of 1-{MAX_CLUSTER}'}; got {fmt}, "
