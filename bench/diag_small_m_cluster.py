@@ -14,7 +14,7 @@ Per FLUX shape (16 rows, INT4, a bias), timed as ``bench_w4`` times (after a 64 
 - per tile, at rank 0 (no pre-kernel), the cluster layer as it runs (``exchange``), the
   same kernel with the exchange left out (``no exchange``: each CTA writes its own
   partials, a wrong result that times the product and the cluster launch alone), and that
-  launched without clusters (``plain``).
+  launched without clusters (``plain``); and the first's timeline from its stamps.
 """
 
 from __future__ import annotations
@@ -68,10 +68,17 @@ def pre_kernel_alone(
 
 
 def rank0_layer(
-    x: torch.Tensor, p: dict, bias: torch.Tensor, tile: tuple, clusters: bool, exchange: bool
+    x: torch.Tensor,
+    p: dict,
+    bias: torch.Tensor,
+    tile: tuple,
+    clusters: bool,
+    exchange: bool,
+    times: torch.Tensor | None = None,
 ) -> None:
     """The cluster layer's kernel at rank 0, activations scaled in it; ``exchange`` False
-    leaves the exchange out (wrong output), ``clusters`` False launches it plainly."""
+    leaves the exchange out (wrong output), ``clusters`` False launches it plainly; ``times``:
+    int64 ``[CTAs, 4]`` for its stamps (``_w4_cluster_layer_kernel``'s ``TIMES``)."""
     m, _ = x.shape
     kg, n, _ = p["qweight"].shape
     block_n, split_k, warps, stages = tile
@@ -80,12 +87,31 @@ def rank0_layer(
     args = (x, p["smooth_inv"], q, s, x, x, s, bias, out, m, n, kg, 1, 1, 1, x.stride(0), q.stride(0), s.stride(0),
             1, 1, 1, out.stride(0))  # fmt: skip
     kw = dict(BLOCK_N=block_n, SPLIT_K=split_k, WARPS=warps, STAGES=stages, PRESCALED=False, HAS_BRANCH=False,
-              HAS_BIAS=True, GRID_DEP_WAIT=False, LA_R=LA_RANKS, EXCHANGE=exchange, num_warps=warps)  # fmt: skip
+              HAS_BIAS=True, GRID_DEP_WAIT=False, LA_R=LA_RANKS, EXCHANGE=exchange, num_warps=warps,
+              times=times, TIMES=times is not None)  # fmt: skip
     ctas = triton.cdiv(n, block_n) * split_k
     if clusters:
         launch_in_clusters(_w4_cluster_layer_kernel, ctas, split_k, "SPLIT_K", *args, **kw)
     else:
         _w4_cluster_layer_kernel[(ctas,)](*args, **kw)
+
+
+def timeline(x: torch.Tensor, p: dict, bias: torch.Tensor, tile: tuple) -> str:
+    """Where the rank-0 cluster kernel's time goes, from its stamps (us, medians over CTAs after
+    a memset; the launch's first start is 0): product end, the spread of product ends within a
+    cluster (its last minus each CTA's own), the wait at the first barrier, the rest."""
+    n = p["qweight"].shape[1]
+    times = torch.zeros(triton.cdiv(n, tile[0]) * tile[1], 4, dtype=torch.int64, device=x.device)
+    torch.empty(64 << 20, dtype=torch.uint8, device=x.device).zero_()
+    rank0_layer(x, p, bias, tile, True, True, times)
+    torch.cuda.synchronize()
+    t = (times - times[:, 0].min()).double() / 1e3
+    last = t[:, 1].view(-1, tile[1]).amax(1, keepdim=True)
+    lag = (last - t[:, 1].view(-1, tile[1])).flatten()
+    med = lambda v: v.median().item()  # noqa: E731
+    return (f"product ends {med(t[:, 1]):.1f} (last {t[:, 1].max():.1f}), behind its cluster's last "
+            f"{med(lag):.1f}, barrier wait {med(t[:, 2] - t[:, 1]):.1f}, rest {med(t[:, 3] - t[:, 2]):.1f}, "
+            f"launch end {t[:, 3].max():.1f}")  # fmt: skip
 
 
 def main() -> None:
@@ -125,6 +151,7 @@ def main() -> None:
                     f"r0 {label} {bench(lambda: rank0_layer(x, p, bias.float(), tile, clusters, exchange)):.1f}"
                 )
             print(f"  {tile}: " + " | ".join(cells), flush=True)
+            print(f"    r0 exchange timeline, us: {timeline(x, p, bias.float(), tile)}", flush=True)
 
 
 if __name__ == "__main__":

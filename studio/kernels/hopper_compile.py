@@ -54,8 +54,8 @@ def compile_for_hopper(fn: JITFunction, args: tuple, kwargs: dict) -> object:
     signature, constexprs, attrs = {}, {}, {}
     for i, param in enumerate(fn.params):
         value = values[param.name] if param.name in values else param.default
-        if param.is_constexpr or (type(value) is int and value == 1):
-            # (a launch specialises an integer argument equal to 1 into a constant, too)
+        if param.is_constexpr or value is None or (type(value) is int and value == 1):
+            # (a launch specialises None and an integer argument equal to 1 into constants, too)
             signature[param.name] = "constexpr"
             constexprs[(i,)] = value
             continue

@@ -42,7 +42,7 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from studio.kernels.cluster_launch import MAX_CLUSTER, launch_in_clusters
 from studio.kernels.small_m_gluon import _column_partials, codes_left_fits
-from studio.kernels.small_m_gluon_layer import LA_RANKS, _slice_sum, gluon_layer_misfit
+from studio.kernels.small_m_gluon_layer import LA_RANKS, _now, _slice_sum, gluon_layer_misfit
 
 #: Columns of ``x`` each scaling CTA of the pre-kernel scales.
 SCALE_COLS = 512
@@ -173,14 +173,18 @@ def _w4_cluster_layer_kernel(
     M, N, KG, R, S, rows_per_sample, stride_xsm, stride_qg, stride_wg, stride_la, stride_l2n, stride_sm, stride_om,
     BLOCK_N: gl.constexpr, SPLIT_K: gl.constexpr, WARPS: gl.constexpr, STAGES: gl.constexpr,
     PRESCALED: gl.constexpr, HAS_BRANCH: gl.constexpr, HAS_BIAS: gl.constexpr, GRID_DEP_WAIT: gl.constexpr,
-    LA_R: gl.constexpr, EXCHANGE: gl.constexpr = True,
+    LA_R: gl.constexpr, EXCHANGE: gl.constexpr = True, times=None, TIMES: gl.constexpr = False,
 ):  # fmt: skip
     """Grid: ``n_blocks`` clusters of ``SPLIT_K`` CTAs; CTA ``s`` of cluster ``col`` streams split
     ``s`` of column block ``col`` and finishes its columns ``s * BLOCK_N / SPLIT_K ..``.
     ``EXCHANGE`` False, only for ``bench/diag_small_m_cluster.py`` (the launcher never sets
     it): each CTA takes its own partials for the sums, a wrong result that times the
-    product and the cluster launch without the exchange."""
+    product and the cluster launch without the exchange.  ``TIMES``: each CTA writes four
+    ``%globaltimer`` stamps to ``times[pid]`` (start, product done, past the first cluster
+    barrier, end), for the diag."""
     pid = gl.program_id(0)
+    if TIMES:
+        gl.store(times + pid * 4, _now())
     col = pid // SPLIT_K
     pid_k = pid % SPLIT_K  # (the CTA's rank in its cluster)
     PER: gl.constexpr = BLOCK_N // SPLIT_K
@@ -221,6 +225,8 @@ def _w4_cluster_layer_kernel(
         la_mask = (r_b < R)[:, None] & (m_b < M)[None, :]
         lat = gl.load(la_ptrs, mask=la_mask, other=0.0, cache_modifier=".cg")  # (used after the exchange)
 
+    if TIMES:
+        gl.store(times + pid * 4 + 1, _now())
     if EXCHANGE:
         # Every warp is done with the ring before its space takes the partials: 64 * BLOCK_N
         # bytes, less than the ring's codes alone (at least 2 slots of 32 x BLOCK_N bytes).
@@ -229,6 +235,8 @@ def _w4_cluster_layer_kernel(
         _share(offs, acc)
         _cluster_arrive()
         _cluster_wait()
+        if TIMES:
+            gl.store(times + pid * 4 + 2, _now())
         take = (mine_n[:, None] & (m_t < M)[None, :]).to(gl.int32)
         total = gl.zeros([BLOCK_N, 16], gl.float32, mma_t)
         for s in gl.static_range(SPLIT_K):
@@ -254,6 +262,8 @@ def _w4_cluster_layer_kernel(
     gl.store(out + m_t[None, :] * stride_om + n_g[:, None], total.to(out.dtype.element_ty), mask=out_mask)
     if EXCHANGE:
         _cluster_wait()  # (the others may still read this CTA's shared memory until then)
+    if TIMES:
+        gl.store(times + pid * 4 + 3, _now())
 
 
 def cluster_misfit(m: int, tile: tuple[int, int, int, int]) -> str:
