@@ -31,40 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_w4 import bench, parse_tiles, swept_layers  # noqa: E402
 from bench.diag_small_m_gluon_layer import layer_args  # noqa: E402
-from studio.kernels.cluster_launch import launch_in_clusters  # noqa: E402
 from studio.kernels.reference_small_m import w4_linear_small_m  # noqa: E402
-from studio.kernels.small_m_gluon_cluster import (  # noqa: E402
-    LA_MAX_STAGES,
-    SCALE_COLS,
-    _prepare_kernel,
-    _w4_cluster_layer_kernel,
-    w4_linear_small_m_cluster,
-)
-from studio.kernels.small_m_gluon_layer import LA_RANKS, w4_linear_small_m_gluon  # noqa: E402
+from studio.kernels.small_m_gluon_cluster import launch_layer, prepare, w4_linear_small_m_cluster  # noqa: E402
+from studio.kernels.small_m_gluon_layer import w4_linear_small_m_gluon  # noqa: E402
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def pre_kernel_alone(
-    x: torch.Tensor, sinv: torch.Tensor, l1: torch.Tensor, la_cluster: int, prescale: bool
-) -> None:
-    """The cluster layer's pre-kernel as its launcher launches it, without the layer after it."""
-    m, k = x.shape
-    kg, r = k // 64, l1.shape[1]
-    n_la = triton.cdiv(r, LA_RANKS)
-    la = torch.empty(m, r, device=x.device, dtype=torch.bfloat16)
-    xs = torch.empty_like(x)
-    ctas = n_la * la_cluster + (
-        triton.cdiv(triton.cdiv(k, SCALE_COLS), la_cluster) * la_cluster if prescale else 0
-    )
-    launch_in_clusters(
-        _prepare_kernel, ctas, la_cluster, "LA_CLUSTER",
-        x, sinv, l1, xs, la, m, k, kg, r, x.stride(0), xs.stride(0), l1.stride(0), la.stride(0),
-        LA_CLUSTER=la_cluster, N_LA=n_la, STAGES=min(triton.cdiv(kg, la_cluster), LA_MAX_STAGES - 1) + 1, WARPS=4,
-        LA_R=LA_RANKS, SCALE_COLS=SCALE_COLS, PRESCALE=prescale, LAUNCH_DEPENDENTS=False, num_warps=4,
-    )  # fmt: skip
 
 
 def rank0_layer(
@@ -79,21 +52,10 @@ def rank0_layer(
     """The cluster layer's kernel at rank 0, activations scaled in it; ``exchange`` False
     leaves the exchange out (wrong output), ``clusters`` False launches it plainly; ``times``:
     int64 ``[CTAs, 4]`` for its stamps (``_w4_cluster_layer_kernel``'s ``TIMES``)."""
-    m, _ = x.shape
-    kg, n, _ = p["qweight"].shape
-    block_n, split_k, warps, stages = tile
-    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    q, s = p["qweight"], p["wscale"]
-    args = (x, p["smooth_inv"], q, s, x, x, s, bias, out, m, n, kg, 1, 1, 1, x.stride(0), q.stride(0), s.stride(0),
-            1, 1, 1, out.stride(0))  # fmt: skip
-    kw = dict(BLOCK_N=block_n, SPLIT_K=split_k, WARPS=warps, STAGES=stages, PRESCALED=False, HAS_BRANCH=False,
-              HAS_BIAS=True, GRID_DEP_WAIT=False, LA_R=LA_RANKS, EXCHANGE=exchange, num_warps=warps,
-              times=times, TIMES=times is not None)  # fmt: skip
-    ctas = triton.cdiv(n, block_n) * split_k
-    if clusters:
-        launch_in_clusters(_w4_cluster_layer_kernel, ctas, split_k, "SPLIT_K", *args, **kw)
-    else:
-        _w4_cluster_layer_kernel[(ctas,)](*args, **kw)
+    out = torch.empty(x.shape[0], p["qweight"].shape[1], device=x.device, dtype=x.dtype)
+    s = p["wscale"]
+    launch_layer(x, p["smooth_inv"], p["qweight"], s, x, x, s, bias, out, 0, 1, tile, False, False,
+                 clusters=clusters, EXCHANGE=exchange, times=times, TIMES=times is not None)  # fmt: skip
 
 
 def timeline(x: torch.Tensor, p: dict, bias: torch.Tensor, tile: tuple) -> str:
@@ -131,8 +93,8 @@ def main() -> None:
         print(f"{k}x{n}: bf16 {bf16:.1f} us; Gluon layer rank 32 {gluon:.1f} us ({bf16 / gluon:.2f}x), rank 0 "
               f"{gluon0:.1f} us", flush=True)  # fmt: skip
         pre = [
-            f"cluster {c}: {bench(lambda: pre_kernel_alone(x, a[1], a[5], c, False)):.1f} / "
-            f"{bench(lambda: pre_kernel_alone(x, a[1], a[5], c, True)):.1f}"
+            f"cluster {c}: {bench(lambda: prepare(x, a[1], a[5], False, c, False)):.1f} / "
+            f"{bench(lambda: prepare(x, a[1], a[5], True, c, False)):.1f}"
             for c in (8, 16)
         ]
         print("  pre-kernel alone, x @ l1 / and scaling, us: " + " | ".join(pre), flush=True)

@@ -53,7 +53,7 @@ def compile_for_hopper(fn: JITFunction, args: tuple, kwargs: dict) -> object:
     values = dict(zip(fn.arg_names, args)) | kwargs
     signature, constexprs, attrs = {}, {}, {}
     for i, param in enumerate(fn.params):
-        value = values[param.name] if param.name in values else param.default
+        value = values.get(param.name, param.default)
         if param.is_constexpr or value is None or (type(value) is int and value == 1):
             # (a launch specialises None and an integer argument equal to 1 into constants, too)
             signature[param.name] = "constexpr"

@@ -50,10 +50,6 @@ SCALE_COLS = 512
 #: Most slots of the pre-kernel's ring (a CTA's whole run of groups in flight, up to this).
 LA_MAX_STAGES = 13
 
-#: (K groups of 64, N) -> (BLOCK_N, SPLIT_K, warps, stages, prescale): the tile measured best
-#: on H100 at 16 rows, rank 32; other shapes take ``cluster_tile``'s rule.
-CLUSTER_TILES: dict[tuple[int, int], tuple[int, int, int, int, bool]] = {}
-
 
 @gluon.jit
 def _cluster_arrive():
@@ -281,19 +277,72 @@ def cluster_misfit(m: int, tile: tuple[int, int, int, int]) -> str:
 
 
 def cluster_tile(kg: int, n: int) -> tuple[int, int, int, int, bool]:
-    """``CLUSTER_TILES``'s tile of the shape, else 128 columns (64 up to 3072 outputs), 8 splits
-    (4 up to 64 groups; at least 2 groups a split, a power of two), 4 warps, 4 slots,
-    activations scaled by the pre-kernel."""
-    if (kg, n) in CLUSTER_TILES:
-        return CLUSTER_TILES[(kg, n)]
+    """128 columns (64 up to 3072 outputs), 8 splits (4 up to 64 groups; at least 2 groups a
+    split, and a power of two, so that it divides the columns), 4 warps, 4 slots, activations
+    scaled by the pre-kernel.  Nothing is pinned per shape: no shape routes here."""
     most = max(1, min(4 if kg <= 64 else 8, kg // 2))
-    return (
-        (64 if n <= 3072 else 128),
-        1 << (most.bit_length() - 1),
-        4,
-        4,
-        True,
-    )  # (a power of two: divides BLOCK_N)
+    return (64 if n <= 3072 else 128), 1 << (most.bit_length() - 1), 4, 4, True
+
+
+def prepare(
+    x: torch.Tensor,
+    smooth_inv: torch.Tensor,
+    l1: torch.Tensor,
+    prescale: bool,
+    la_cluster: int,
+    launch_dependents: bool,
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The pre-kernel (``_prepare_kernel``) where it has work: the activations the column
+    programs read (``bf16(x * 1/s)`` with ``prescale``, else ``x`` itself), ``bf16(x @ l1)``
+    ``[M, max(R, 1)]``, and whether it was launched."""
+    m, k = x.shape
+    r = l1.shape[1]
+    n_la = triton.cdiv(r, LA_RANKS)
+    la = torch.empty(m, max(r, 1), device=x.device, dtype=torch.bfloat16)
+    xs = torch.empty_like(x) if prescale else x
+    ctas = n_la * la_cluster + (
+        triton.cdiv(triton.cdiv(k, SCALE_COLS), la_cluster) * la_cluster if prescale else 0
+    )
+    if ctas:
+        src = l1 if r else x  # (at rank 0 the branch part is not compiled: any aligned pointer)
+        launch_in_clusters(
+            _prepare_kernel, ctas, la_cluster, "LA_CLUSTER",
+            x, smooth_inv, src, xs, la, m, k, k // 64, max(r, 1), x.stride(0), xs.stride(0), src.stride(0),
+            la.stride(0),
+            LA_CLUSTER=la_cluster, N_LA=n_la, STAGES=min(triton.cdiv(k // 64, la_cluster), LA_MAX_STAGES - 1) + 1,
+            WARPS=4, LA_R=LA_RANKS, SCALE_COLS=SCALE_COLS, PRESCALE=prescale, LAUNCH_DEPENDENTS=launch_dependents,
+            num_warps=4,
+        )  # fmt: skip
+    return xs, la, ctas > 0
+
+
+def launch_layer(
+    xs: torch.Tensor, smooth_inv: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor, la: torch.Tensor,
+    l2: torch.Tensor, strength: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, r: int,
+    rows_per_sample: int, tile: tuple[int, int, int, int], prescaled: bool, dependent: bool,
+    clusters: bool = True, **probe: object,
+) -> None:  # fmt: skip
+    """``_w4_cluster_layer_kernel`` into ``out`` (a rank-``r`` branch; ``l2`` and ``strength``
+    unread at rank 0).  ``clusters`` False (a plain launch) and ``probe`` (``EXCHANGE``,
+    ``times``, ``TIMES``) only for ``bench/diag_small_m_cluster.py``."""
+    kg, n, _ = qweight.shape
+    block_n, split_k, warps, stages = tile
+    args = (
+        xs, smooth_inv, qweight, wscale, la, l2, strength, out if bias is None else bias, out,
+        out.shape[0], n, kg, max(r, 1), strength.shape[0], max(rows_per_sample, 1),
+        xs.stride(0), qweight.stride(0), wscale.stride(0), la.stride(0), l2.stride(0), strength.stride(0),
+        out.stride(0),
+    )  # fmt: skip
+    kw = dict(
+        BLOCK_N=block_n, SPLIT_K=split_k, WARPS=warps, STAGES=stages, PRESCALED=prescaled, HAS_BRANCH=r > 0,
+        HAS_BIAS=bias is not None, GRID_DEP_WAIT=dependent, LA_R=LA_RANKS, num_warps=warps, launch_pdl=dependent,
+        **probe,
+    )  # fmt: skip
+    ctas = triton.cdiv(n, block_n) * split_k
+    if clusters:
+        launch_in_clusters(_w4_cluster_layer_kernel, ctas, split_k, "SPLIT_K", *args, **kw)
+    else:
+        _w4_cluster_layer_kernel[(ctas,)](*args, **kw)
 
 
 def w4_linear_small_m_cluster(
@@ -337,34 +386,11 @@ def w4_linear_small_m_cluster(
             f"the cluster small-M layer needs {misfit or f'a pre-kernel cluster of 1-{MAX_CLUSTER}'}; got {fmt}, "
             f"x {x.dtype} {tuple(x.shape)} on {x.device}, rank {r}, tile {tile}, pre-kernel cluster {la_cluster}"
         )
-    block_n, split_k, warps, stages = tile
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    n_la = triton.cdiv(r, LA_RANKS)
-    la = torch.empty(m, max(r, 1), device=x.device, dtype=torch.bfloat16)
-    xs = torch.empty_like(x) if prescale else x
-    pre_ctas = n_la * la_cluster + (
-        triton.cdiv(triton.cdiv(k, SCALE_COLS), la_cluster) * la_cluster if prescale else 0
-    )
-    dependent = dependent_launch and pre_ctas > 0
-    if pre_ctas:
-        stages_la = min(triton.cdiv(kg, la_cluster), LA_MAX_STAGES - 1) + 1
-        launch_in_clusters(
-            _prepare_kernel, pre_ctas, la_cluster, "LA_CLUSTER",
-            x, smooth_inv, l1 if r else x, xs, la, m, k, kg, max(r, 1), x.stride(0), xs.stride(0),
-            (l1 if r else x).stride(0), la.stride(0),
-            LA_CLUSTER=la_cluster, N_LA=n_la, STAGES=stages_la, WARPS=4, LA_R=LA_RANKS, SCALE_COLS=SCALE_COLS,
-            PRESCALE=prescale, LAUNCH_DEPENDENTS=dependent, num_warps=4,
-        )  # fmt: skip
+    xs, la, prepared = prepare(x, smooth_inv, l1, prescale, la_cluster, dependent_launch)
     if not r:  # no branch: its arguments go unread (any valid pointer)
         l2, strength = x, wscale
-    bias_t = bias.float().contiguous() if bias is not None else out
-    launch_in_clusters(
-        _w4_cluster_layer_kernel, triton.cdiv(n, block_n) * split_k, split_k, "SPLIT_K",
-        xs, smooth_inv, qweight, wscale, la, l2, strength, bias_t, out,
-        m, n, kg, max(r, 1), strength.shape[0], max(rows_per_sample, 1),
-        xs.stride(0), qweight.stride(0), wscale.stride(0), la.stride(0), l2.stride(0), strength.stride(0),
-        out.stride(0),
-        BLOCK_N=block_n, SPLIT_K=split_k, WARPS=warps, STAGES=stages, PRESCALED=prescale, HAS_BRANCH=r > 0,
-        HAS_BIAS=bias is not None, GRID_DEP_WAIT=dependent, LA_R=LA_RANKS, num_warps=warps, launch_pdl=dependent,
-    )  # fmt: skip
+    bias_t = bias.float().contiguous() if bias is not None else None
+    launch_layer(xs, smooth_inv, qweight, wscale, la, l2, strength, bias_t, out, r, rows_per_sample, tile, prescale,
+                 dependent_launch and prepared)  # fmt: skip
     return out
