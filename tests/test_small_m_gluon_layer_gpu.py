@@ -168,7 +168,8 @@ def test_gluon_layer_refuses_an_unknown_finish_or_await_with_slices_last(
     it is refused (checked before anything runs, so on the CPU too)."""
     args = small_m_case(16, 384, 64, 32, "int4")
     with pytest.raises(
-        ValueError, match="finish is 'await' \\(with the branch slices first in the grid\\) or 'count'"
+        ValueError,
+        match="finish is 'await' or 'flag' \\(with the branch slices first in the grid\\) or 'count'",
     ):
         w4_linear_small_m_gluon(*args, finish=finish, slices_first=slices_first)
 

@@ -49,6 +49,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
+from studio.kernels.flagged_partials import _flagged_sum, _store_flagged, flagged_scratch
 from studio.kernels.small_m_gluon import _column_partials, _ring_step_wait, codes_left_fits
 from studio.kernels.small_m_gluon_wgmma import _column_partials_wgmma
 from studio.kernels.split_k_scratch import zeroed_scratch
@@ -73,6 +74,10 @@ def block_rows(m: int) -> int:
 #: shape over every tile after a memset, eighteenth session); at 17-64 rows, which ``w4_linear``
 #: does not route here, not timed.
 DEFAULT_FINISH = "await"
+
+#: The finishes ``w4_linear_small_m_gluon`` takes: ``"await"`` and ``"count"`` (counters,
+#: ``_w4_gluon_layer_kernel``) and ``"flag"`` (flagged words, ``flagged_partials``; 16 rows).
+FINISHES = ("await", "count", "flag")
 
 #: Whether the ``mma.sync`` column programs take the codes as the dot's left operand
 #: (``_column_partials``'s ``CODES_LEFT``; ``w4_linear_small_m_gluon``'s ``codes_left``).
@@ -169,18 +174,26 @@ def _slice_partials(
 
 
 @gluon.jit
-def _reduce_slices(la_idx, la_part, M, R, SLICE_SPLIT: gl.constexpr, LA_R: gl.constexpr, WARPS: gl.constexpr):
+def _reduce_slices(
+    la_idx, la_part, M, R, SLICE_SPLIT: gl.constexpr, LA_R: gl.constexpr, WARPS: gl.constexpr, la_words=None,
+    flag=0,
+):  # fmt: skip
     """Ranks ``la_idx * LA_R ..`` of ``x @ l1``: the slices' partials summed in split order and
     rounded to bf16 (``reference_small_m``'s first rounding), stored as fp32 after the
-    partials (split ``SLICE_SPLIT`` of ``la_part``), so that a finish reads them as one split."""
+    partials (split ``SLICE_SPLIT`` of ``la_part``), so that a finish reads them as one split;
+    ``la_words``: stored there instead as flagged words ``[16, R]`` with ``flag``
+    (``flagged_partials``; 16 rows at most)."""
     flat: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [WARPS, 1], [1, 0])
     r_f = la_idx * LA_R + gl.arange(0, LA_R, layout=gl.SliceLayout(0, flat))
     for m0 in range(0, M, FINISH_ROWS):
         m_f = m0 + gl.arange(0, FINISH_ROWS, layout=gl.SliceLayout(1, flat))
         offs = m_f[:, None] * R + r_f[None, :]
         f_mask = (m_f < M)[:, None] & (r_f < R)[None, :]
-        la = _sum_splits(la_part, offs, f_mask, M * R, SLICE_SPLIT, flat)
-        gl.store(la_part + SLICE_SPLIT * M * R + offs, la.to(gl.bfloat16).to(gl.float32), mask=f_mask)
+        la = _sum_splits(la_part, offs, f_mask, M * R, SLICE_SPLIT, flat).to(gl.bfloat16).to(gl.float32)
+        if la_words is None:
+            gl.store(la_part + SLICE_SPLIT * M * R + offs, la, mask=f_mask)
+        else:
+            _store_flagged(la_words + offs, la, f_mask, flag)
 
 
 @gluon.jit
@@ -344,6 +357,89 @@ def _finish_block(
 
 
 @gluon.jit
+def _store_split_flagged(
+    words, own, col, pid_k, M, N, flag, BLOCK_N: gl.constexpr, WARPS: gl.constexpr, OUT_TPW_N: gl.constexpr
+):  # fmt: skip
+    """Split ``pid_k``'s partials ``own`` (``[16, BLOCK_N]``) of block ``col`` as flagged words:
+    row ``m``, column ``n`` at ``(pid_k * 16 + m) * N + n``, in the layout the finish reads."""
+    flat: gl.constexpr = gl.BlockedLayout([1, 4], [32 // OUT_TPW_N, OUT_TPW_N], [WARPS, 1], [1, 0])
+    m_c = gl.arange(0, FINISH_ROWS, layout=gl.SliceLayout(1, flat))
+    n_c = col * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, flat))
+    ptrs = words + (pid_k * FINISH_ROWS + m_c[:, None]) * N + n_c[None, :]
+    _store_flagged(ptrs, gl.convert_layout(own, flat), (m_c < M)[:, None] & (n_c < N)[None, :], flag)
+
+
+@gluon.jit
+def _await_flagged(base, offs, mask, flag, layout: gl.constexpr, start):
+    """One split of flagged words, read until every flag is ``flag`` or ``AWAIT_LIMIT_NS`` from
+    ``start`` pass: (values, whether they all arrived)."""
+    vals, arrived = _flagged_sum(base, offs, mask, 0, 1, flag, layout)
+    while (arrived == 0) & (_now() - start < AWAIT_LIMIT_NS):
+        vals, arrived = _flagged_sum(base, offs, mask, 0, 1, flag, layout)
+    return vals, arrived
+
+
+@gluon.jit
+def _finish_flagged(
+    col, own, words, epochs, flag, strength, l2, bias, out, M, N, R, S, rows_per_sample, stride_sm, stride_l2n,
+    stride_om, BLOCK_N: gl.constexpr, SPLIT_K: gl.constexpr, LA_R: gl.constexpr, WARPS: gl.constexpr,
+    OUT_TPW_N: gl.constexpr, HAS_BRANCH: gl.constexpr, HAS_BIAS: gl.constexpr, mma: gl.constexpr,
+    a_op: gl.constexpr, b_op: gl.constexpr,
+):  # fmt: skip
+    """16-row output block ``col`` as ``_finish_rows`` makes it, from flagged words
+    (``flagged_partials``): the other splits' partials (``_store_split_flagged``), then the
+    reduced branch input ``[16, R]`` (``_reduce_slices``), are read again until their flags are
+    ``flag`` (NaN over the block if that takes ``AWAIT_LIMIT_NS``).  No counter: the first
+    read of the partials and of the first rank chunk, issued together, is also the read of
+    the data.  ``own``: this program's split, ``[16, BLOCK_N]``.  Then the block's epoch
+    moves on to ``flag``."""
+    flat: gl.constexpr = gl.BlockedLayout([1, 4], [32 // OUT_TPW_N, OUT_TPW_N], [WARPS, 1], [1, 0])
+    la_flat: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [WARPS, 1], [1, 0])
+    LA_SPLITS: gl.constexpr = 1 if HAS_BRANCH else 0
+    m_c = gl.arange(0, FINISH_ROWS, layout=gl.SliceLayout(1, flat))
+    n_c = col * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, flat))
+    mask = (m_c < M)[:, None] & (n_c < N)[None, :]
+    la_words = words + (SPLIT_K - 1) * FINISH_ROWS * N
+    m_l = gl.arange(0, FINISH_ROWS, layout=gl.SliceLayout(1, la_flat))
+    r_l = gl.arange(0, LA_R, layout=gl.SliceLayout(0, la_flat))
+    if HAS_BIAS:
+        b = gl.load(bias + n_c, mask=n_c < N, other=0.0)
+    if HAS_BRANCH:
+        st, l2t = _branch_weights(0, 0, col, strength, l2, M, N, R, S, rows_per_sample, stride_sm, stride_l2n,
+                                  BLOCK_N, LA_R, WARPS, b_op)  # fmt: skip
+    start = _now()
+    la_offs = m_l[:, None] * R + r_l[None, :]
+    la_mask = (m_l < M)[:, None] & (r_l < R)[None, :]
+    acc, arrived = _flagged_sum(words, m_c[:, None] * N + n_c[None, :], mask, FINISH_ROWS * N, SPLIT_K - 1, flag,
+                                flat)  # fmt: skip
+    la, la_arrived = _flagged_sum(la_words, la_offs, la_mask, 0, LA_SPLITS, flag, la_flat)
+    ready = arrived & la_arrived
+    while (ready == 0) & (_now() - start < AWAIT_LIMIT_NS):
+        acc, arrived = _flagged_sum(words, m_c[:, None] * N + n_c[None, :], mask, FINISH_ROWS * N, SPLIT_K - 1,
+                                    flag, flat)  # fmt: skip
+        la, la_arrived = _flagged_sum(la_words, la_offs, la_mask, 0, LA_SPLITS, flag, la_flat)
+        ready = arrived & la_arrived
+    acc += gl.convert_layout(own, flat)
+    if HAS_BRANCH:
+        la = (la.to(gl.bfloat16).to(gl.float32) * st).to(gl.bfloat16)
+        branch = mma_v2(gl.convert_layout(la, a_op), l2t, gl.zeros([FINISH_ROWS, BLOCK_N], gl.float32, mma))
+        for r0 in range(LA_R, R, LA_R):
+            st, l2t = _branch_weights(r0, 0, col, strength, l2, M, N, R, S, rows_per_sample, stride_sm,
+                                      stride_l2n, BLOCK_N, LA_R, WARPS, b_op)  # fmt: skip
+            la, la_arrived = _await_flagged(la_words + r0, la_offs, la_mask & (r0 + r_l < R)[None, :], flag,
+                                            la_flat, start)  # fmt: skip
+            ready = ready & la_arrived
+            la = (la.to(gl.bfloat16).to(gl.float32) * st).to(gl.bfloat16)
+            branch = mma_v2(gl.convert_layout(la, a_op), l2t, branch)
+        acc += gl.convert_layout(branch, flat)
+    if HAS_BIAS:
+        acc += b[None, :]
+    acc = gl.where(ready, acc, float("nan"))
+    gl.store(out + m_c[:, None] * stride_om + n_c[None, :], acc.to(out.dtype.element_ty), mask=mask)
+    gl.store(epochs + col, flag)
+
+
+@gluon.jit
 def _w4_gluon_layer_kernel(
     x, xs, sinv, qweight, wscale, l1, part, la_part, cnt, l2, strength, bias, out,
     M, N, KG, R, N_LA, S, rows_per_sample,
@@ -353,7 +449,7 @@ def _w4_gluon_layer_kernel(
     PRESCALED: gl.constexpr, HAS_BRANCH: gl.constexpr, HAS_BIAS: gl.constexpr, LA_R: gl.constexpr,
     OUT_TPW_N: gl.constexpr, SLICES_FIRST: gl.constexpr, AWAIT_SPLITS: gl.constexpr, times=None,
     TIMES: gl.constexpr = False, CODES_LEFT: gl.constexpr = False,
-    GRID_DEP_WAIT: gl.constexpr = False,
+    GRID_DEP_WAIT: gl.constexpr = False, FLAGGED: gl.constexpr = False, words=None, epochs=None,
 ):  # fmt: skip
     """Grid ``(N_LA * SLICE_SPLIT + n_blocks * SPLIT_K,)``; ``cnt[col]`` counts the arrivals
     at column block ``col``: its ``SPLIT_K`` column programs and every slice (with
@@ -369,6 +465,12 @@ def _w4_gluon_layer_kernel(
     finish reads one split of the branch input, not ``SLICE_SPLIT`` (the finish's reads are
     most of its time).  The programs a finish waits for come before it in the grid, so they
     were scheduled first; ``SLICES_FIRST`` is required.
+
+    ``FLAGGED`` (with ``AWAIT_SPLITS``, 16 rows, ``mma.sync`` column programs): the column
+    programs store their partials and the rank chunks' reducers the branch input as flagged
+    words (``flagged_partials``: ``words``, and ``epochs``, whose ``epochs[col] + 1`` is this
+    launch's flag), and count nothing in the blocks; the finish reads the words until their
+    flags are this launch's (``_finish_flagged``).
 
     Otherwise whichever arrival completes a block finishes it.  The branch slices come first in the
     grid (``SLICES_FIRST``) and each takes half a column program's run of K (``SLICE_SPLIT =
@@ -395,6 +497,8 @@ def _w4_gluon_layer_kernel(
     if (pid >= first_col) & (pid < first_col + n_blocks * SPLIT_K):
         col = (pid - first_col) % n_blocks
         pid_k = (pid - first_col) // n_blocks
+        if FLAGGED:  # (this launch's flag: read now, used after the product)
+            flag = gl.load(epochs + col, volatile=True) + 1
         if WGMMA:
             own = None
             _column_partials_wgmma(col, pid_k, xs, qweight, wscale, part, M, N, KG, stride_xsm, stride_qg,
@@ -402,11 +506,23 @@ def _w4_gluon_layer_kernel(
         else:  # (``own``: this program's partials, which its own finish takes from registers at 16 rows)
             own = _column_partials(col, pid_k, xs, sinv, qweight, wscale, part, M, N, KG, stride_xsm, stride_qg,
                                    stride_wg, BLOCK_M, BLOCK_N, SPLIT_K, WARPS, STAGES, PRESCALED, SCALED_CODES,
-                                   mma, a_op, b_op, CODES_LEFT, GRID_DEP_WAIT)  # fmt: skip
-        gl.thread_barrier()  # every thread's partials are written before the release below
+                                   mma, a_op, b_op, CODES_LEFT, GRID_DEP_WAIT, not FLAGGED)  # fmt: skip
+        if not FLAGGED:
+            gl.thread_barrier()  # every thread's partials are written before the release below
         if TIMES:
             gl.store(times + pid * 4 + 1, _now())
-        if AWAIT_SPLITS:
+        if FLAGGED:
+            if CODES_LEFT:  # (held transposed when not stored: ``_column_partials``)
+                own = gl.permute(own, (1, 0))
+            if pid_k < SPLIT_K - 1:
+                _store_split_flagged(words, own, col, pid_k, M, N, flag, BLOCK_N, WARPS, OUT_TPW_N)
+            else:
+                if TIMES:
+                    gl.store(times + pid * 4 + 2, _now())
+                _finish_flagged(col, own, words, epochs, flag, strength, l2, bias, out, M, N, R, S, rows_per_sample,
+                                stride_sm, stride_l2n, stride_om, BLOCK_N, SPLIT_K, LA_R, WARPS, OUT_TPW_N,
+                                HAS_BRANCH, HAS_BIAS, mma, a_op, b_op)  # fmt: skip
+        elif AWAIT_SPLITS:
             if pid_k < SPLIT_K - 1:
                 gl.atomic_add(cnt + col, 1, sem="release")
             else:  # (the branch input comes reduced: one split, after the slices' partials)
@@ -441,12 +557,18 @@ def _w4_gluon_layer_kernel(
                 if TIMES:
                     gl.store(times + pid * 4 + 2, _now())
                 gl.thread_barrier()
-                _reduce_slices(la_idx, la_part, M, R, SLICE_SPLIT, LA_R, WARPS)
-                gl.store(cnt + n_blocks + la_idx, 0)
-                gl.thread_barrier()
-                for b0 in range(0, n_blocks, 32 * WARPS):
-                    offs_b = b0 + gl.arange(0, 32 * WARPS, layout=blocks)
-                    gl.atomic_add(cnt + offs_b, ones, mask=offs_b < n_blocks, sem="release")
+                if FLAGGED:  # (the flag of every block: equal at a launch's start, ``flagged_partials``)
+                    flag = gl.load(epochs, volatile=True) + 1
+                    _reduce_slices(la_idx, la_part, M, R, SLICE_SPLIT, LA_R, WARPS,
+                                   words + (SPLIT_K - 1) * FINISH_ROWS * N, flag)  # fmt: skip
+                    gl.store(cnt + n_blocks + la_idx, 0)
+                else:
+                    _reduce_slices(la_idx, la_part, M, R, SLICE_SPLIT, LA_R, WARPS)
+                    gl.store(cnt + n_blocks + la_idx, 0)
+                    gl.thread_barrier()
+                    for b0 in range(0, n_blocks, 32 * WARPS):
+                        offs_b = b0 + gl.arange(0, 32 * WARPS, layout=blocks)
+                        gl.atomic_add(cnt + offs_b, ones, mask=offs_b < n_blocks, sem="release")
         else:  # count this slice in every column block and finish those it completes
             for b0 in range(0, n_blocks, 32 * WARPS):
                 offs_b = b0 + gl.arange(0, 32 * WARPS, layout=blocks)
@@ -597,8 +719,10 @@ def w4_linear_small_m_gluon(
     ``bench/diag_small_m_gluon_parts.py``).  ``slices_first``: the branch slices' place in the grid (the tests
     run both, so that either kind of program finishing a block is covered).  ``finish``:
     ``"await"`` (each block's last column program waits until the others are counted:
-    ``AWAIT_SPLITS``; needs ``slices_first``) or ``"count"`` (the arrival that completes a
-    block finishes it); None: ``default_tile``'s (``"count"`` with the slices last).
+    ``AWAIT_SPLITS``; needs ``slices_first``), ``"flag"`` (that program reads the others'
+    partials as flagged words until they are this launch's, no counters: ``FLAGGED``; needs
+    ``slices_first``, 1-16 rows, ``mma.sync`` column programs) or ``"count"`` (the arrival that
+    completes a block finishes it); None: ``default_tile``'s (``"count"`` with the slices last).
     ``codes_left``: the ``mma.sync`` column programs take the decoded codes as the dot's left
     operand (``CODES_LEFT``; needs ``BLOCK_N`` a multiple of ``16 * warps``); None:
     ``DEFAULT_CODES_LEFT`` where the tile allows it, else the right operand; ignored by the
@@ -632,10 +756,14 @@ def w4_linear_small_m_gluon(
             f"codes as the dot's left operand need BLOCK_N a multiple of 16 * warps, got {block_n} columns, "
             f"{warps} warps"
         )
-    if finish not in ("await", "count") or (finish == "await" and not slices_first):
+    if finish not in FINISHES or (finish in ("await", "flag") and not slices_first):
         raise ValueError(
-            f"finish is 'await' (with the branch slices first in the grid) or 'count'; got {finish!r}, "
+            f"finish is 'await' or 'flag' (with the branch slices first in the grid) or 'count'; got {finish!r}, "
             f"slices first {slices_first}"
+        )
+    if finish == "flag" and (block_m != 16 or wgmma):
+        raise ValueError(
+            f"the flagged finish takes 1-16 rows and mma.sync column programs; got {m} rows, wgmma {wgmma}"
         )
     if stages < 2:
         raise ValueError(f"the ring needs at least 2 slots, got {stages}")
@@ -666,6 +794,9 @@ def w4_linear_small_m_gluon(
     else:  # no branch: no slice programs, and the branch arguments go unread (any valid pointer)
         l1, l2, strength, la_part = x, x, wscale, part
     bias_t = bias.float().contiguous() if bias is not None else out
+    words = epochs = None
+    if finish == "flag":  # (the other splits' partials, then the branch input: ``_finish_flagged``)
+        words, epochs = flagged_scratch(x.device, n, block_n, (split_k - 1) * 16 * n + 16 * r, n_blocks)
     grid = (n_la * slice_split + n_blocks * split_k,)
     _w4_gluon_layer_kernel[grid](
         x, src, smooth_inv, qweight, wscale, l1, part, la_part, cnt, l2, strength, bias_t, out,
@@ -676,8 +807,9 @@ def w4_linear_small_m_gluon(
         SCALED_CODES=scaled_codes, WGMMA=wgmma,
         PRESCALED=prescale, HAS_BRANCH=r > 0, HAS_BIAS=bias is not None, LA_R=LA_RANKS,
         OUT_TPW_N=min(32, block_n // 4),
-        SLICES_FIRST=slices_first, AWAIT_SPLITS=finish == "await", num_warps=warps, times=times,
+        SLICES_FIRST=slices_first, AWAIT_SPLITS=finish in ("await", "flag"), num_warps=warps, times=times,
         TIMES=times is not None, CODES_LEFT=codes_left,
         GRID_DEP_WAIT=dependent_launch, launch_pdl=dependent_launch,
+        FLAGGED=finish == "flag", words=words, epochs=epochs,
     )  # fmt: skip
     return out
