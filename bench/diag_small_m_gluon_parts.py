@@ -48,7 +48,13 @@ def spread(v: torch.Tensor) -> str:
 
 
 def timeline(
-    x: torch.Tensor, p: dict, bias: torch.Tensor, tile: tuple, flush: torch.Tensor, finish: str
+    x: torch.Tensor,
+    p: dict,
+    bias: torch.Tensor,
+    tile: tuple,
+    flush: torch.Tensor,
+    finish: str,
+    prescale: bool = False,
 ) -> str:
     """One launch after a memset: per kind of program, each stamp's min/median/max in ns."""
     kg, n = p["qweight"].shape[:2]
@@ -58,7 +64,7 @@ def timeline(
         times.zero_()
         flush.zero_()
         w4_linear_small_m_gluon(
-            *layer_args(x, p, bias), tile=tile, prescale=False, finish=finish, times=times
+            *layer_args(x, p, bias), tile=tile, prescale=prescale, finish=finish, times=times
         )
     torch.cuda.synchronize()
     t = times.cpu().double()

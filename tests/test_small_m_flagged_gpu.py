@@ -1,11 +1,13 @@
 """The 16-row Gluon layer's flagged finish (``finish="flag"``, ``studio/kernels/flagged_partials.py``).
 
-On a GPU (``pytest -m gpu``): the same bits as the awaiting finish (it adds the same
-partials in the same order) on the layer test's 1-16-row cases, the activations scaled in
-the kernel or by the pre-kernel (with dependent launch); launch after launch (the epoch
-moves on by one per launch in every column block), in a CUDA graph replayed on new inputs
-(the epoch lives in device memory), and after launches that left other words behind
-(another rank, other rows, another layer shape), which must not pass for this launch's.
+On a GPU (``pytest -m gpu``): the awaiting finish's result to within one bf16 step (it adds
+the same partials in the same order, each with its lowest fp32 bit cleared) and the
+reference's tolerance, on the layer test's 1-16-row cases, the activations scaled in the
+kernel or by the pre-kernel (with dependent launch); the same bits launch after launch (the
+parity changes every launch, the result must not), with the epoch moving on by one per
+launch in every column block; in a CUDA graph replayed on new inputs (the epoch lives in
+device memory); and after launches that left other words behind (other rows, another layer
+of the same N), which must not pass for this launch's.
 The argument checks run on the CPU too.
 """
 
@@ -15,7 +17,7 @@ import pytest
 import torch
 from kernel_cases import small_m_case
 
-from studio.kernels.flagged_partials import _SCRATCH
+from studio.kernels.flagged_partials import _SCRATCH, one_wave_registers
 from studio.kernels.reference_small_m import w4_linear_small_m
 from studio.kernels.small_m_gluon_layer import w4_linear_small_m_gluon
 
@@ -36,40 +38,48 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
-def _epochs(n: int, block_n: int) -> torch.Tensor:
-    """The epochs of the flagged scratch of ``n`` outputs in blocks of ``block_n`` (this stream)."""
-    return next(pair[1] for key, pair in _SCRATCH.items() if key[2:] == (n, block_n))
+def _epochs(n: int, tile: tuple, r: int) -> torch.Tensor:
+    """The epochs of the flagged scratch of ``n`` outputs at ``tile``, rank ``r`` (this stream)."""
+    return next(pair[1] for key, pair in _SCRATCH.items() if key[2:] == (n, tile[0], tile[1], r))
+
+
+def _assert_near(out: torch.Tensor, expect: torch.Tensor) -> None:
+    """Within one bf16 step of ``expect`` everywhere (outputs near zero: of its largest value),
+    and equal almost everywhere."""
+    diff = (out.float() - expect.float()).abs()
+    assert (diff <= 2**-7 * expect.float().abs() + 1e-5 * expect.float().abs().max()).all()
+    assert (diff > 0).float().mean() < 0.02
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("prescale", [False, True])
 @pytest.mark.parametrize("m,k,n,r,tile", CASES)
-def test_flagged_finish_gives_the_awaiting_finish_bits(
+def test_flagged_finish_is_the_awaiting_finish_within_a_bf16_step(
     m: int, k: int, n: int, r: int, tile: tuple, prescale: bool
 ) -> None:
-    """The same bits as ``finish="await"``, within the layer's tolerance of the reference, three
-    launches in a row; each launch moves every block's epoch on by one."""
+    """Within one bf16 step of ``finish="await"`` and the layer's tolerance of the reference;
+    the same bits three launches in a row, each moving every block's epoch on by one."""
     args = small_m_case(m, k, n, r, "int4", seed=m + k + n + r, device="cuda")
     kw = dict(tile=tile, prescale=prescale)
     expect = w4_linear_small_m_gluon(*args, finish="await", **kw)
-    assert _rel(expect, w4_linear_small_m(*args, scaled_codes=False)) < 5e-3
     first = w4_linear_small_m_gluon(*args, finish="flag", **kw)
     torch.cuda.synchronize()
-    blocks = -(-n // tile[0])
-    before = _epochs(n, tile[0])[:blocks].clone()
+    assert torch.isfinite(first).all() and _rel(first, w4_linear_small_m(*args, scaled_codes=False)) < 5e-3
+    _assert_near(first, expect)
+    before = _epochs(n, tile, r).clone()
     assert (before == before[0]).all() and before[0] > 0
     runs = [w4_linear_small_m_gluon(*args, finish="flag", **kw) for _ in range(2)]
     torch.cuda.synchronize()
-    assert torch.equal(_epochs(n, tile[0])[:blocks], before + 2)
-    for out in (first, *runs):
-        assert torch.isfinite(out).all() and torch.equal(out, expect), kw
+    assert torch.equal(_epochs(n, tile, r), before + 2)
+    for out in runs:
+        assert torch.equal(out, first), kw
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("prescale", [False, True])
 def test_flagged_finish_replays_in_a_cuda_graph(prescale: bool) -> None:
-    """Captured once, replayed on three new inputs: each replay gives the awaiting finish's
-    bits for its input (the flag is read from device memory at every replay)."""
+    """Captured once, replayed on three new inputs: each replay gives a plain launch's bits
+    for its input (the flag is read from device memory at every replay)."""
     args = small_m_case(16, 3072, 1024, 32, "int4", seed=3, device="cuda")
     x = args[0]
     kw = dict(tile=(64, 8, 4, 3), prescale=prescale)
@@ -82,26 +92,40 @@ def test_flagged_finish_replays_in_a_cuda_graph(prescale: bool) -> None:
         x.copy_(torch.randn(x.shape, device="cuda", generator=g).to(x.dtype))
         graph.replay()
         torch.cuda.synchronize()
-        assert torch.equal(captured, w4_linear_small_m_gluon(*args, finish="await", **kw))
+        assert torch.equal(captured, w4_linear_small_m_gluon(*args, finish="flag", **kw))
+        _assert_near(captured, w4_linear_small_m_gluon(*args, finish="await", **kw))
 
 
 @pytest.mark.gpu
 def test_flagged_finish_ignores_words_left_by_other_launches() -> None:
-    """Launches that leave words where the next one reads (more ranks, more rows, another
-    layer of the same N but other K) and then a launch with fewer: every launch gives the
-    awaiting finish's bits (a stale word carries an older epoch)."""
+    """Launches that share a scratch (same N, tile and rank) with other rows and other K, in
+    turn: each is within one bf16 step of the awaiting finish (a word left by an earlier
+    launch would carry other values), and the rows past M of a short launch are written
+    too, so that the next full launch does not read words two launches old as its own."""
     tile = (64, 4, 4, 3)
     cases = [
-        (16, 1024, 512, 96),
-        (16, 1024, 512, 32),
-        (3, 1024, 512, 32),
-        (16, 2048, 512, 64),
-        (9, 1024, 512, 0),
+        (16, 1024, 512),
+        (3, 1024, 512),
+        (16, 2048, 512),
+        (9, 1024, 512),
+        (16, 1024, 512),
+        (1, 2048, 512),
     ]
-    for i, (m, k, n, r) in enumerate(cases * 2):
-        args = small_m_case(m, k, n, r, "int4", seed=i, device="cuda")
-        got = w4_linear_small_m_gluon(*args, tile=tile, finish="flag")
-        assert torch.equal(got, w4_linear_small_m_gluon(*args, tile=tile, finish="await")), (m, k, n, r)
+    for r in (32, 0):
+        for i, (m, k, n) in enumerate(cases * 2):
+            args = small_m_case(m, k, n, r, "int4", seed=i, device="cuda")
+            got = w4_linear_small_m_gluon(*args, tile=tile, finish="flag")
+            _assert_near(got, w4_linear_small_m_gluon(*args, tile=tile, finish="await"))
+
+
+@pytest.mark.gpu
+def test_one_wave_registers_caps_only_where_a_second_wave_would_start() -> None:
+    """The register cap that keeps every program resident: none for a grid of one program per
+    SM, and at most 65536 / (programs per SM x threads) where more share an SM."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert one_wave_registers(torch.device("cuda"), sms, 4) is None
+    assert one_wave_registers(torch.device("cuda"), 3 * sms, 4) == 168
+    assert one_wave_registers(torch.device("cuda"), 3 * sms + 1, 4) == 128
 
 
 @pytest.mark.parametrize(

@@ -1,22 +1,36 @@
-"""Flagged split-K partials: each fp32 value and its launch's epoch in one 64-bit word.
+"""Flagged split-K partials: each fp32 value carries its launch's parity in its lowest bit.
 
 The 16-row Gluon layer (``small_m_gluon_layer``) finishes each column block in its last
 column program.  With counters, the others store their partials, fence them, count
 themselves, and the finisher reads the count and then the partials: after the block's last
 product that is about four dependent L2 round trips, about 1 us each while the launch
 streams weights (``docs/results.md``, eighteenth session).  Here a partial carries its own
-arrival, as NCCL's low-latency protocol does: each value is stored together with a flag in
-one aligned 64-bit word (``st.relaxed.gpu``), which a reader sees whole or not at all, so no
-fence and no counter are needed.  The finisher re-reads the words (volatile) until every
-flag is this launch's; its first read is also the read of the data.
+arrival, as NCCL's low-latency protocol does with a flag beside each value: the value's
+lowest mantissa bit is the launch's parity, and a 32-bit word is read whole or not at all,
+so the writers need no fence and no counter.  The finisher re-reads the words (volatile,
+each read after a ``fence.acq_rel.gpu``, without which words already written took several
+microseconds more to be seen) until every parity is this launch's; its first read is also
+the read of the data.
 
-The flag is an epoch: ``epoch + 1``, where ``epoch`` is the number of launches of the layer
-shape so far (``flagged_scratch`` keeps one per column block, and each block's finisher
-moves its own on by one at its end, so all are equal when a launch starts).  Stale words
-from earlier launches carry smaller epochs, so nothing has to be cleared between launches,
-and a CUDA graph replays correctly (the epoch lives in device memory, not in the launch's
-arguments).  The words of one scratch must always map to the same column blocks: it is
-keyed by the layer's N and BLOCK_N.
+Measured on H100 (``bench/diag_small_m_flagged.py``, ``docs/results.md``, twenty-first
+session): slower than the counting finish on every FLUX shape.  The words reached the
+finisher 2-6 us after their writers were done, where the counter's release and acquire
+took about 1 us; so ``w4_linear`` does not route here (``finish="flag"`` asks for it).  A flag beside
+the value (64-bit words) was measured first: the finisher's reads then held twice the
+registers, the kernel ran at 250-255 registers a thread and fewer programs fit on an SM.
+
+The cost in accuracy: the finisher reads every partial with that bit cleared (at most one
+fp32 unit in the last place, 2^-23 relative, against bf16's 2^-8 output rounding), so that
+results do not depend on the parity and are identical launch to launch.  An infinite
+partial reads as NaN.
+
+The parity is that of ``epoch + 1``, where ``epoch`` counts the launches of the layer so far
+(``flagged_scratch`` keeps one per column block; each block's finisher moves its own on by
+one at its end, so all are equal when a launch starts).  It lives in device memory, not in
+the launch's arguments, so a CUDA graph replays correctly.  One bit tells this launch's
+words from the last launch's only if no word read is older: so every launch writes every
+word that any launch of its scratch reads (all 16 rows, whatever its rows), and the scratch
+is keyed by everything that places the words (N, BLOCK_N, SPLIT_K, the rank).
 """
 
 from __future__ import annotations
@@ -28,32 +42,42 @@ from triton.experimental.gluon import language as gl
 _SCRATCH: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
+def one_wave_registers(device: torch.device, programs: int, warps: int) -> int | None:
+    """The most registers a thread may take so that ``programs`` CTAs of ``warps`` warps are
+    all resident at once on ``device`` (64 K registers an SM; None: no cap below 255 needed).
+    A finish that waits for its block's other programs wastes its SM while they are not yet
+    running: the flagged finish's reads held enough registers (up to 255 a thread before its
+    words were laid out block by block) to push the last programs into a second wave."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    per_sm = -(-programs // sms)
+    cap = (65536 // (per_sm * 32 * warps)) // 8 * 8
+    return cap if cap < 255 else None
+
+
 def flagged_scratch(
-    device: torch.device, n: int, block_n: int, words: int, blocks: int
+    device: torch.device, place: tuple, words: int, blocks: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """This stream's zeroed int64 words (``>= words``) and int32 epochs (``>= blocks``) for
-    layers of ``n`` outputs in blocks of ``block_n``.  Grown buffers start again from zero,
-    words and epochs together (every word's epoch then is at most every block's)."""
+    """This stream's int32 words (``words``) and epochs (``blocks``) for launches whose words
+    are placed by ``place`` (everything that decides where a word goes), zeroed when made."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream, n, block_n)
-    have = _SCRATCH.get(key)
-    if have is None or have[0].numel() < words or have[1].numel() < blocks:
-        have = (
-            torch.zeros(max(words, 1 << 12), device=device, dtype=torch.int64),
-            torch.zeros(max(blocks, 64), device=device, dtype=torch.int32),
+    key = (device, stream, *place)
+    if key not in _SCRATCH:
+        _SCRATCH[key] = (
+            torch.zeros(max(words, 1), device=device, dtype=torch.int32),
+            torch.zeros(blocks, device=device, dtype=torch.int32),
         )
-        _SCRATCH[key] = have
-    return have
+    return _SCRATCH[key]
 
 
 @gluon.jit
 def _store_flagged(ptrs, vals, mask, flag):
-    """fp32 ``vals`` at ``ptrs`` (int64 words), each with ``flag`` in its high half: one
-    relaxed 64-bit store per value (no fence: the word is its own arrival)."""
-    words = vals.to(gl.uint32, bitcast=True).to(gl.int64) | (flag.to(gl.int64) << 32)  # (zero-extended)
+    """fp32 ``vals`` at ``ptrs`` (int32 words), each with its lowest bit set to ``flag``'s
+    parity: one relaxed 32-bit store per value (no fence: the word is its own arrival;
+    plain vector stores measured no faster)."""
+    words = (vals.to(gl.int32, bitcast=True) & -2) | (flag & 1)
     gl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.ne.u32 p, $3, 0; @p st.relaxed.gpu.global.b64 [$1], $2; mov.u32 $0, 0; }",
-        "=r,l,l,r",
+        "{ .reg .pred p; setp.ne.u32 p, $3, 0; @p st.relaxed.gpu.global.b32 [$1], $2; mov.u32 $0, 0; }",
+        "=r,l,r,r",
         [ptrs.to(gl.int64), words, mask.to(gl.int32)],
         dtype=gl.int32,
         is_pure=False,
@@ -64,14 +88,14 @@ def _store_flagged(ptrs, vals, mask, flag):
 @gluon.jit
 def _flagged_sum(base, offs, mask, split_stride, SPLITS: gl.constexpr, flag, layout: gl.constexpr):
     """The sum over ``SPLITS`` splits (split ``s`` at ``base + s * split_stride + offs``) of
-    flagged words, in split order, and whether every flag read was ``flag`` (a scalar).
-    Unrolled, so that every split's read is in flight at once; masked values count as
-    arrived zeros."""
+    flagged words, each with its parity bit cleared, in split order, and whether every
+    parity read was ``flag``'s (a scalar).  Unrolled, so that every split's read is in flight
+    at once; masked values count as arrived zeros."""
     total = gl.zeros(offs.shape, gl.float32, layout)
     missing = gl.zeros(offs.shape, gl.int32, layout)
-    idle = flag.to(gl.int64) << 32
+    parity = flag & 1
     for s in gl.static_range(SPLITS):
-        w = gl.load(base + s * split_stride + offs, mask=mask, other=idle, volatile=True)
-        missing += ((w >> 32).to(gl.int32) != flag).to(gl.int32)
-        total += w.to(gl.int32).to(gl.float32, bitcast=True)
+        w = gl.load(base + s * split_stride + offs, mask=mask, other=parity, volatile=True)
+        missing += ((w & 1) != parity).to(gl.int32)
+        total += (w & -2).to(gl.float32, bitcast=True)
     return total, gl.max(gl.max(missing, axis=1), axis=0) == 0

@@ -49,7 +49,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
-from studio.kernels.flagged_partials import _flagged_sum, _store_flagged, flagged_scratch
+from studio.kernels.flagged_partials import _flagged_sum, _store_flagged, flagged_scratch, one_wave_registers
 from studio.kernels.small_m_gluon import _column_partials, _ring_step_wait, codes_left_fits
 from studio.kernels.small_m_gluon_wgmma import _column_partials_wgmma
 from studio.kernels.split_k_scratch import zeroed_scratch
@@ -182,7 +182,7 @@ def _reduce_slices(
     rounded to bf16 (``reference_small_m``'s first rounding), stored as fp32 after the
     partials (split ``SLICE_SPLIT`` of ``la_part``), so that a finish reads them as one split;
     ``la_words``: stored there instead as flagged words ``[16, R]`` with ``flag``
-    (``flagged_partials``; 16 rows at most)."""
+    (``flagged_partials``; at most 16 rows, and all 16 written)."""
     flat: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [WARPS, 1], [1, 0])
     r_f = la_idx * LA_R + gl.arange(0, LA_R, layout=gl.SliceLayout(0, flat))
     for m0 in range(0, M, FINISH_ROWS):
@@ -193,7 +193,7 @@ def _reduce_slices(
         if la_words is None:
             gl.store(la_part + SLICE_SPLIT * M * R + offs, la, mask=f_mask)
         else:
-            _store_flagged(la_words + offs, la, f_mask, flag)
+            _store_flagged(la_words + offs, la, (m_f < FINISH_ROWS)[:, None] & (r_f < R)[None, :], flag)
 
 
 @gluon.jit
@@ -357,22 +357,49 @@ def _finish_block(
 
 
 @gluon.jit
+def _block_words(words, col, SPLIT_K: gl.constexpr, BLOCK_N: gl.constexpr):
+    """The first flagged word of column block ``col``: its other splits' partials lie together,
+    split ``s``, row ``m``, column ``n`` of the block at ``(s * 16 + m) * BLOCK_N + n`` from
+    here (strides known when compiled, so the finish's reads of every split share one address)."""
+    return words + col * ((SPLIT_K - 1) * FINISH_ROWS * BLOCK_N)
+
+
+@gluon.jit
+def _branch_words(words, N, SPLIT_K: gl.constexpr, BLOCK_N: gl.constexpr):
+    """The flagged words of the reduced branch input ``[16, R]``, after every block's."""
+    return _block_words(words, gl.cdiv(N, BLOCK_N), SPLIT_K, BLOCK_N)
+
+
+@gluon.jit
 def _store_split_flagged(
-    words, own, col, pid_k, M, N, flag, BLOCK_N: gl.constexpr, WARPS: gl.constexpr, OUT_TPW_N: gl.constexpr
+    words, own, col, pid_k, N, flag, BLOCK_N: gl.constexpr, SPLIT_K: gl.constexpr, WARPS: gl.constexpr,
+    OUT_TPW_N: gl.constexpr,
 ):  # fmt: skip
-    """Split ``pid_k``'s partials ``own`` (``[16, BLOCK_N]``) of block ``col`` as flagged words:
-    row ``m``, column ``n`` at ``(pid_k * 16 + m) * N + n``, in the layout the finish reads."""
+    """Split ``pid_k``'s partials ``own`` (``[16, BLOCK_N]``) of block ``col`` as flagged words
+    (``_block_words``), in the layout the finish reads; all 16 rows, past M too
+    (``flagged_partials``: every launch writes every word that a launch reads)."""
     flat: gl.constexpr = gl.BlockedLayout([1, 4], [32 // OUT_TPW_N, OUT_TPW_N], [WARPS, 1], [1, 0])
     m_c = gl.arange(0, FINISH_ROWS, layout=gl.SliceLayout(1, flat))
-    n_c = col * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, flat))
-    ptrs = words + (pid_k * FINISH_ROWS + m_c[:, None]) * N + n_c[None, :]
-    _store_flagged(ptrs, gl.convert_layout(own, flat), (m_c < M)[:, None] & (n_c < N)[None, :], flag)
+    n_l = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, flat))
+    ptrs = (
+        _block_words(words, col, SPLIT_K, BLOCK_N)
+        + (pid_k * FINISH_ROWS + m_c[:, None]) * BLOCK_N
+        + n_l[None, :]
+    )
+    mask = (m_c < FINISH_ROWS)[:, None] & (col * BLOCK_N + n_l < N)[None, :]
+    _store_flagged(ptrs, gl.convert_layout(own, flat), mask, flag)
+
+
+@gluon.jit
+def _fence_acquire():
+    """``fence.acq_rel.gpu``: later reads see what other SMs' writes made visible before it."""
+    gl.inline_asm_elementwise("fence.acq_rel.gpu; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit
 def _await_flagged(base, offs, mask, flag, layout: gl.constexpr, start):
-    """One split of flagged words, read until every flag is ``flag`` or ``AWAIT_LIMIT_NS`` from
-    ``start`` pass: (values, whether they all arrived)."""
+    """One split of flagged words, read until every parity bit is ``flag``'s or ``AWAIT_LIMIT_NS``
+    from ``start`` pass: (values, whether they all arrived)."""
     vals, arrived = _flagged_sum(base, offs, mask, 0, 1, flag, layout)
     while (arrived == 0) & (_now() - start < AWAIT_LIMIT_NS):
         vals, arrived = _flagged_sum(base, offs, mask, 0, 1, flag, layout)
@@ -384,41 +411,47 @@ def _finish_flagged(
     col, own, words, epochs, flag, strength, l2, bias, out, M, N, R, S, rows_per_sample, stride_sm, stride_l2n,
     stride_om, BLOCK_N: gl.constexpr, SPLIT_K: gl.constexpr, LA_R: gl.constexpr, WARPS: gl.constexpr,
     OUT_TPW_N: gl.constexpr, HAS_BRANCH: gl.constexpr, HAS_BIAS: gl.constexpr, mma: gl.constexpr,
-    a_op: gl.constexpr, b_op: gl.constexpr,
+    a_op: gl.constexpr, b_op: gl.constexpr, stamp=None,
 ):  # fmt: skip
     """16-row output block ``col`` as ``_finish_rows`` makes it, from flagged words
-    (``flagged_partials``): the other splits' partials (``_store_split_flagged``), then the
-    reduced branch input ``[16, R]`` (``_reduce_slices``), are read again until their flags are
-    ``flag`` (NaN over the block if that takes ``AWAIT_LIMIT_NS``).  No counter: the first
-    read of the partials and of the first rank chunk, issued together, is also the read of
-    the data.  ``own``: this program's split, ``[16, BLOCK_N]``.  Then the block's epoch
-    moves on to ``flag``."""
+    (``flagged_partials``): the other splits' partials (``_store_split_flagged``) and the
+    reduced branch input ``[16, R]`` (``_reduce_slices``) are read again, each time after an
+    acquire fence, until their parity bits are ``flag``'s (NaN over the block if that takes
+    ``AWAIT_LIMIT_NS``).  No counter: the
+    first read of the partials and of the first rank chunk, issued together, is also the read
+    of the data.  ``own``: this program's split, ``[16, BLOCK_N]``.  Then the block's epoch
+    moves on to ``flag``.  ``stamp``: where to write ``%globaltimer`` once the inputs are in."""
     flat: gl.constexpr = gl.BlockedLayout([1, 4], [32 // OUT_TPW_N, OUT_TPW_N], [WARPS, 1], [1, 0])
     la_flat: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [WARPS, 1], [1, 0])
     LA_SPLITS: gl.constexpr = 1 if HAS_BRANCH else 0
     m_c = gl.arange(0, FINISH_ROWS, layout=gl.SliceLayout(1, flat))
-    n_c = col * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, flat))
+    n_l = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, flat))
+    n_c = col * BLOCK_N + n_l
     mask = (m_c < M)[:, None] & (n_c < N)[None, :]
-    la_words = words + (SPLIT_K - 1) * FINISH_ROWS * N
+    blk = _block_words(words, col, SPLIT_K, BLOCK_N)
+    offs = m_c[:, None] * BLOCK_N + n_l[None, :]
+    la_words = _branch_words(words, N, SPLIT_K, BLOCK_N)
     m_l = gl.arange(0, FINISH_ROWS, layout=gl.SliceLayout(1, la_flat))
     r_l = gl.arange(0, LA_R, layout=gl.SliceLayout(0, la_flat))
+    la_offs = m_l[:, None] * R + r_l[None, :]
+    la_mask = (m_l < M)[:, None] & (r_l < R)[None, :]
     if HAS_BIAS:
         b = gl.load(bias + n_c, mask=n_c < N, other=0.0)
     if HAS_BRANCH:
         st, l2t = _branch_weights(0, 0, col, strength, l2, M, N, R, S, rows_per_sample, stride_sm, stride_l2n,
                                   BLOCK_N, LA_R, WARPS, b_op)  # fmt: skip
     start = _now()
-    la_offs = m_l[:, None] * R + r_l[None, :]
-    la_mask = (m_l < M)[:, None] & (r_l < R)[None, :]
-    acc, arrived = _flagged_sum(words, m_c[:, None] * N + n_c[None, :], mask, FINISH_ROWS * N, SPLIT_K - 1, flag,
-                                flat)  # fmt: skip
+    _fence_acquire()
+    acc, arrived = _flagged_sum(blk, offs, mask, FINISH_ROWS * BLOCK_N, SPLIT_K - 1, flag, flat)
     la, la_arrived = _flagged_sum(la_words, la_offs, la_mask, 0, LA_SPLITS, flag, la_flat)
     ready = arrived & la_arrived
     while (ready == 0) & (_now() - start < AWAIT_LIMIT_NS):
-        acc, arrived = _flagged_sum(words, m_c[:, None] * N + n_c[None, :], mask, FINISH_ROWS * N, SPLIT_K - 1,
-                                    flag, flat)  # fmt: skip
+        _fence_acquire()
+        acc, arrived = _flagged_sum(blk, offs, mask, FINISH_ROWS * BLOCK_N, SPLIT_K - 1, flag, flat)
         la, la_arrived = _flagged_sum(la_words, la_offs, la_mask, 0, LA_SPLITS, flag, la_flat)
         ready = arrived & la_arrived
+    if stamp is not None:
+        gl.store(stamp, _now())
     acc += gl.convert_layout(own, flat)
     if HAS_BRANCH:
         la = (la.to(gl.bfloat16).to(gl.float32) * st).to(gl.bfloat16)
@@ -470,7 +503,7 @@ def _w4_gluon_layer_kernel(
     programs store their partials and the rank chunks' reducers the branch input as flagged
     words (``flagged_partials``: ``words``, and ``epochs``, whose ``epochs[col] + 1`` is this
     launch's flag), and count nothing in the blocks; the finish reads the words until their
-    flags are this launch's (``_finish_flagged``).
+    parity bits are this launch's (``_finish_flagged``).
 
     Otherwise whichever arrival completes a block finishes it.  The branch slices come first in the
     grid (``SLICES_FIRST``) and each takes half a column program's run of K (``SLICE_SPLIT =
@@ -515,13 +548,12 @@ def _w4_gluon_layer_kernel(
             if CODES_LEFT:  # (held transposed when not stored: ``_column_partials``)
                 own = gl.permute(own, (1, 0))
             if pid_k < SPLIT_K - 1:
-                _store_split_flagged(words, own, col, pid_k, M, N, flag, BLOCK_N, WARPS, OUT_TPW_N)
+                _store_split_flagged(words, own, col, pid_k, N, flag, BLOCK_N, SPLIT_K, WARPS, OUT_TPW_N)
             else:
-                if TIMES:
-                    gl.store(times + pid * 4 + 2, _now())
                 _finish_flagged(col, own, words, epochs, flag, strength, l2, bias, out, M, N, R, S, rows_per_sample,
                                 stride_sm, stride_l2n, stride_om, BLOCK_N, SPLIT_K, LA_R, WARPS, OUT_TPW_N,
-                                HAS_BRANCH, HAS_BIAS, mma, a_op, b_op)  # fmt: skip
+                                HAS_BRANCH, HAS_BIAS, mma, a_op, b_op,
+                                times + pid * 4 + 2 if TIMES else None)  # fmt: skip
         elif AWAIT_SPLITS:
             if pid_k < SPLIT_K - 1:
                 gl.atomic_add(cnt + col, 1, sem="release")
@@ -560,7 +592,7 @@ def _w4_gluon_layer_kernel(
                 if FLAGGED:  # (the flag of every block: equal at a launch's start, ``flagged_partials``)
                     flag = gl.load(epochs, volatile=True) + 1
                     _reduce_slices(la_idx, la_part, M, R, SLICE_SPLIT, LA_R, WARPS,
-                                   words + (SPLIT_K - 1) * FINISH_ROWS * N, flag)  # fmt: skip
+                                   _branch_words(words, N, SPLIT_K, BLOCK_N), flag)  # fmt: skip
                     gl.store(cnt + n_blocks + la_idx, 0)
                 else:
                     _reduce_slices(la_idx, la_part, M, R, SLICE_SPLIT, LA_R, WARPS)
@@ -796,8 +828,13 @@ def w4_linear_small_m_gluon(
     bias_t = bias.float().contiguous() if bias is not None else out
     words = epochs = None
     if finish == "flag":  # (the other splits' partials, then the branch input: ``_finish_flagged``)
-        words, epochs = flagged_scratch(x.device, n, block_n, (split_k - 1) * 16 * n + 16 * r, n_blocks)
+        words, epochs = flagged_scratch(
+            x.device, (n, block_n, split_k, r), n_blocks * (split_k - 1) * 16 * block_n + 16 * r, n_blocks
+        )
     grid = (n_la * slice_split + n_blocks * split_k,)
+    launch = {}
+    if finish == "flag" and (cap := one_wave_registers(x.device, grid[0], warps)):
+        launch["maxnreg"] = cap  # (the whole grid resident: the finishes wait for the other programs)
     _w4_gluon_layer_kernel[grid](
         x, src, smooth_inv, qweight, wscale, l1, part, la_part, cnt, l2, strength, bias_t, out,
         m, n, kg, max(r, 1), n_la, strength.shape[0], max(rows_per_sample, 1),
@@ -810,6 +847,6 @@ def w4_linear_small_m_gluon(
         SLICES_FIRST=slices_first, AWAIT_SPLITS=finish in ("await", "flag"), num_warps=warps, times=times,
         TIMES=times is not None, CODES_LEFT=codes_left,
         GRID_DEP_WAIT=dependent_launch, launch_pdl=dependent_launch,
-        FLAGGED=finish == "flag", words=words, epochs=epochs,
+        FLAGGED=finish == "flag", words=words, epochs=epochs, **launch,
     )  # fmt: skip
     return out
