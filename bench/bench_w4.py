@@ -24,7 +24,7 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -157,13 +157,17 @@ def swept_layers(shapes: str, ms: str) -> Iterator[tuple[int, int, int, torch.Te
             yield k, n, m, torch.randn(m, k, device="cuda", dtype=torch.bfloat16), cold
 
 
-def sweep_args(doc: str, script: str, ms: str = "16") -> argparse.Namespace:
-    """The small-M diag scripts' command line (``--shapes``, ``--ms``, ``--json``), parsed;
-    exits with a message where there is no CUDA GPU."""
+def sweep_args(
+    doc: str, script: str, ms: str = "16", more: Callable[[argparse.ArgumentParser], object] | None = None
+) -> argparse.Namespace:
+    """The small-M diag scripts' command line (``--shapes``, ``--ms``, ``--json``, and what
+    ``more`` adds to the parser), parsed; exits with a message where there is no CUDA GPU."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES))
     ap.add_argument("--ms", default=ms)
     ap.add_argument("--json", default=None)
+    if more is not None:
+        more(ap)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit(f"{script} needs a CUDA GPU")

@@ -1,9 +1,9 @@
 # ruff: noqa: B023  (every closure below is timed before its loop variables change)
 """The 16-row Gluon layer's finishes side by side: counters (``await``) vs flagged words (``flag``).
 
-    python bench/diag_small_m_flagged.py [--shapes 3072x3072,...] [--rounds 2] [--timeline] [--json out.json]
+    python bench/diag_small_m_flagged.py [--shapes 3072x3072,...] [--ms 16] [--rounds 2] [--timeline] [--json out.json]
 
-Per FLUX shape (INT4, rank 32, a bias, 16 rows): first the flagged finish against
+Per FLUX shape (INT4, rank 32, a bias, 16 rows unless ``--ms`` says fewer): first the flagged finish against
 ``reference_small_m`` and the share of its outputs that differ from the awaiting finish's
 (1, 5 and 16 rows, pinned tile); then each tile of ``TILES`` (with the shape's pinned one), activations scaled as
 ``GLUON_TILES`` pins them, each finish, timed as ``bench_w4`` times (``flush``: after a 64 MB
@@ -11,7 +11,7 @@ memset; ``stream``: back to back on cold weight copies) in ``--rounds`` interlea
 beside bf16 ``F.linear``.  It prints each finish's best time and bf16's time over it: the
 small-M goal is 2.5x.  ``--timeline``: then one launch of each finish at the pinned tile with
 ``%globaltimer`` stamps (``diag_small_m_gluon_parts.timeline``; the flagged finish stamps
-"finishes a block from" before its first read).
+"finishes a block from" when its inputs are all in).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_w4 import SHAPES, bench, both_timings, swept_layers  # noqa: E402
+from bench.bench_w4 import bench, both_timings, sweep_args, swept_layers  # noqa: E402
 from bench.diag_small_m_gluon_layer import layer_args  # noqa: E402
 from bench.diag_small_m_gluon_parts import timeline  # noqa: E402
 from studio.kernels.reference_small_m import w4_linear_small_m  # noqa: E402
@@ -56,16 +56,13 @@ def check(k: int, p: dict, bias: torch.Tensor) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES))
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--timeline", action="store_true")
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("diag_small_m_flagged needs a CUDA GPU")
+    def more(ap: argparse.ArgumentParser) -> None:
+        ap.add_argument("--rounds", type=int, default=2)
+        ap.add_argument("--timeline", action="store_true")
+
+    args = sweep_args(__doc__, "diag_small_m_flagged", more=more)
     report = {"check": [], "times": []}
-    for k, n, m, x, (w, bias, _, p, copies) in swept_layers(args.shapes, "16"):
+    for k, n, m, x, (w, bias, _, p, copies) in swept_layers(args.shapes, args.ms):
         report["check"] += check(k, p, bias)
         *pinned, prescale, _ = default_tile(k // 64, n)
         tiles = [tuple(pinned)] + [t for t in TILES if t != tuple(pinned)]
@@ -95,7 +92,7 @@ def main() -> None:
             }
             pin = min(r["flush"] for r in mine[json.dumps([*pinned, finish])])
             print(
-                f"{k}x{n} M=16 {finish}: pinned tile {pin:.1f} us ({bf16 / pin:.2f}x bf16 {bf16:.1f}) | best flush "
+                f"{k}x{n} M={m} {finish}: pinned tile {pin:.1f} us ({bf16 / pin:.2f}x bf16 {bf16:.1f}) | best flush "
                 f"{best['flush'][0]:.1f} {best['flush'][1]} ({bf16 / best['flush'][0]:.2f}x) | best stream "
                 f"{best['stream'][0]:.1f} {best['stream'][1]}",
                 flush=True,

@@ -748,7 +748,8 @@ def w4_linear_small_m_gluon(
     programs of ``small_m_gluon_wgmma`` (33-64 rows, 4 warps, scaled codes, pre-scaled
     activations); None: at 33-64 rows.  ``times``: int64 ``[programs, 4]``
     that each program fills with ``%globaltimer`` stamps (start, loop and stores done,
-    finishing a block from (an awaiting finish: before its wait), end;
+    finishing a block from (an awaiting finish: before its wait; the flagged finish: once its
+    inputs are in), end;
     ``bench/diag_small_m_gluon_parts.py``).  ``slices_first``: the branch slices' place in the grid (the tests
     run both, so that either kind of program finishing a block is covered).  ``finish``:
     ``"await"`` (each block's last column program waits until the others are counted:
