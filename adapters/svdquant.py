@@ -91,6 +91,9 @@ class SVDQuantLinear(nn.Module):
         self.register_buffer("l2", torch.zeros(0), persistent=False)
         self.register_buffer("strength", torch.zeros(0), persistent=False)
         self.calib_error: float | None = None  # relative output error on the calibration rows
+        # The large-M path's FP8 scales: None (the default, one per operand) or "row" / "tensor"
+        # (studio.kernels.reference_prefill.SCALINGS); "row" for inputs with giant tokens.
+        self.prefill_scaling: str | None = None
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -226,25 +229,27 @@ class SVDQuantLinear(nn.Module):
             strength = torch.zeros_like(self.strength[:1])
             strength[:, : self.rank] = 1.0
         bias = None if self.bias is None else self.bias.float()
-        bound, wmax = self._prefill_factors()
+        bound, wmax, peaks = self._prefill_factors()
         y = kernels.w4_linear(
             x2, self.smooth_inv, self.qweight, self.wscale, self.fmt, self.l1, self.l2,
-            strength, rows_per_sample, bias, bound=bound, wmax=wmax,
+            strength, rows_per_sample, bias, bound=bound, wmax=wmax, peaks=peaks, scaling=self.prefill_scaling,
         )  # fmt: skip
         if training:
             for b in self._branches:
                 y = y + b.unfused_delta(x2, rows_per_sample).to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
-    def _prefill_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prefill_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The large-M path's weight-only factors, recomputed when a tensor they use changes."""
         from studio.kernels import reference_prefill
 
-        key = tuple((t.data_ptr(), t._version) for t in (self.l1, self.smooth_inv, self.wscale))
+        key = tuple((t.data_ptr(), t._version) for t in (self.l1, self.l2, self.smooth_inv, self.wscale))
         if getattr(self, "_prefill_key", None) != key:
+            wmax = reference_prefill.residual_max(self.wscale, self.fmt)
             self._prefill_cache = (
                 reference_prefill.branch_bound(self.l1, self.smooth_inv),
-                reference_prefill.residual_max(self.wscale, self.fmt),
+                wmax,
+                reference_prefill.weight_peaks(self.l2, wmax),
             )
             self._prefill_key = key
         return self._prefill_cache

@@ -16,10 +16,12 @@ LAYER_VARIANTS = {
     "int4_naive_prefill": "INT4 naive (prefill)",
     "int4_svdq_fused": "INT4 SVDQuant (fused)",
     "int4_svdq_prefill": "INT4 SVDQuant (prefill)",
+    "int4_svdq_prefill_row": "INT4 SVDQuant (prefill, row scales)",
     "fp4_naive_fused": "FP4 naive (fused)",
     "fp4_naive_prefill": "FP4 naive (prefill)",
     "fp4_svdq_fused": "FP4 SVDQuant (fused)",
     "fp4_svdq_prefill": "FP4 SVDQuant (prefill)",
+    "fp4_svdq_prefill_row": "FP4 SVDQuant (prefill, row scales)",
 }
 
 

@@ -9,7 +9,8 @@
    ``|y - y64| / |y64|`` on the test rows (bf16-rounded, as the GPU layer sees them) against the
    float64 layer, for bf16, FP8 row-wise, naive 4-bit (rank 0, no smoothing) and SVDQuant
    (rank min(32, min(K, N) // 4)), INT4 and FP4, each in the fused maths and in the large-M
-   (``path="prefill"``) maths of ``studio.kernels.w4_linear``.
+   (``path="prefill"``) maths of ``studio.kernels.w4_linear``, the latter with one FP8 scale
+   per operand (its default) and with per-token / per-channel scales (``scaling="row"``).
 2. End to end: the fp32 pipeline (the honest CPU baseline) against the same pipeline with its
    UNet in bf16, FP8 row-wise (emulated), or quantized by ``adapters.svdquant.quantize_model``
    (rank 32 clamped to min(K, N); calibrated on the UNet calls of the calibration prompts, and
@@ -17,7 +18,8 @@
    fp32-trajectory inputs (no drift), PSNR (over all images and of the median image) and mean
    |pixel difference| against the fp32 images, CLIP score and CLIP-judged prompt following (as
    the world build measures it).  SVDQuantLinear has no path switch, so the end-to-end prefill
-   rows swap ``studio.kernels.w4_linear`` for a copy with ``path="prefill"`` while they run.
+   rows swap ``studio.kernels.w4_linear`` for a copy with ``path="prefill"`` (and ``scaling``)
+   while they run.
 """
 
 from __future__ import annotations
@@ -157,11 +159,21 @@ def fp8_rowwise(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> tor
     return y.to(x.dtype)
 
 
+#: Kernel paths measured, as ``studio.kernels.w4_linear`` options: the large-M path with its
+#: default scales (one per operand) and with per-token / per-channel scales.
+PATH_OPTIONS = {
+    "auto": {},
+    "fused": {"path": "fused"},
+    "prefill": {"path": "prefill"},
+    "prefill_row": {"path": "prefill", "scaling": "row"},
+}
+
+
 def w4_apply(q: SVDQuantLinear, x: torch.Tensor, path: str) -> torch.Tensor:
     q.rebuild_branch()
     bias = None if q.bias is None else q.bias.float()
     return kernels.w4_linear(
-        x, q.smooth_inv, q.qweight, q.wscale, q.fmt, q.l1, q.l2, q.strength, 1, bias, path=path
+        x, q.smooth_inv, q.qweight, q.wscale, q.fmt, q.l1, q.l2, q.strength, 1, bias, **PATH_OPTIONS[path]
     )
 
 
@@ -185,7 +197,7 @@ def layer_errors(
         for kind, cfg in (("naive", naive_config(fmt)), ("svdq", SVDQuantConfig(rank=rank, fmt=fmt))):
             torch.manual_seed(0)  # the quantizer's randomized SVD draws from the global generator
             q = SVDQuantLinear.from_linear(linear, calib, config=cfg)
-            for path in ("fused", "prefill"):
+            for path in ("fused", "prefill") + (("prefill_row",) if kind == "svdq" else ()):
                 out[f"{fmt}_{kind}_{path}"] = _rel(w4_apply(q, x, path), y64)
             spread[fmt] = float(q.smooth_inv.max() / q.smooth_inv.min())
     return out, spread
@@ -272,8 +284,8 @@ def bf16_unet(unet: nn.Module) -> nn.Module:
 def forced_path(path: str) -> Iterator[None]:
     """Make every ``SVDQuantLinear`` run ``path`` (the module calls ``kernels.w4_linear``)."""
     original = kernels.w4_linear
-    if path != "auto":
-        kernels.w4_linear = functools.partial(original, path=path)
+    if PATH_OPTIONS[path]:
+        kernels.w4_linear = functools.partial(original, **PATH_OPTIONS[path])
     try:
         yield
     finally:
@@ -292,6 +304,8 @@ E2E_VARIANTS = {
     "int4 SVDQuant r32 (prefill)": ("int4_svdq", "prefill"),
     "fp4 SVDQuant r32 (fused)": ("fp4_svdq", "fused"),
     "fp4 SVDQuant r32 (prefill)": ("fp4_svdq", "prefill"),
+    "int4 SVDQuant r32 (prefill, row scales)": ("int4_svdq", "prefill_row"),
+    "fp4 SVDQuant r32 (prefill, row scales)": ("fp4_svdq", "prefill_row"),
     "int4 SVDQuant r32 (fused, quantizer seed 1)": ("int4_svdq_seed1", "fused"),
     "int4 SVDQuant r32, synthetic calib (fused)": ("int4_svdq_synth", "fused"),
 }

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.int4_baselines import error_line, int4_weight_only  # noqa: E402
 from studio import kernels  # noqa: E402
 from studio.kernels.gemm_w4_triton import _w4_gemm_kernel  # noqa: E402
-from studio.kernels.reference_prefill import branch_bound, residual_max  # noqa: E402
+from studio.kernels.reference_prefill import branch_bound, residual_max, weight_peaks  # noqa: E402
 
 SHAPES = [(3072, 3072), (3072, 9216), (3072, 12288), (12288, 3072)]  # (K, N)
 MS = [16, 64, 256, 1024, 4608]
@@ -203,13 +203,14 @@ def cache_factors(p: dict) -> dict:
     """The large-M path's weight-only factors, cached as SVDQuantLinear caches them."""
     p["bound"] = branch_bound(p["l1"], p["smooth_inv"]) if p["l1"].shape[1] else None
     p["wmax"] = residual_max(p["wscale"], p["fmt"])
+    p["peaks"] = weight_peaks(p["l2"], p["wmax"])
     return p
 
 
 def ours(x: torch.Tensor, p: dict, bias: torch.Tensor, path: str = "auto") -> torch.Tensor:
     return kernels.w4_linear(
         x, p["smooth_inv"], p["qweight"], p["wscale"], p["fmt"], p["l1"], p["l2"], p["strength"], 1, bias,
-        path=path, bound=p.get("bound"), wmax=p.get("wmax"),
+        path=path, bound=p.get("bound"), wmax=p.get("wmax"), peaks=p.get("peaks"),
     )  # fmt: skip
 
 

@@ -152,6 +152,13 @@ def check_prepass() -> None:
         same = (xq_a.view(torch.uint8) == xq_b.view(torch.uint8)).float().mean().item()
         assert xq_a.shape == xq_ref.shape and same >= 0.999, same
         assert _within_one_fp8_step(xq_a, xq_ref)
+        # One scale for all rows: the statistics launch's atomic maximum, then the same codes.
+        xq_t, sx_t = quantize_act_rowwise_split_triton(
+            x, sinv, l1, st, rows, g, config=split_cfg, scaling="tensor"
+        )
+        xq_tr, sx_tr = rp.quantize_act_rowwise(x, sinv, l1, st, rows, g, scaling="tensor")
+        assert torch.equal(sx_t, sx_tr) and torch.equal(sx_t, sx_a.max().expand_as(sx_t))
+        assert _within_one_fp8_step(xq_t, xq_tr)
 
 
 def check_expand() -> None:
@@ -166,6 +173,12 @@ def check_expand() -> None:
     assert _rel(cs_t, cs) < 1e-6 and _rel(g_t, g) < 1e-6
     expect = rp.expand_weight(qw, ws, fmt, l2, g, cs)
     assert wq.shape == expect.shape and _within_one_fp8_step(wq, expect)
+    # One scale for all channels, derived by every program from the cached peaks.
+    g, cs = rp.prefill_scales(l1, l2, sinv, ws, fmt, st, scaling="tensor")
+    peaks = rp.weight_peaks(l2, wmax)
+    wq, cs_t, _ = expand_weight_triton(qw, ws, fmt, l2, bound, wmax, st, config=cfg, peaks=peaks)
+    assert torch.equal(cs_t, cs) and torch.equal(cs_t, cs_t[:1].expand_as(cs_t))
+    assert _within_one_fp8_step(wq, rp.expand_weight(qw, ws, fmt, l2, g, cs))
 
 
 def check_fused() -> None:

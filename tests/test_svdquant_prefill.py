@@ -45,6 +45,27 @@ def test_prefill_is_as_accurate_as_the_fused_maths(fmt: str) -> None:
     assert prefill < 1.15 * fused + 2e-3, (fused, prefill)
 
 
+@pytest.mark.parametrize("fmt", ["int4", "fp4"])
+def test_one_scale_per_operand_shares_the_largest_scales_and_stays_accurate(fmt: str) -> None:
+    lin, q = _quantized(fmt)
+    x = _acts(300, 200) * (torch.rand(300, 1) * 3 + 0.1)  # tokens of different sizes
+    dense = x.double() @ lin.weight.double().t() + lin.bias.double()
+    args = module_args(q, x)
+    g, cs = rp.prefill_scales(q.l1, q.l2, q.smooth_inv, q.wscale, fmt, q.strength)
+    g_t, cs_t = rp.prefill_scales(q.l1, q.l2, q.smooth_inv, q.wscale, fmt, q.strength, scaling="tensor")
+    assert torch.equal(g, g_t) and torch.equal(cs_t, cs.max().expand_as(cs))
+    peaks = rp.weight_peaks(q.l2, rp.residual_max(q.wscale, fmt))
+    assert torch.equal(cs_t[0], (torch.maximum(peaks[0], (peaks[1:] * g).max()) / 448).clamp_min(1e-30))
+    _, sx = rp.quantize_act_rowwise(x, q.smooth_inv, q.l1, q.strength, 1, g)
+    _, sx_t = rp.quantize_act_rowwise(x, q.smooth_inv, q.l1, q.strength, 1, g, scaling="tensor")
+    assert torch.equal(sx_t, sx.max().expand_as(sx))
+    row = _rel(rp.w4_linear_prefill(*args), dense)
+    tensor = _rel(rp.w4_linear_prefill(*args, scaling="tensor"), dense)
+    assert tensor < 1.1 * row, (row, tensor)  # FP8 keeps its relative precision below the peak
+    with pytest.raises(ValueError, match="scaling must be one of"):
+        rp.w4_linear_prefill(*args, scaling="channel")
+
+
 def test_one_fp8_copy_of_the_branch_would_not_be_enough() -> None:
     """The hi/lo split is what makes the appended branch accurate (one copy: 2**-4)."""
     torch.manual_seed(0)
@@ -75,7 +96,8 @@ def test_codes_stay_in_fp8_range_with_strong_loras_and_large_strengths() -> None
     assert _rel(rp.w4_linear_prefill(*args), ref.w4_linear(*args)) < 0.02
 
 
-def test_prefill_per_sample_strengths_equal_samples_alone() -> None:
+@pytest.mark.parametrize("scaling", rp.SCALINGS)
+def test_prefill_per_sample_strengths_equal_samples_alone(scaling: str) -> None:
     _, q = _quantized("fp4")
     model = nn.Sequential(q)
     inject(model, LoraSpec(targets=["0"], rank=4, alpha=4), "a")
@@ -83,13 +105,20 @@ def test_prefill_per_sample_strengths_equal_samples_alone() -> None:
         model[0].adapters["a"].lora_B.normal_(0, 0.2)
     x = _acts(3 * 5, 200)
     set_strength(model, "a", torch.tensor([0.0, 1.0, -0.5]))
-    batched = rp.w4_linear_prefill(*module_args(q, x, rows_per_sample=5))
+    batched = rp.w4_linear_prefill(*module_args(q, x, rows_per_sample=5), scaling=scaling)
     for i, s in enumerate([0.0, 1.0, -0.5]):
         set_strength(model, "a", s)
-        alone = rp.w4_linear_prefill(*module_args(q, x[5 * i : 5 * i + 5], rows_per_sample=5))
+        args = module_args(q, x[5 * i : 5 * i + 5], rows_per_sample=5)
+        alone = rp.w4_linear_prefill(*args, scaling=scaling)
         # Row scales are per token, so a sample's codes do not depend on its batch; the branch
         # factor g does (it follows the largest strength), which moves FP8 roundings only.
-        assert _rel(batched[5 * i : 5 * i + 5], alone) < 3e-3
+        # One scale for all rows follows the batch's largest token too, so every code of a
+        # sample re-rounds: a gap of the size of one FP8 rounding (0.4-0.7 % here, as far as
+        # either result is from the fused maths), where rows of the batch's largest token
+        # keep their codes (the middle sample: gap ~1e-7).
+        gap = _rel(batched[5 * i : 5 * i + 5], alone)
+        assert gap < (3e-3 if scaling == "row" else 1e-2), gap
+        assert gap < 1.5 * _rel(alone, ref.w4_linear(*args)) + 1e-6, gap
 
 
 def test_w4_linear_path_argument() -> None:
@@ -100,6 +129,38 @@ def test_w4_linear_path_argument() -> None:
     assert torch.equal(kernels.w4_linear(*args), ref.w4_linear(*args))  # CPU: the fused maths
     with pytest.raises(ValueError, match="unknown path"):
         kernels.w4_linear(*args, path="fast")
+
+
+def test_scaling_choice_reaches_the_large_m_path_and_is_checked_everywhere() -> None:
+    _, q = _quantized("int4")
+    x = _acts(8, 200)
+    args = module_args(q, x)
+    for scaling in rp.SCALINGS:
+        want = rp.w4_linear_prefill(*args, scaling=scaling)
+        assert torch.equal(kernels.w4_linear(*args, path="prefill", scaling=scaling), want)
+    assert torch.equal(
+        kernels.w4_linear(*args, path="prefill"), rp.w4_linear_prefill(*args, scaling="tensor")
+    )
+    with pytest.raises(ValueError, match="scaling must be one of"):
+        kernels.w4_linear(*args, path="fused", scaling="rows")
+    q.prefill_scaling = "per-token"
+    with pytest.raises(ValueError, match="scaling must be one of"):
+        q(x)
+    q.prefill_scaling = "row"
+    assert torch.equal(q(x), kernels.w4_linear(*args))  # CPU: the fused maths, whatever the scaling
+
+
+def test_prefill_launcher_refuses_unknown_choices_before_any_launch() -> None:
+    from studio.kernels.prefill_triton import w4_linear_prefill_triton
+
+    _, q = _quantized("int4")
+    args = module_args(q, _acts(8, 200))  # CPU tensors: a refusal must come before any launch
+    with pytest.raises(ValueError, match="scaling must be one of"):
+        w4_linear_prefill_triton(*args, scaling="both")
+    with pytest.raises(ValueError, match="prepass must be"):
+        w4_linear_prefill_triton(*args, prepass="one")
+    with pytest.raises(ValueError, match="needs the split pre-pass"):
+        w4_linear_prefill_triton(*args, prepass="rows", scaling="tensor")
 
 
 def test_quantizing_twice_gives_the_same_codes() -> None:

@@ -139,6 +139,8 @@ def w4_linear(
     path: str = "auto",
     bound: torch.Tensor | None = None,
     wmax: torch.Tensor | None = None,
+    peaks: torch.Tensor | None = None,
+    scaling: str | None = None,
 ) -> torch.Tensor:
     """The whole layer on ``x [M, K]``; returns ``[M, N]`` in ``x.dtype``.
 
@@ -146,9 +148,13 @@ def w4_linear(
     then the fused GEMM), ``"prefill"`` (the large-M path), ``"small"`` (the small-M path:
     bf16 activations, split-K), or ``"auto"``: on the GPU the small-M path up to
     ``SMALL_M_MAX`` rows, the large-M path from ``PREFILL_MIN_M`` rows and the fused one in
-    between; the CPU reference runs the fused maths.  ``bound`` / ``wmax``: the large-M path's weight-only factors
-    (``reference_prefill.branch_bound`` / ``residual_max``), cached by callers.
+    between; the CPU reference runs the fused maths.  ``bound`` / ``wmax`` / ``peaks``: the large-M path's
+    weight-only factors (``reference_prefill.branch_bound`` / ``residual_max`` / ``weight_peaks``),
+    cached by callers.  ``scaling``: the large-M path's FP8 scales, ``"tensor"`` (one per
+    operand) or ``"row"`` (per token and channel); None: ``reference_prefill.DEFAULT_SCALING``.
     """
+    if scaling is not None:  # refused on every path, not only where it is used
+        reference_prefill.check_scaling(scaling)
     chosen = pick_path(x.shape[0], x.shape[1], qweight.shape[1], use_triton(x), path)
     if x.shape[0] == 0:  # an empty batch (no kernel launches a zero-size grid)
         return x.new_zeros(0, qweight.shape[1])
@@ -166,7 +172,7 @@ def w4_linear(
         if use_triton(x):
             from studio.kernels.prefill_triton import w4_linear_prefill_triton
 
-            return w4_linear_prefill_triton(*args, bound=bound, wmax=wmax)
-        return reference_prefill.w4_linear_prefill(*args)
+            return w4_linear_prefill_triton(*args, bound=bound, wmax=wmax, peaks=peaks, scaling=scaling)
+        return reference_prefill.w4_linear_prefill(*args, scaling=scaling)
     xq, xscale, lora_act = quantize_act(x, smooth_inv, l1, strength, rows_per_sample)
     return gemm_w4(xq, xscale, qweight, wscale, fmt, lora_act, l2, bias, x.dtype)

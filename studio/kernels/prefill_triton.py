@@ -24,7 +24,16 @@ import triton.language as tl
 
 from studio.kernels.quant_act import branch_dot_dtype
 from studio.kernels.reference import FP8_MAX
-from studio.kernels.reference_prefill import K_ALIGN, branch_block, branch_bound, residual_max, total_k
+from studio.kernels.reference_prefill import (
+    DEFAULT_SCALING,
+    K_ALIGN,
+    branch_block,
+    branch_bound,
+    check_scaling,
+    residual_max,
+    total_k,
+    weight_peaks,
+)
 
 _FP8_MAX = tl.constexpr(FP8_MAX)  # jit functions read only constexpr globals
 
@@ -135,7 +144,7 @@ def _expand_weight_kernel(
     N, KG, KP, KT, R, RB, S,
     stride_qg, stride_qn, stride_wsg, stride_l2n, stride_sm, stride_on,
     FP4: tl.constexpr, S_PAD: tl.constexpr, R_PAD: tl.constexpr, TAIL_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
+    TENSOR: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -147,9 +156,14 @@ def _expand_weight_kernel(
     l2 = tl.load(
         l2_ptr + offs_n[:, None] * stride_l2n + offs_r[None, :], n_mask[:, None] & r_mask[None, :], 0.0
     ).to(tl.float32)
-    need = tl.max(tl.abs(l2) * g[None, :], axis=1)
-    wmax = tl.load(wmax_ptr + offs_n, n_mask, 0.0)
-    cs = tl.maximum(tl.maximum(wmax, need) / _FP8_MAX, 1e-30)
+    if TENSOR:  # wmax_ptr holds reference_prefill.weight_peaks: one scale for every channel
+        l2_peak = tl.load(wmax_ptr + 1 + offs_r, r_mask, 0.0)
+        peak = tl.maximum(tl.load(wmax_ptr), tl.max(l2_peak * g, axis=0))
+        cs = tl.zeros([BLOCK_N], dtype=tl.float32) + tl.maximum(peak / _FP8_MAX, 1e-30)
+    else:
+        need = tl.max(tl.abs(l2) * g[None, :], axis=1)
+        wmax = tl.load(wmax_ptr + offs_n, n_mask, 0.0)
+        cs = tl.maximum(tl.maximum(wmax, need) / _FP8_MAX, 1e-30)
     inv = 1.0 / cs
     if pid_k == tl.cdiv(KG, GROUPS):  # the last column: branch blocks, zero tail and scales only
         hi, lo = _split_e4m3(l2 * g[None, :] * inv[:, None])
@@ -248,10 +262,13 @@ def expand_weight_triton(
     wmax: torch.Tensor,
     strength: torch.Tensor,
     config: dict | None = None,
+    peaks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(``wq [N, total_k]`` FP8, ``channel_scale [N]`` fp32, ``g [R]`` fp32); see the reference.
 
     ``config`` (BLOCK_N, GROUPS, num_warps) skips autotuning (tests, the interpreter).
+    ``peaks`` (``reference_prefill.weight_peaks``) selects ``scaling="tensor"``: every
+    channel then gets the largest channel scale, and ``wmax`` is not read.
     """
     kg, n, _ = qweight.shape
     r = l2.shape[1]
@@ -269,11 +286,11 @@ def expand_weight_triton(
 
     kernel = _expand_weight_kernel if config is None else _expand_weight_kernel.fn
     kernel[grid](
-        qweight, wscale, wmax, l2, bound, strength, wq, cs, g,
+        qweight, wscale, wmax if peaks is None else peaks, l2, bound, strength, wq, cs, g,
         n, kg, kp, kt, r, rb, strength.shape[0],
         qweight.stride(0), qweight.stride(1), wscale.stride(0), l2.stride(0), strength.stride(0), wq.stride(0),
         FP4=fmt == "fp4", S_PAD=max(2, triton.next_power_of_2(strength.shape[0])), R_PAD=r_pad, TAIL_PAD=K_ALIGN,
-        **(config or {}),
+        TENSOR=peaks is not None, **(config or {}),
     )  # fmt: skip
     return wq, cs, g[:r]
 
@@ -329,37 +346,65 @@ def w4_linear_prefill_triton(
     bound: torch.Tensor | None = None,
     wmax: torch.Tensor | None = None,
     prepass: str | None = None,
+    scaling: str | None = None,
+    peaks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The large-M layer on the GPU; shapes as ``studio.kernels.w4_linear``.
 
-    ``bound`` (``branch_bound(l1, smooth_inv)``) and ``wmax`` (``residual_max(wscale, fmt)``)
-    depend on the weights only; callers that run the layer many times pass them cached.
-    ``prepass``: ``"rows"`` (one launch, 16-row blocks) or ``"split"`` (statistics split along
-    K, then the codes: ``prepass_split_triton.py``); both give the reference's codes.  None:
-    ``DEFAULT_PREPASS``.
+    ``bound`` (``branch_bound(l1, smooth_inv)``), ``wmax`` (``residual_max(wscale, fmt)``) and
+    ``peaks`` (``weight_peaks(l2, wmax)``) depend on the weights only; callers that run the
+    layer many times pass them cached.  ``prepass``: ``"rows"`` (one launch, 16-row blocks)
+    or ``"split"`` (statistics split along K, then the codes: ``prepass_split_triton.py``);
+    both give the reference's codes.  None: ``DEFAULT_PREPASS``.  ``scaling``: ``"row"``
+    (per-token and per-channel scales) or ``"tensor"`` (one scale per operand; split
+    pre-pass only); None: ``reference_prefill.DEFAULT_SCALING``.
     """
     prepass = DEFAULT_PREPASS if prepass is None else prepass
+    scaling = check_scaling(DEFAULT_SCALING if scaling is None else scaling)  # reference_prefill's
     if prepass not in ("rows", "split"):
         raise ValueError(f"prepass must be 'rows' or 'split', not {prepass!r}")
+    if scaling == "tensor" and prepass == "rows":
+        raise ValueError("scaling='tensor' needs the split pre-pass (prepass='split')")
     x = x.contiguous()
     if bound is None:
         bound = branch_bound(l1, smooth_inv) if l1.shape[1] else torch.zeros(1, device=x.device)
     wmax = residual_max(wscale, fmt) if wmax is None else wmax
-    wq, cs, g = expand_weight_triton(qweight, wscale, fmt, l2, bound, wmax, strength)
+    if scaling == "tensor" and peaks is None:
+        peaks = weight_peaks(l2, wmax)
+    wq, cs, g = expand_weight_triton(
+        qweight, wscale, fmt, l2, bound, wmax, strength, peaks=peaks if scaling == "tensor" else None
+    )
     if prepass == "split":
-        from studio.kernels.prepass_split_triton import quantize_act_rowwise_split_triton as quantize_rows
+        from studio.kernels.prepass_split_triton import quantize_act_rowwise_split_triton
+
+        xq, sx = quantize_act_rowwise_split_triton(
+            x, smooth_inv, l1, strength, rows_per_sample, g, scaling=scaling
+        )
     else:
-        quantize_rows = quantize_act_rowwise_triton
-    xq, sx = quantize_rows(x, smooth_inv, l1, strength, rows_per_sample, g)
-    n = qweight.shape[1]
+        xq, sx = quantize_act_rowwise_triton(x, smooth_inv, l1, strength, rows_per_sample, g)
+    if scaling == "tensor":  # every row / channel holds the same scale: cuBLAS's one-scale GEMM
+        sx, cs = sx.view(-1)[:1], cs[:1]
+    return _scaled_mm_with_bias(xq, sx, wq, cs, bias, qweight.shape[1], x.dtype)
+
+
+def _scaled_mm_with_bias(
+    xq: torch.Tensor,
+    sx: torch.Tensor,
+    wq: torch.Tensor,
+    cs: torch.Tensor,
+    bias: torch.Tensor | None,
+    n: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """cuBLAS FP8 ``xq @ wq.T`` with the scales (``sx [M, 1]`` and ``cs [N]``, or one element
+    each) and bias; ``[M, n]`` in ``dtype``."""
     if n % 16:  # cuBLAS FP8 wants N % 16 == 0: zero codes and unit scales for the extra rows
         pad = 16 - n % 16
         wq = torch.cat([wq, wq.new_zeros(pad, wq.shape[1])])
-        cs = torch.cat([cs, cs.new_ones(pad)])
+        cs = cs if cs.numel() == 1 else torch.cat([cs, cs.new_ones(pad)])
         bias = None if bias is None else torch.cat([bias.float(), bias.new_zeros(pad).float()])
     bias16 = None if bias is None else bias.to(torch.bfloat16)
-    out = torch._scaled_mm(
-        xq, wq.t(), scale_a=sx, scale_b=cs.view(1, -1), bias=bias16, out_dtype=torch.bfloat16
-    )
+    scale_b = cs if cs.numel() == 1 else cs.view(1, -1)
+    out = torch._scaled_mm(xq, wq.t(), scale_a=sx, scale_b=scale_b, bias=bias16, out_dtype=torch.bfloat16)
     out = out if n % 16 == 0 else out[:, :n].contiguous()
-    return out if x.dtype == torch.bfloat16 else out.to(x.dtype)
+    return out if dtype == torch.bfloat16 else out.to(dtype)

@@ -24,6 +24,8 @@ times both pre-passes; ``bench/diag_split_prepass.py`` shows where codes differ 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -37,7 +39,7 @@ from studio.kernels.prefill_triton import (
     _write_scale_and_tail,
 )
 from studio.kernels.quant_act import branch_dot_dtype
-from studio.kernels.reference_prefill import K_ALIGN, branch_block, total_k
+from studio.kernels.reference_prefill import K_ALIGN, branch_block, check_scaling, total_k
 
 
 def _prune_stats(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
@@ -68,9 +70,9 @@ def _prune_stats(configs: list[triton.Config], named_args: dict, **kwargs: objec
 )
 @triton.jit
 def _row_stats_kernel(
-    x_ptr, sinv_ptr, l1_ptr, amax_ptr, la_ptr,
+    x_ptr, sinv_ptr, l1_ptr, amax_ptr, la_ptr, peak_ptr,
     M, K, R, M_BUCKET, stride_xm, stride_l1k,
-    R_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    R_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr, TENSOR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -88,7 +90,10 @@ def _row_stats_kernel(
         kk = k0 + tl.arange(0, BLOCK_K)
         amax, la = _stats_step(x_ptr, sinv_ptr, l1_ptr, offs_m, m_mask, kk, kk < k_stop, offs_r, r_mask,
                                stride_xm, stride_l1k, amax, la, DOT_DTYPE)  # fmt: skip
-    tl.store(amax_ptr + pid_s * M + offs_m, amax, m_mask)
+    if TENSOR:  # the largest row maximum of all: max is exact, so the order of atomics is not seen
+        tl.atomic_max(peak_ptr, tl.max(amax, axis=0))
+    else:
+        tl.store(amax_ptr + pid_s * M + offs_m, amax, m_mask)
     tl.store(
         la_ptr + (pid_s * M + offs_m[:, None]) * R + offs_r[None, :], la, m_mask[:, None] & r_mask[None, :]
     )
@@ -103,18 +108,21 @@ def _row_stats_kernel(
 )
 @triton.jit
 def _row_codes_kernel(
-    x_ptr, sinv_ptr, amax_ptr, la_ptr, str_ptr, g_ptr, out_ptr, sx_ptr,
+    x_ptr, sinv_ptr, amax_ptr, la_ptr, str_ptr, g_ptr, out_ptr, sx_ptr, peak_ptr,
     M, K, KP, KT, R, RB, S, rows_per_sample, M_BUCKET, n_splits,
     stride_xm, stride_sm, stride_om,
-    TAIL_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    TAIL_PAD: tl.constexpr, TENSOR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
     amax = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for s in range(n_splits):
-        amax = tl.maximum(amax, tl.load(amax_ptr + s * M + offs_m, m_mask, 0.0))
+    if TENSOR:
+        amax += tl.load(peak_ptr)
+    else:
+        for s in range(n_splits):
+            amax = tl.maximum(amax, tl.load(amax_ptr + s * M + offs_m, m_mask, 0.0))
     scale = tl.maximum(amax / _FP8_MAX, 1e-12)
     _write_codes(x_ptr, sinv_ptr, out_ptr, offs_m, m_mask, pid_k * BLOCK_K + tl.arange(0, BLOCK_K), K, KP, scale,
                  stride_xm, stride_om)  # fmt: skip
@@ -136,6 +144,110 @@ def _row_codes_kernel(
                           KP, R, RB, S, rows_per_sample, stride_sm, stride_om)  # fmt: skip
 
 
+@dataclass
+class RowStats:
+    """The statistics launch's partials: ``amax [splits, M]`` and ``la [splits, M, R]`` fp32,
+    of which the first ``used`` splits hold the row maxima and ``x @ l1`` of their K slices;
+    with one scale for all rows (``scaling="tensor"``) ``peak [1]`` holds the largest row
+    maximum instead of ``amax``."""
+
+    amax: torch.Tensor
+    la: torch.Tensor
+    used: int
+    peak: torch.Tensor | None = None
+
+    def record_stream(self, stream: torch.cuda.Stream) -> None:
+        """Keep the partials' memory from reuse until ``stream``'s queued work is done."""
+        self.amax.record_stream(stream)
+        self.la.record_stream(stream)
+
+
+def row_stats_triton(
+    x: torch.Tensor,
+    smooth_inv: torch.Tensor,
+    l1: torch.Tensor,
+    config: dict | None = None,
+    scaling: str = "row",
+) -> RowStats:
+    """The first launch: per-slice row maxima of ``|x * smooth_inv|`` and partials of ``x @ l1``.
+
+    ``x [M, K]`` row-major bf16, ``smooth_inv [K]`` fp32, ``l1 [K, R]`` bf16 (R may be 0).
+    ``config``: the statistics kernel's meta-parameters plus ``num_warps`` / ``num_stages``.
+    ``scaling="tensor"``: the largest row maximum only (``RowStats.peak``).
+    """
+    tensor = check_scaling(scaling) == "tensor"
+    m, k = x.shape
+    r = l1.shape[1]
+    l1 = l1 if r else l1.new_zeros(k, 1)
+    # Partial buffers for the most splits autotuning may pick (or the forced config's).
+    splits = (
+        max(c.kwargs["SPLITS"] for c in _row_stats_kernel.configs) if config is None else config["SPLITS"]
+    )
+    amax = torch.empty(splits, m, device=x.device, dtype=torch.float32)
+    la = torch.empty(splits, m, max(r, 1), device=x.device, dtype=torch.float32)
+    peak = torch.zeros(1, device=x.device, dtype=torch.float32) if tensor else amax
+
+    def stats_grid(meta: dict) -> tuple[int, int]:
+        return (triton.cdiv(m, meta["BLOCK_M"]), meta["SPLITS"])
+
+    used = launch_autotuned(
+        _row_stats_kernel,
+        stats_grid,
+        (x, smooth_inv, l1, amax, la, peak, m, k, max(r, 1), _bucket(m), x.stride(0), l1.stride(0)),
+        {
+            "R_PAD": max(16, triton.next_power_of_2(max(r, 1))),
+            "DOT_DTYPE": branch_dot_dtype(),
+            "TENSOR": tensor,
+        },
+        config,
+        "SPLITS",
+    )
+    return RowStats(amax, la, used, peak if tensor else None)
+
+
+def row_codes_triton(
+    x: torch.Tensor,
+    smooth_inv: torch.Tensor,
+    stats: RowStats,
+    r: int,
+    strength: torch.Tensor,
+    rows_per_sample: int,
+    g: torch.Tensor,
+    config: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The second launch: (``xq [M, total_k]`` FP8, ``row_scale [M, 1]`` fp32) from ``stats``.
+
+    ``r`` is the branch's rank (``l1.shape[1]``); ``strength [S, r]`` and ``g [r]`` fp32 as in
+    ``quantize_act_rowwise_split_triton``.  ``config``: the codes kernel's meta-parameters
+    plus ``num_warps``.  One scale for all rows when ``stats`` holds only their peak.
+    """
+    m, k = x.shape
+    rb = branch_block(r)
+    kp = -(-k // 64) * 64
+    kt = total_k(kp, r)
+    xq = torch.empty(m, kt, device=x.device, dtype=torch.float8_e4m3fn)
+    sx = torch.empty(m, 1, device=x.device, dtype=torch.float32)
+    g = g if r else torch.ones(1, device=x.device)
+
+    def codes_grid(meta: dict) -> tuple[int, int]:
+        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(kp, meta["BLOCK_K"]))
+
+    codes = _row_codes_kernel if config is None else _row_codes_kernel.fn
+    codes[codes_grid](
+        x, smooth_inv, stats.amax, stats.la, strength, g, xq, sx,
+        stats.amax if stats.peak is None else stats.peak,
+        m, k, kp, kt, r, rb, strength.shape[0], max(rows_per_sample, 1), _bucket(m), stats.used,
+        x.stride(0), strength.stride(0), xq.stride(0),
+        TAIL_PAD=K_ALIGN, TENSOR=stats.peak is not None, **(config or {}),
+    )  # fmt: skip
+    return xq, sx
+
+
+def _bucket(m: int) -> int:
+    """The autotuning key's row bucket."""
+    return min(triton.next_power_of_2(max(m, 16)), 8192)
+
+
 def quantize_act_rowwise_split_triton(
     x: torch.Tensor,
     smooth_inv: torch.Tensor,
@@ -144,53 +256,16 @@ def quantize_act_rowwise_split_triton(
     rows_per_sample: int,
     g: torch.Tensor,
     config: dict | None = None,
+    scaling: str = "row",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(``xq [M, total_k]`` FP8, ``row_scale [M, 1]`` fp32); ``x [M, K]`` row-major, as the reference.
 
     ``l1 [K, R]`` bf16, ``strength [S, R]`` fp32, ``g [R]`` fp32 (``prefill_scales``).  ``config``:
     ``{"stats": {...}, "codes": {...}}`` with each kernel's meta-parameters and ``num_warps`` (and
-    ``num_stages`` for the statistics) skips autotuning (tests, the interpreter).
+    ``num_stages`` for the statistics) skips autotuning (tests, the interpreter).  ``scaling``:
+    ``reference_prefill.SCALINGS``.
     """
-    m, k = x.shape
-    r = l1.shape[1]
-    rb = branch_block(r)
-    kp = -(-k // 64) * 64
-    kt = total_k(kp, r)
-    dev = x.device
-    xq = torch.empty(m, kt, device=dev, dtype=torch.float8_e4m3fn)
-    sx = torch.empty(m, 1, device=dev, dtype=torch.float32)
-    l1 = l1 if r else l1.new_zeros(k, 1)
-    g = g if r else torch.ones(1, device=dev)
-    # Partial buffers for the most splits autotuning may pick (or the forced config's).
-    splits = (
-        max(c.kwargs["SPLITS"] for c in _row_stats_kernel.configs)
-        if config is None
-        else config["stats"]["SPLITS"]
+    stats = row_stats_triton(x, smooth_inv, l1, config["stats"] if config else None, scaling)
+    return row_codes_triton(
+        x, smooth_inv, stats, l1.shape[1], strength, rows_per_sample, g, config["codes"] if config else None
     )
-    amax = torch.empty(splits, m, device=dev, dtype=torch.float32)
-    la = torch.empty(splits, m, max(r, 1), device=dev, dtype=torch.float32)
-    bucket = min(triton.next_power_of_2(max(m, 16)), 8192)
-
-    def stats_grid(meta: dict) -> tuple[int, int]:
-        return (triton.cdiv(m, meta["BLOCK_M"]), meta["SPLITS"])
-
-    used = launch_autotuned(
-        _row_stats_kernel,
-        stats_grid,
-        (x, smooth_inv, l1, amax, la, m, k, max(r, 1), bucket, x.stride(0), l1.stride(0)),
-        {"R_PAD": max(16, triton.next_power_of_2(max(r, 1))), "DOT_DTYPE": branch_dot_dtype()},
-        config["stats"] if config else None,
-        "SPLITS",
-    )
-
-    def codes_grid(meta: dict) -> tuple[int, int]:
-        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(kp, meta["BLOCK_K"]))
-
-    codes = _row_codes_kernel if config is None else _row_codes_kernel.fn
-    codes[codes_grid](
-        x, smooth_inv, amax, la, strength, g, xq, sx,
-        m, k, kp, kt, r, rb, strength.shape[0], max(rows_per_sample, 1), bucket, used,
-        x.stride(0), strength.stride(0), xq.stride(0),
-        TAIL_PAD=K_ALIGN, **(config["codes"] if config else {}),
-    )  # fmt: skip
-    return xq, sx
