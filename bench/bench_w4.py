@@ -425,7 +425,14 @@ def main() -> None:
     parser.add_argument(
         "--prepass", choices=["rows", "split"], default=None, help="large-M pre-pass (default: the layer's)"
     )
+    parser.add_argument(
+        "--scaling", choices=["row", "tensor"], default=None, help="large-M FP8 scales (default: the layer's)"
+    )
     args = parser.parse_args()
+    if args.scaling:
+        from studio.kernels import reference_prefill
+
+        reference_prefill.DEFAULT_SCALING = args.scaling
     if args.prepass:
         from studio.kernels import prefill_triton
 
@@ -436,10 +443,11 @@ def main() -> None:
     ms = [int(m) for m in args.ms.split(",")] if args.ms else ms
     if args.shapes:
         shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
-    from studio.kernels import prefill_triton
+    from studio.kernels import prefill_triton, reference_prefill
 
     print(
         f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  prepass {prefill_triton.DEFAULT_PREPASS}"
+        f"  scaling {reference_prefill.DEFAULT_SCALING}"
     )
     rows = speed(shapes, ms, ranks)
     change = strength_change_us()

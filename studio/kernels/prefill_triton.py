@@ -22,10 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
+from studio.kernels import reference_prefill
 from studio.kernels.quant_act import branch_dot_dtype
 from studio.kernels.reference import FP8_MAX
 from studio.kernels.reference_prefill import (
-    DEFAULT_SCALING,
     K_ALIGN,
     branch_block,
     branch_bound,
@@ -360,7 +360,7 @@ def w4_linear_prefill_triton(
     pre-pass only); None: ``reference_prefill.DEFAULT_SCALING``.
     """
     prepass = DEFAULT_PREPASS if prepass is None else prepass
-    scaling = check_scaling(DEFAULT_SCALING if scaling is None else scaling)  # reference_prefill's
+    scaling = check_scaling(reference_prefill.DEFAULT_SCALING if scaling is None else scaling)
     if prepass not in ("rows", "split"):
         raise ValueError(f"prepass must be 'rows' or 'split', not {prepass!r}")
     if scaling == "tensor" and prepass == "rows":
