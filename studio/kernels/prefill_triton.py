@@ -12,8 +12,11 @@ The maths and the reasons are in ``reference_prefill.py`` (the oracle).  Three s
    ``_rowwise_prepass_kernel`` (``prepass="rows"``): per ``BLOCK_M`` rows, one pass over X for the row maxima
    and ``lora_act = x @ l1`` (bf16 dot), a second pass (mostly L2 hits) writing the FP8
    codes, then ``[a_hi | a_hi | a_lo]`` of ``lora_act * strength / (row_scale * g)``.
-3. ``torch._scaled_mm`` with row scales on X and channel scales on W, bias and bf16 out:
-   cuBLAS's FP8 GEMM, which Triton's reached only 83-93 % of (shared/KERNEL-FACTS.md).
+3. ``torch._scaled_mm`` with one scale per operand (``scaling="tensor"``, the default: every
+   row and channel takes the largest scale; the statistics launch finds the rows' peak with
+   an atomic max, the expansion programs derive the weights' from cached peaks) or with row
+   scales on X and channel scales on W, bias and bf16 out: cuBLAS's FP8 GEMM, which
+   Triton's reached only 83-93 % of (shared/KERNEL-FACTS.md).
 """
 
 from __future__ import annotations

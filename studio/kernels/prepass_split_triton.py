@@ -149,17 +149,12 @@ class RowStats:
     """The statistics launch's partials: ``amax [splits, M]`` and ``la [splits, M, R]`` fp32,
     of which the first ``used`` splits hold the row maxima and ``x @ l1`` of their K slices;
     with one scale for all rows (``scaling="tensor"``) ``peak [1]`` holds the largest row
-    maximum instead of ``amax``."""
+    maximum instead, and ``amax`` is that same tensor (no per-row maxima are kept)."""
 
     amax: torch.Tensor
     la: torch.Tensor
     used: int
     peak: torch.Tensor | None = None
-
-    def record_stream(self, stream: torch.cuda.Stream) -> None:
-        """Keep the partials' memory from reuse until ``stream``'s queued work is done."""
-        self.amax.record_stream(stream)
-        self.la.record_stream(stream)
 
 
 def row_stats_triton(
@@ -183,9 +178,10 @@ def row_stats_triton(
     splits = (
         max(c.kwargs["SPLITS"] for c in _row_stats_kernel.configs) if config is None else config["SPLITS"]
     )
-    amax = torch.empty(splits, m, device=x.device, dtype=torch.float32)
     la = torch.empty(splits, m, max(r, 1), device=x.device, dtype=torch.float32)
-    peak = torch.zeros(1, device=x.device, dtype=torch.float32) if tensor else amax
+    # One scale: the atomic maximum starts from zero and no per-row maxima are written.
+    peak = torch.zeros(1, device=x.device, dtype=torch.float32) if tensor else None
+    amax = peak if tensor else torch.empty(splits, m, device=x.device, dtype=torch.float32)
 
     def stats_grid(meta: dict) -> tuple[int, int]:
         return (triton.cdiv(m, meta["BLOCK_M"]), meta["SPLITS"])
@@ -193,7 +189,7 @@ def row_stats_triton(
     used = launch_autotuned(
         _row_stats_kernel,
         stats_grid,
-        (x, smooth_inv, l1, amax, la, peak, m, k, max(r, 1), _bucket(m), x.stride(0), l1.stride(0)),
+        (x, smooth_inv, l1, amax, la, amax, m, k, max(r, 1), _bucket(m), x.stride(0), l1.stride(0)),
         {
             "R_PAD": max(16, triton.next_power_of_2(max(r, 1))),
             "DOT_DTYPE": branch_dot_dtype(),
@@ -202,7 +198,7 @@ def row_stats_triton(
         config,
         "SPLITS",
     )
-    return RowStats(amax, la, used, peak if tensor else None)
+    return RowStats(amax, la, used, peak)
 
 
 def row_codes_triton(
