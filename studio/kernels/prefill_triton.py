@@ -262,7 +262,7 @@ def expand_weight_triton(
     fmt: str,
     l2: torch.Tensor,
     bound: torch.Tensor,
-    wmax: torch.Tensor,
+    wmax: torch.Tensor | None,
     strength: torch.Tensor,
     config: dict | None = None,
     peaks: torch.Tensor | None = None,
@@ -371,7 +371,8 @@ def w4_linear_prefill_triton(
     x = x.contiguous()
     if bound is None:
         bound = branch_bound(l1, smooth_inv) if l1.shape[1] else torch.zeros(1, device=x.device)
-    wmax = residual_max(wscale, fmt) if wmax is None else wmax
+    if wmax is None and (scaling == "row" or peaks is None):  # one scale reads only the peaks
+        wmax = residual_max(wscale, fmt)
     if scaling == "tensor" and peaks is None:
         peaks = weight_peaks(l2, wmax)
     wq, cs, g = expand_weight_triton(

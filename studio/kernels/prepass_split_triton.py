@@ -148,13 +148,13 @@ def _row_codes_kernel(
 class RowStats:
     """The statistics launch's partials: ``amax [splits, M]`` and ``la [splits, M, R]`` fp32,
     of which the first ``used`` splits hold the row maxima and ``x @ l1`` of their K slices;
-    with one scale for all rows (``scaling="tensor"``) ``peak [1]`` holds the largest row
-    maximum instead, and ``amax`` is that same tensor (no per-row maxima are kept)."""
+    with one scale for all rows (``one_scale``, ``scaling="tensor"``) ``amax [1]`` holds the
+    largest row maximum instead (no per-row maxima are kept)."""
 
     amax: torch.Tensor
     la: torch.Tensor
     used: int
-    peak: torch.Tensor | None = None
+    one_scale: bool = False
 
 
 def row_stats_triton(
@@ -168,7 +168,7 @@ def row_stats_triton(
 
     ``x [M, K]`` row-major bf16, ``smooth_inv [K]`` fp32, ``l1 [K, R]`` bf16 (R may be 0).
     ``config``: the statistics kernel's meta-parameters plus ``num_warps`` / ``num_stages``.
-    ``scaling="tensor"``: the largest row maximum only (``RowStats.peak``).
+    ``scaling="tensor"``: the largest row maximum only (``RowStats.one_scale``).
     """
     tensor = check_scaling(scaling) == "tensor"
     m, k = x.shape
@@ -179,9 +179,10 @@ def row_stats_triton(
         max(c.kwargs["SPLITS"] for c in _row_stats_kernel.configs) if config is None else config["SPLITS"]
     )
     la = torch.empty(splits, m, max(r, 1), device=x.device, dtype=torch.float32)
-    # One scale: the atomic maximum starts from zero and no per-row maxima are written.
-    peak = torch.zeros(1, device=x.device, dtype=torch.float32) if tensor else None
-    amax = peak if tensor else torch.empty(splits, m, device=x.device, dtype=torch.float32)
+    if tensor:  # the atomic maximum starts from zero; no per-row maxima are written
+        amax = torch.zeros(1, device=x.device, dtype=torch.float32)
+    else:
+        amax = torch.empty(splits, m, device=x.device, dtype=torch.float32)
 
     def stats_grid(meta: dict) -> tuple[int, int]:
         return (triton.cdiv(m, meta["BLOCK_M"]), meta["SPLITS"])
@@ -198,7 +199,7 @@ def row_stats_triton(
         config,
         "SPLITS",
     )
-    return RowStats(amax, la, used, peak)
+    return RowStats(amax, la, used, tensor)
 
 
 def row_codes_triton(
@@ -215,7 +216,7 @@ def row_codes_triton(
 
     ``r`` is the branch's rank (``l1.shape[1]``); ``strength [S, r]`` and ``g [r]`` fp32 as in
     ``quantize_act_rowwise_split_triton``.  ``config``: the codes kernel's meta-parameters
-    plus ``num_warps``.  One scale for all rows when ``stats`` holds only their peak.
+    plus ``num_warps``.  One scale for all rows when ``stats.one_scale``.
     """
     m, k = x.shape
     rb = branch_block(r)
@@ -230,11 +231,10 @@ def row_codes_triton(
 
     codes = _row_codes_kernel if config is None else _row_codes_kernel.fn
     codes[codes_grid](
-        x, smooth_inv, stats.amax, stats.la, strength, g, xq, sx,
-        stats.amax if stats.peak is None else stats.peak,
+        x, smooth_inv, stats.amax, stats.la, strength, g, xq, sx, stats.amax,
         m, k, kp, kt, r, rb, strength.shape[0], max(rows_per_sample, 1), _bucket(m), stats.used,
         x.stride(0), strength.stride(0), xq.stride(0),
-        TAIL_PAD=K_ALIGN, TENSOR=stats.peak is not None, **(config or {}),
+        TAIL_PAD=K_ALIGN, TENSOR=stats.one_scale, **(config or {}),
     )  # fmt: skip
     return xq, sx
 
