@@ -6,8 +6,9 @@ The maths and the reasons are in ``reference_prefill.py`` (the oracle).  Three s
    the branch factors ``g[r]`` and the channel scale (the same few flops the reference
    does in torch), then unpacks ``GROUPS`` groups of 64 packed codes into FP8 codes
    re-scaled per channel (``_expand_codes``: one load, whole rows stored); one more grid
-   column of programs writes the branch blocks ``[l2_hi | l2_lo | l2_hi]``, the zero tail, the channel scales and ``g`` (on top of
-   column 0's codes, as before, they made those programs the slowest: 1-4 us at rank 96).
+   column of programs writes the branch blocks ``[l2_hi | l2_lo | l2_hi]``, the zero tail,
+   the channel scales and ``g`` (on top of column 0's codes, as before, they made those
+   programs the slowest: 1-4 us at rank 96).
 2. the activation pre-pass: by default the two launches of ``prepass_split_triton.py``; or
    ``_rowwise_prepass_kernel`` (``prepass="rows"``): per ``BLOCK_M`` rows, one pass over X for the row maxima
    and ``lora_act = x @ l1`` (bf16 dot), a second pass (mostly L2 hits) writing the FP8
@@ -142,9 +143,10 @@ def _expand_codes(q_ptr, ws_ptr, out_ptr, offs_n, n_mask, inv, pid_k, KG,
 
     One ``[BLOCK_N, GROUPS, 32]`` byte load; the low and high nibbles (columns ``j`` and
     ``32 + j`` of each group) joined into whole rows of ``GROUPS * 64`` codes and written in one
-    store.  A group per loop step (a ``[BLOCK_N, 32]`` load, two 32-byte stores per row) took
-    11.4 / 28.1 / 27.9 us against 8.7 / 25.2 / 24.4 us this way on H100 at 3072x3072 /
-    3072x12288 / 12288x3072, the same bits (bench/diag_expand_weight.py, docs/results.md).
+    store.  With a group per loop step (a ``[BLOCK_N, 32]`` load, two 32-byte stores per row)
+    the autotuned kernel took 11.4 / 28.1 / 27.9 us on H100 at 3072x3072 / 3072x12288 /
+    12288x3072; this way the best tile takes 8.7 / 25.2 / 24.4 us, the same bits
+    (bench/diag_expand_weight.py, docs/results.md).
     """
     grp = pid_k * GROUPS + tl.arange(0, GROUPS)
     offs_j = tl.arange(0, 32)
@@ -172,7 +174,7 @@ def _expand_codes(q_ptr, ws_ptr, out_ptr, offs_n, n_mask, inv, pid_k, KG,
 @triton.autotune(
     configs=[
         triton.Config({"BLOCK_N": bn, "GROUPS": gr}, num_warps=w)
-        # bench/diag_expand_weight.py: 32 x 8 was fastest on every FLUX shape
+        # bench/diag_expand_weight.py: 32 x 8 was the fastest tile on the three shapes it timed
         for bn, gr, w in [(32, 8, 4), (64, 4, 4), (16, 16, 2), (32, 16, 4), (128, 4, 4), (64, 8, 4)]
     ],
     key=["N", "KG", "R_PAD"],
