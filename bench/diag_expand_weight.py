@@ -3,15 +3,16 @@
 
     python bench/diag_expand_weight.py [--shapes 3072x3072,3072x12288,12288x3072] [--rank 32]
 
-``prefill_triton._expand_weight_kernel`` unpacks one group of 64 codes per loop step: a
-``[BLOCK_N, 32]`` byte load, two ``[BLOCK_N, 32]`` FP8 stores.  It took 12.2 us on 3072x3072
+``prefill_triton._expand_weight_kernel`` unpacked one group of 64 codes per loop step until the
+twenty-third session: a ``[BLOCK_N, 32]`` byte load, two ``[BLOCK_N, 32]`` FP8 stores.  It took 12.2 us on 3072x3072
 and 28.5-28.9 us on the two large shapes (twenty-second session), about twice what its bytes
 need at the bandwidth the same timing gives an FP8 cast of X.  Timed here after a 64 MB
-memset (``bench_w4.bench``), every variant at several tiles, its output checked bit for bit
-against the kernel's (``joined`` is the kernel's form since the twenty-third session):
+memset (``bench_w4.bench``): the kernel as it runs, then its code columns alone (no branch
+column: the channel scales are the kernel's) in each loop form at several tiles, checked bit
+for bit against the kernel's codes (``joined`` is the kernel's form since the twenty-third
+session, and calls its ``_expand_codes``):
 
-- ``loop``: the kernel's loop until the twenty-third session (a copy; it is the reference the
-  others are checked against only through the kernel, which now takes the ``joined`` form);
+- ``loop``: the kernel's loop until the twenty-third session: a group per step;
 - ``unrolled``: the same steps unrolled (``tl.static_range``), so that the loads of all
   ``GROUPS`` groups can be in flight together;
 - ``tile3d``: one ``[BLOCK_N, GROUPS, 32]`` load and two 3-D stores per program;
@@ -34,11 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_w4 import bench, make_w4  # noqa: E402
 from studio.kernels import reference_prefill as rp  # noqa: E402
 from studio.kernels.prefill_triton import (  # noqa: E402
-    _FP8_MAX,
-    _branch_factors,
     _decode,
+    _expand_codes,
     _expand_weight_kernel,
-    _split_e4m3,
     expand_weight_triton,
 )
 
@@ -46,135 +45,73 @@ VARIANTS = ("loop", "unrolled", "tile3d", "joined")
 
 
 @triton.jit
-def _expand_probe(
-    q_ptr, ws_ptr, wmax_ptr, l2_ptr, bound_ptr, str_ptr, out_ptr, cs_ptr, g_ptr,
-    N, KG, KP, KT, R, RB, S,
-    stride_qg, stride_qn, stride_wsg, stride_l2n, stride_sm, stride_on,
-    FP4: tl.constexpr, S_PAD: tl.constexpr, R_PAD: tl.constexpr, TAIL_PAD: tl.constexpr,
-    VARIANT: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
+def _codes_probe(
+    q_ptr, ws_ptr, cs_ptr, out_ptr, N, KG, stride_qg, stride_qn, stride_wsg, stride_on,
+    FP4: tl.constexpr, VARIANT: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
 ):  # fmt: skip
-    """``_expand_weight_kernel`` with one scale per operand and the codes loop in ``VARIANT`` form."""
-    pid_n = tl.program_id(0)
+    """The expansion's code columns only, in ``VARIANT`` form, with the kernel's channel scales."""
     pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, R_PAD)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    r_mask = offs_r < R
-    g = _branch_factors(bound_ptr, str_ptr, R, S, stride_sm, S_PAD, R_PAD)
-    l2 = tl.load(
-        l2_ptr + offs_n[:, None] * stride_l2n + offs_r[None, :], n_mask[:, None] & r_mask[None, :], 0.0
-    ).to(tl.float32)
-    l2_peak = tl.load(wmax_ptr + 1 + offs_r, r_mask, 0.0)
-    peak = tl.maximum(tl.load(wmax_ptr), tl.max(l2_peak * g, axis=0))
-    cs = tl.zeros([BLOCK_N], dtype=tl.float32) + tl.maximum(peak / _FP8_MAX, 1e-30)
-    inv = 1.0 / cs
-    if pid_k == tl.cdiv(KG, GROUPS):  # the last column: branch blocks, zero tail and scales only
-        hi, lo = _split_e4m3(l2 * g[None, :] * inv[:, None])
-        dst = out_ptr + offs_n[:, None] * stride_on + KP + offs_r[None, :]
-        mask = n_mask[:, None] & (offs_r < RB)[None, :]
-        tl.store(dst, hi, mask)
-        tl.store(dst + RB, lo, mask)
-        tl.store(dst + 2 * RB, hi, mask)
-        tail = KT - KP - 3 * RB
-        offs_t = tl.arange(0, TAIL_PAD)
-        zeros = tl.zeros([BLOCK_N, TAIL_PAD], dtype=tl.float32).to(tl.float8e4nv)
-        tl.store(
-            out_ptr + offs_n[:, None] * stride_on + KP + 3 * RB + offs_t[None, :],
-            zeros,
-            n_mask[:, None] & (offs_t < tail)[None, :],
-        )
-        tl.store(cs_ptr + offs_n, cs, n_mask)
-        tl.store(g_ptr + offs_r, g, offs_r < tl.where(pid_n == 0, R, 0))
-    else:
+    inv = 1.0 / tl.load(cs_ptr + offs_n, n_mask, 1.0)
+    if VARIANT == 3:  # the kernel's own form
+        _expand_codes(q_ptr, ws_ptr, out_ptr, offs_n, n_mask, inv, pid_k, KG,
+                      stride_qg, stride_qn, stride_wsg, stride_on, FP4, BLOCK_N, GROUPS)  # fmt: skip
+    elif VARIANT == 2:
+        grp = pid_k * GROUPS + tl.arange(0, GROUPS)
         offs_j = tl.arange(0, 32)
-        if VARIANT == 0 or VARIANT == 1:
-            if VARIANT == 0:
-                steps = tl.minimum(GROUPS, KG - pid_k * GROUPS)
-                for i in range(0, steps):
-                    grp = pid_k * GROUPS + i
-                    packed = tl.load(
-                        q_ptr + grp * stride_qg + offs_n[:, None] * stride_qn + offs_j[None, :],
-                        n_mask[:, None],
-                        0,
-                    )
-                    ws = tl.load(ws_ptr + grp * stride_wsg + offs_n, n_mask, 0.0)
-                    f = (ws * inv)[:, None]
-                    codes_dst = out_ptr + offs_n[:, None] * stride_on + grp * 64 + offs_j[None, :]
-                    tl.store(codes_dst, (_decode(packed & 0xF, FP4) * f).to(tl.float8e4nv), n_mask[:, None])
-                    tl.store(
-                        codes_dst + 32, (_decode(packed >> 4, FP4) * f).to(tl.float8e4nv), n_mask[:, None]
-                    )
-            else:
-                for i in tl.static_range(GROUPS):
-                    grp = pid_k * GROUPS + i
-                    ok_n = n_mask & (offs_n * 0 + grp < KG)
-                    ok = ok_n[:, None]
-                    packed = tl.load(
-                        q_ptr + grp * stride_qg + offs_n[:, None] * stride_qn + offs_j[None, :], ok, 0
-                    )
-                    ws = tl.load(ws_ptr + grp * stride_wsg + offs_n, ok_n, 0.0)
-                    f = (ws * inv)[:, None]
-                    codes_dst = out_ptr + offs_n[:, None] * stride_on + grp * 64 + offs_j[None, :]
-                    tl.store(codes_dst, (_decode(packed & 0xF, FP4) * f).to(tl.float8e4nv), ok)
-                    tl.store(codes_dst + 32, (_decode(packed >> 4, FP4) * f).to(tl.float8e4nv), ok)
-        else:
-            grp = pid_k * GROUPS + tl.arange(0, GROUPS)
-            ok = n_mask[:, None, None] & (grp < KG)[None, :, None]
-            packed = tl.load(
-                q_ptr
-                + grp[None, :, None] * stride_qg
-                + offs_n[:, None, None] * stride_qn
-                + offs_j[None, None, :],
-                ok,
-                0,
-            )
-            ws = tl.load(
-                ws_ptr + grp[None, :] * stride_wsg + offs_n[:, None],
-                n_mask[:, None] & (grp < KG)[None, :],
-                0.0,
-            )
-            f = (ws * inv[:, None])[:, :, None]
-            lo_c = (_decode(packed & 0xF, FP4) * f).to(tl.float8e4nv)
-            hi_c = (_decode(packed >> 4, FP4) * f).to(tl.float8e4nv)
-            if VARIANT == 2:
-                dst_c = (
-                    out_ptr
-                    + offs_n[:, None, None] * stride_on
-                    + grp[None, :, None] * 64
-                    + offs_j[None, None, :]
-                )
-                tl.store(dst_c, lo_c, ok)
-                tl.store(dst_c + 32, hi_c, ok)
-            else:
-                rows = tl.reshape(tl.permute(tl.join(lo_c, hi_c), (0, 1, 3, 2)), (BLOCK_N, GROUPS * 64))
-                cols = pid_k * GROUPS * 64 + tl.arange(0, GROUPS * 64)
-                tl.store(
-                    out_ptr + offs_n[:, None] * stride_on + cols[None, :],
-                    rows,
-                    n_mask[:, None] & (cols < KG * 64)[None, :],
-                )
+        ok = n_mask[:, None, None] & (grp < KG)[None, :, None]
+        packed = tl.load(
+            q_ptr
+            + grp[None, :, None] * stride_qg
+            + offs_n[:, None, None] * stride_qn
+            + offs_j[None, None, :],
+            ok,
+            0,
+        )
+        ws = tl.load(
+            ws_ptr + grp[None, :] * stride_wsg + offs_n[:, None], n_mask[:, None] & (grp < KG)[None, :], 0.0
+        )
+        f = (ws * inv[:, None])[:, :, None]
+        dst = out_ptr + offs_n[:, None, None] * stride_on + grp[None, :, None] * 64 + offs_j[None, None, :]
+        tl.store(dst, (_decode(packed & 0xF, FP4) * f).to(tl.float8e4nv), ok)
+        tl.store(dst + 32, (_decode(packed >> 4, FP4) * f).to(tl.float8e4nv), ok)
+    elif VARIANT == 1:
+        for i in tl.static_range(GROUPS):
+            grp = pid_k * GROUPS + i
+            _group_step(q_ptr, ws_ptr, out_ptr, offs_n, n_mask & (offs_n * 0 + grp < KG), inv, grp,
+                        stride_qg, stride_qn, stride_wsg, stride_on, FP4)  # fmt: skip
+    else:
+        for grp in range(pid_k * GROUPS, tl.minimum(pid_k * GROUPS + GROUPS, KG)):
+            _group_step(q_ptr, ws_ptr, out_ptr, offs_n, n_mask, inv, grp,
+                        stride_qg, stride_qn, stride_wsg, stride_on, FP4)  # fmt: skip
 
 
-def probe(p: dict, variant: str, block_n: int, groups: int, warps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    qweight, wscale, l2, st = p["qweight"], p["wscale"], p["l2"], p["strength"]
+@triton.jit
+def _group_step(q_ptr, ws_ptr, out_ptr, offs_n, ok_n, inv, grp, stride_qg, stride_qn, stride_wsg, stride_on,
+                FP4: tl.constexpr):  # fmt: skip
+    """One group of 64 codes: a ``[BLOCK_N, 32]`` byte load, two 32-byte stores per row."""
+    offs_j = tl.arange(0, 32)
+    packed = tl.load(
+        q_ptr + grp * stride_qg + offs_n[:, None] * stride_qn + offs_j[None, :], ok_n[:, None], 0
+    )
+    f = (tl.load(ws_ptr + grp * stride_wsg + offs_n, ok_n, 0.0) * inv)[:, None]
+    dst = out_ptr + offs_n[:, None] * stride_on + grp * 64 + offs_j[None, :]
+    tl.store(dst, (_decode(packed & 0xF, FP4) * f).to(tl.float8e4nv), ok_n[:, None])
+    tl.store(dst + 32, (_decode(packed >> 4, FP4) * f).to(tl.float8e4nv), ok_n[:, None])
+
+
+def probe(p: dict, cs: torch.Tensor, variant: str, block_n: int, groups: int, warps: int) -> torch.Tensor:
+    """``[N, Kp]`` FP8: the code columns of the expansion, channel scales ``cs`` from the kernel."""
+    qweight, wscale = p["qweight"], p["wscale"]
     kg, n, _ = qweight.shape
-    r = l2.shape[1]
-    rb = rp.branch_block(r)
-    kp = kg * 64
-    kt = rp.total_k(kp, r)
-    dev = qweight.device
-    wq = torch.empty(n, kt, device=dev, dtype=torch.float8_e4m3fn)
-    cs = torch.empty(n, device=dev)
-    g = torch.empty(r, device=dev)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(kg, groups) + 1)
-    _expand_probe[grid](
-        qweight, wscale, p["peaks"], l2, p["bound"], st, wq, cs, g,
-        n, kg, kp, kt, r, rb, st.shape[0],
-        qweight.stride(0), qweight.stride(1), wscale.stride(0), l2.stride(0), st.stride(0), wq.stride(0),
-        FP4=p["fmt"] == "fp4", S_PAD=2, R_PAD=max(16, triton.next_power_of_2(rb)), TAIL_PAD=rp.K_ALIGN,
-        VARIANT=VARIANTS.index(variant), BLOCK_N=block_n, GROUPS=groups, num_warps=warps,
+    wq = torch.empty(n, kg * 64, device=qweight.device, dtype=torch.float8_e4m3fn)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(kg, groups))
+    _codes_probe[grid](
+        qweight, wscale, cs, wq, n, kg, qweight.stride(0), qweight.stride(1), wscale.stride(0), wq.stride(0),
+        FP4=p["fmt"] == "fp4", VARIANT=VARIANTS.index(variant), BLOCK_N=block_n, GROUPS=groups, num_warps=warps,
     )  # fmt: skip
-    return wq, cs
+    return wq
 
 
 TILES = [(32, 8, 4), (32, 16, 4), (64, 4, 4), (64, 8, 4), (64, 16, 4), (128, 4, 4), (128, 8, 8), (16, 16, 2)]
@@ -199,15 +136,15 @@ def main() -> None:
         mb = (p["qweight"].numel() + p["wscale"].numel() * 4 + expect.numel()) / 1e6
         print(f"\n== {k}x{n} rank {args.rank}: {mb:.1f} MB moved; the kernel (autotuned "
               f"{_expand_weight_kernel.best_config}) {t:.1f} us", flush=True)  # fmt: skip
+        codes = expect[:, : p["qweight"].shape[0] * 64].contiguous().view(torch.uint8)
         for block_n, groups, warps in TILES:
             line = [f"  tile {block_n}x{groups} groups, {warps} warps:"]
             for variant in VARIANTS:
                 try:
-                    wq, cs = probe(p, variant, block_n, groups, warps)
-                    same = torch.equal(wq.view(torch.uint8), expect.view(torch.uint8)) and torch.equal(
-                        cs, cs_expect
+                    same = torch.equal(
+                        probe(p, cs_expect, variant, block_n, groups, warps).view(torch.uint8), codes
                     )
-                    t = bench(lambda: probe(p, variant, block_n, groups, warps))
+                    t = bench(lambda: probe(p, cs_expect, variant, block_n, groups, warps))
                     line.append(f"{variant} {t:.1f} us{'' if same else ' (DIFFERS)'}")
                 except Exception as err:  # noqa: BLE001 - a variant that does not compile prints why
                     line.append(f"{variant} failed: {str(err).splitlines()[0][:80]}")

@@ -145,7 +145,7 @@ def _expand_codes(q_ptr, ws_ptr, out_ptr, offs_n, n_mask, inv, pid_k, KG,
     ``32 + j`` of each group) joined into whole rows of ``GROUPS * 64`` codes and written in one
     store.  With a group per loop step (a ``[BLOCK_N, 32]`` load, two 32-byte stores per row)
     the autotuned kernel took 11.4 / 28.1 / 27.9 us on H100 at 3072x3072 / 3072x12288 /
-    12288x3072; this way the best tile takes 8.7 / 25.2 / 24.4 us, the same bits
+    12288x3072; this way it takes 8.3 / 25.3 / 24.5 us, the same bits
     (bench/diag_expand_weight.py, docs/results.md).
     """
     grp = pid_k * GROUPS + tl.arange(0, GROUPS)
@@ -174,7 +174,7 @@ def _expand_codes(q_ptr, ws_ptr, out_ptr, offs_n, n_mask, inv, pid_k, KG,
 @triton.autotune(
     configs=[
         triton.Config({"BLOCK_N": bn, "GROUPS": gr}, num_warps=w)
-        # bench/diag_expand_weight.py: 32 x 8 was the fastest tile on the three shapes it timed
+        # bench/diag_expand_weight.py: 32 x 8 and 64 x 4 were the fastest tiles on the FLUX shapes
         for bn, gr, w in [(32, 8, 4), (64, 4, 4), (16, 16, 2), (32, 16, 4), (128, 4, 4), (64, 8, 4)]
     ],
     key=["N", "KG", "R_PAD"],
