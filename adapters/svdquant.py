@@ -40,6 +40,10 @@ class SVDQuantConfig:
     refine_iters: int = 1
     #: Calibration rows (tokens) kept per layer for the alpha search.
     calib_rows: int = 512
+    #: The calibrated activation peak is the calibration's largest ``|x * smooth_inv|`` times
+    #: this; the large-M path scales activations by it (one read of X) when
+    #: ``SVDQuantLinear.use_act_peak`` (opt-in); larger values saturate (``saturated_layers``).
+    act_headroom: float = 2.0
 
 
 def _svd_rank(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,6 +89,15 @@ class SVDQuantLinear(nn.Module):
         self.register_buffer("svd_down", torch.zeros(rank, in_features, dtype=torch.bfloat16))
         self.register_buffer("svd_up", torch.zeros(out_features, rank, dtype=torch.bfloat16))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        # The calibrated activation peak (0: none, as in files written before it existed) and
+        # the largest one the large-M path has seen since (reset_act_seen).
+        self.register_buffer("act_peak", torch.zeros(1))
+        self.register_buffer("act_seen", torch.zeros(1), persistent=False)
+        self.act_peak_value = 0.0  # a host copy: forward decides without reading the GPU
+        #: Whether the large-M path scales activations by ``act_peak`` (when there is one and
+        #: the scaling is one per operand) instead of measuring each batch's peak first: X is
+        #: read once, but values past the peak saturate, so it is opt-in (docs/quantization.md).
+        self.use_act_peak = False
         # Branches fused into l1/l2 (LoRA layers, in attach order) and the composed tensors.
         self._branches: list[Any] = []
         self.register_buffer("l1", torch.zeros(0), persistent=False)
@@ -104,8 +117,13 @@ class SVDQuantLinear(nn.Module):
         rank: int = 32,
         fmt: str = "int4",
         config: SVDQuantConfig | None = None,
+        act_span: torch.Tensor | None = None,
     ) -> SVDQuantLinear:
-        """Quantize ``linear`` with calibration activations ``calib [..., in_features]``."""
+        """Quantize ``linear`` with calibration activations ``calib [..., in_features]``.
+
+        ``act_span [in_features]``: the largest ``|x|`` of each input channel over all the
+        calibration tokens, when ``calib`` holds only a sample of them (``quantize_model``);
+        None: taken from ``calib``.  With the smoothing it gives the calibrated peak."""
         cfg = config or SVDQuantConfig(rank=rank, fmt=fmt)
         w = linear.weight.detach().float()
         n, k = w.shape
@@ -118,6 +136,10 @@ class SVDQuantLinear(nn.Module):
             if not torch.isfinite(t).all():
                 bad = int((~torch.isfinite(t)).sum())
                 raise ValueError(f"the layer's {what} hold {bad} NaN/inf values; nothing was quantized")
+        if act_span is None:
+            act_span = x.abs().amax(0)
+        elif act_span.shape != (k,) or not bool(torch.isfinite(act_span).all()):
+            raise ValueError(f"act_span must be {k} finite values, one per input channel")
         if x.shape[0] > cfg.calib_rows:
             x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[: cfg.calib_rows]]
         r = min(cfg.rank, n, k)
@@ -150,8 +172,35 @@ class SVDQuantLinear(nn.Module):
             mod.svd_up.copy_(parts["up"])
             if linear.bias is not None:
                 mod.bias.copy_(linear.bias.detach().float())
+            peak = (act_span.float().to(lam.device) / lam).amax() * cfg.act_headroom
+            mod.set_act_peak(float(peak))
         mod.calib_error = err
         return mod.to(linear.weight.device)
+
+    def set_act_peak(self, peak: float) -> None:
+        """Set the calibrated activation peak (0 removes it: each batch's peak is measured)."""
+        if not (peak >= 0.0 and peak < float("inf")):
+            raise ValueError(f"the activation peak must be finite and >= 0, not {peak}")
+        self.act_peak.fill_(peak)
+        self.act_peak_value = float(self.act_peak)
+
+    def saturated(self) -> bool:
+        """Whether a large-M batch since ``reset_act_seen`` held values above the calibrated
+        peak (their FP8 codes saturated at +-448).  Reads the GPU: call it after a job."""
+        return self.act_peak_value > 0 and float(self.act_seen) > self.act_peak_value
+
+    def reset_act_seen(self) -> None:
+        self.act_seen.zero_()
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        key = prefix + "act_peak"
+        if key not in state_dict:  # written before the calibrated peak existed: none
+            state_dict[key] = torch.zeros(1)
+        peak = state_dict[key]
+        if peak.numel() != 1 or not bool(torch.isfinite(peak).all() and (peak >= 0).all()):
+            raise ValueError(f"{key}: a calibrated activation peak must be one finite value >= 0")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.act_peak_value = float(peak.reshape(-1)[0])
 
     def dequantized_weight(self) -> torch.Tensor:
         """Float32 ``[N, K]`` weight the module stands for (low-rank branch included)."""
@@ -233,11 +282,21 @@ class SVDQuantLinear(nn.Module):
         y = kernels.w4_linear(
             x2, self.smooth_inv, self.qweight, self.wscale, self.fmt, self.l1, self.l2,
             strength, rows_per_sample, bias, bound=bound, wmax=wmax, peaks=peaks, scaling=self.prefill_scaling,
+            **self.act_peak_args(),
         )  # fmt: skip
         if training:
             for b in self._branches:
                 y = y + b.unfused_delta(x2, rows_per_sample).to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
+
+    def act_peak_args(self) -> dict[str, torch.Tensor]:
+        """``act_peak`` / ``act_seen`` for ``kernels.w4_linear`` when the calibrated peak is used."""
+        from studio.kernels import reference_prefill
+
+        scaling = reference_prefill.DEFAULT_SCALING if self.prefill_scaling is None else self.prefill_scaling
+        if not (self.use_act_peak and self.act_peak_value > 0 and scaling == "tensor"):
+            return {}
+        return {"act_peak": self.act_peak, "act_seen": self.act_seen}
 
     def _prefill_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The large-M path's weight-only factors, recomputed when a tensor they use changes."""
@@ -298,10 +357,14 @@ def quantize_model(
     if not linears:
         raise ValueError("no nn.Linear layer matches the targets")
     seen: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
+    spans: dict[str, torch.Tensor] = {}  # per channel, over every token (the rows are a sample)
 
     def hook(name: str) -> Callable[..., None]:
         def grab(_mod: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+            span = x.abs().amax(0).cpu() if x.shape[0] else None
+            if span is not None:
+                spans[name] = span if name not in spans else torch.maximum(spans[name], span)
             gen = torch.Generator().manual_seed(len(seen[name]))
             seen[name].append(
                 x[torch.randperm(x.shape[0], generator=gen)[: cfg.calib_rows].to(x.device)].cpu()
@@ -322,7 +385,7 @@ def quantize_model(
             continue  # the layer never ran on the calibration data: leave it in high precision
         try:
             done[name] = SVDQuantLinear.from_linear(
-                linear, torch.cat(seen[name]).to(linear.weight.device), config=cfg
+                linear, torch.cat(seen[name]).to(linear.weight.device), config=cfg, act_span=spans.get(name)
             )
         except ValueError as err:  # name the layer; no layer is swapped, the model stays as it was
             raise ValueError(f"{name}: {err}") from None
@@ -338,6 +401,13 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def quantized_modules(model: nn.Module) -> dict[str, SVDQuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, SVDQuantLinear)}
+
+
+def saturated_layers(model: nn.Module) -> list[str]:
+    """Names of the 4-bit layers whose large-M batches held activations above their calibrated
+    peak since ``reset_act_seen`` (those values were clipped).  Reads each layer's record from
+    the GPU once: call it after a job, not per step."""
+    return [n for n, m in quantized_modules(model).items() if m.saturated()]
 
 
 def save_quantized(model: nn.Module, directory: str | Path, meta: dict[str, Any] | None = None) -> Path:

@@ -16,11 +16,13 @@ LAYER_VARIANTS = {
     "int4_naive_prefill": "INT4 naive (prefill)",
     "int4_svdq_fused": "INT4 SVDQuant (fused)",
     "int4_svdq_prefill": "INT4 SVDQuant (prefill)",
+    "int4_svdq_prefill_peak": "INT4 SVDQuant (prefill, calibrated peak)",
     "int4_svdq_prefill_row": "INT4 SVDQuant (prefill, row scales)",
     "fp4_naive_fused": "FP4 naive (fused)",
     "fp4_naive_prefill": "FP4 naive (prefill)",
     "fp4_svdq_fused": "FP4 SVDQuant (fused)",
     "fp4_svdq_prefill": "FP4 SVDQuant (prefill)",
+    "fp4_svdq_prefill_peak": "FP4 SVDQuant (prefill, calibrated peak)",
     "fp4_svdq_prefill_row": "FP4 SVDQuant (prefill, row scales)",
 }
 
@@ -55,6 +57,13 @@ def tables(result: dict[str, Any]) -> str:
         rows.append([label, f"{np.mean(e):.4f}", f"{np.median(e):.4f}", f"{max(e):.4f}"]
                     + [f"{v:.4f}" for v in per_kind])  # fmt: skip
     out.append(_md(["variant", "mean", "median", "max", *kinds], rows))
+    for fmt in FORMATS:
+        reach = [r["errors"].get(f"{fmt}_test_peak_over_calibrated") for r in layers]
+        reach = [v for v in reach if v is not None]
+        if reach:
+            out += ["", f"{fmt.upper()}: test rows' peak / calibrated peak (headroom included): median "
+                    f"{np.median(reach):.2f}, max {max(reach):.2f}; layers clipped (> 1): "
+                    f"{sum(v > 1 for v in reach)} of {len(reach)}"]  # fmt: skip
     out += ["", "SVDQuant vs naive 4-bit, layer by layer", ""]
     rows = []
     for fmt in FORMATS:
@@ -89,10 +98,11 @@ def tables(result: dict[str, Any]) -> str:
         rows = [[r["variant"], f"{r['unet_eps_rel_err']:.4f}", _db(r["psnr_db"]), _db(r["psnr_median_db"]),
                  f"{r['mean_abs_diff']:.2f}", f"{r['clip_score']:.2f}"]
                 + [f"{r['accuracy'][a]:.3f}" for a in (*attrs, "all_three")]
-                + [f"{r['same_labels_as_fp32']:.3f}", f"{r['generate_s']:.0f}"] for r in e2e["rows"]]  # fmt: skip
+                + [f"{r['same_labels_as_fp32']:.3f}", str(r.get("saturated_layers", 0)), f"{r['generate_s']:.0f}"]
+                for r in e2e["rows"]]  # fmt: skip
         out.append(_md(["UNet", f"UNet eps rel. error ({e2e['unet_calls']} calls)", "PSNR dB (all images)",
                         "PSNR dB (median image)", "mean abs diff (0-255)", "CLIP score", *attrs, "all three",
-                        "same CLIP labels as fp32", "CPU s (reference maths)"], rows))  # fmt: skip
+                        "same CLIP labels as fp32", "layers clipped", "CPU s (reference maths)"], rows))  # fmt: skip
     return "\n".join(out)
 
 

@@ -10,7 +10,9 @@
    float64 layer, for bf16, FP8 row-wise, naive 4-bit (rank 0, no smoothing) and SVDQuant
    (rank min(32, min(K, N) // 4)), INT4 and FP4, each in the fused maths and in the large-M
    (``path="prefill"``) maths of ``studio.kernels.w4_linear``, the latter with one FP8 scale
-   per operand (its default) and with per-token / per-channel scales (``scaling="row"``).
+   per operand, the activations' measured per batch (the module's default) or the layer's
+   calibrated peak (opt-in; how far the test rows reach past it is reported), and with per-token /
+   per-channel scales (``scaling="row"``).
 2. End to end: the fp32 pipeline (the honest CPU baseline) against the same pipeline with its
    UNet in bf16, FP8 row-wise (emulated), or quantized by ``adapters.svdquant.quantize_model``
    (rank 32 clamped to min(K, N); calibrated on the UNet calls of the calibration prompts, and
@@ -47,7 +49,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from accuracy_w4_tables import tables  # noqa: E402
 
-from adapters.svdquant import SVDQuantConfig, SVDQuantLinear, quantize_model  # noqa: E402
+from adapters.svdquant import (  # noqa: E402
+    SVDQuantConfig,
+    SVDQuantLinear,
+    quantize_model,
+    quantized_modules,
+    saturated_layers,
+)
 from studio import kernels  # noqa: E402
 
 ATTRS = ("shape", "colour", "background")
@@ -159,13 +167,16 @@ def fp8_rowwise(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> tor
     return y.to(x.dtype)
 
 
-#: Kernel paths measured, as ``studio.kernels.w4_linear`` options: the large-M path with its
-#: default scales (one per operand) and with per-token / per-channel scales.
-PATH_OPTIONS = {
+#: Kernel paths measured, as ``studio.kernels.w4_linear`` options (they override the module's):
+#: the large-M path with one FP8 scale per operand, the activations' measured on each batch
+#: (``prefill``, the module's default) or the layer's calibrated peak (``prefill_peak``, the
+#: module's opt-in ``use_act_peak``), and with per-token / per-channel scales.
+PATH_OPTIONS: dict[str, dict[str, Any]] = {
     "auto": {},
     "fused": {"path": "fused"},
-    "prefill": {"path": "prefill"},
-    "prefill_row": {"path": "prefill", "scaling": "row"},
+    "prefill": {"path": "prefill", "act_peak": None, "act_seen": None},
+    "prefill_peak": {"path": "prefill"},
+    "prefill_row": {"path": "prefill", "scaling": "row", "act_peak": None, "act_seen": None},
 }
 
 
@@ -173,8 +184,9 @@ def w4_apply(q: SVDQuantLinear, x: torch.Tensor, path: str) -> torch.Tensor:
     q.rebuild_branch()
     bias = None if q.bias is None else q.bias.float()
     return kernels.w4_linear(
-        x, q.smooth_inv, q.qweight, q.wscale, q.fmt, q.l1, q.l2, q.strength, 1, bias, **PATH_OPTIONS[path]
-    )
+        x, q.smooth_inv, q.qweight, q.wscale, q.fmt, q.l1, q.l2, q.strength, 1, bias,
+        **{"act_peak": q.act_peak, "act_seen": q.act_seen, **PATH_OPTIONS[path]},
+    )  # fmt: skip
 
 
 def naive_config(fmt: str) -> SVDQuantConfig:
@@ -197,9 +209,14 @@ def layer_errors(
         for kind, cfg in (("naive", naive_config(fmt)), ("svdq", SVDQuantConfig(rank=rank, fmt=fmt))):
             torch.manual_seed(0)  # the quantizer's randomized SVD draws from the global generator
             q = SVDQuantLinear.from_linear(linear, calib, config=cfg)
-            for path in ("fused", "prefill") + (("prefill_row",) if kind == "svdq" else ()):
+            extra = ("prefill_peak", "prefill_row") if kind == "svdq" else ()
+            for path in ("fused", "prefill", *extra):
                 out[f"{fmt}_{kind}_{path}"] = _rel(w4_apply(q, x, path), y64)
             spread[fmt] = float(q.smooth_inv.max() / q.smooth_inv.min())
+            if kind == "svdq":  # how far the test rows reach past the calibrated peak (> 1: clipped)
+                out[f"{fmt}_test_peak_over_calibrated"] = float(
+                    (x.float() * q.smooth_inv).abs().max() / q.act_peak_value
+                )
     return out, spread
 
 
@@ -285,7 +302,12 @@ def forced_path(path: str) -> Iterator[None]:
     """Make every ``SVDQuantLinear`` run ``path`` (the module calls ``kernels.w4_linear``)."""
     original = kernels.w4_linear
     if PATH_OPTIONS[path]:
-        kernels.w4_linear = functools.partial(original, **PATH_OPTIONS[path])
+
+        @functools.wraps(original)
+        def forced(*args: Any, **kwargs: Any) -> torch.Tensor:
+            return original(*args, **{**kwargs, **PATH_OPTIONS[path]})
+
+        kernels.w4_linear = forced
     try:
         yield
     finally:
@@ -302,8 +324,10 @@ E2E_VARIANTS = {
     "fp4 naive": ("fp4_naive", "fused"),
     "int4 SVDQuant r32 (fused)": ("int4_svdq", "fused"),
     "int4 SVDQuant r32 (prefill)": ("int4_svdq", "prefill"),
+    "int4 SVDQuant r32 (prefill, calibrated peak)": ("int4_svdq", "prefill_peak"),
     "fp4 SVDQuant r32 (fused)": ("fp4_svdq", "fused"),
     "fp4 SVDQuant r32 (prefill)": ("fp4_svdq", "prefill"),
+    "fp4 SVDQuant r32 (prefill, calibrated peak)": ("fp4_svdq", "prefill_peak"),
     "int4 SVDQuant r32 (prefill, row scales)": ("int4_svdq", "prefill_row"),
     "fp4 SVDQuant r32 (prefill, row scales)": ("fp4_svdq", "prefill_row"),
     "int4 SVDQuant r32 (fused, quantizer seed 1)": ("int4_svdq_seed1", "fused"),
@@ -363,6 +387,8 @@ def end_to_end(pipe: Any, cfg: AccuracyConfig, calib_calls: list[dict] | None = 
         how, path = E2E_VARIANTS[name]
         start = time.perf_counter()
         unet = build_unet(base_unet, how, calib_calls, cfg)
+        for q in quantized_modules(unet).values():  # the calibrated peak is the layer's opt-in
+            q.use_act_peak = path == "prefill_peak"
         built = time.perf_counter() - start
         variant = type(pipe)(**{**pipe.components, "unet": unet}, **quiet)
         variant.set_progress_bar_config(disable=True)
@@ -371,6 +397,7 @@ def end_to_end(pipe: Any, cfg: AccuracyConfig, calib_calls: list[dict] | None = 
             images = np.concatenate([generate(variant, prompts, cfg, s) for s in cfg.e2e_seeds])
             seconds = time.perf_counter() - start
             eps_err = unet_error(unet, eps_calls, eps_refs)
+        clipped = len(saturated_layers(unet))  # layers whose activations passed their calibrated peak
         pred = scorer.classify(images, ATTRS)
         if ref_images is None:
             ref_images, ref_pred = images, pred
@@ -392,6 +419,7 @@ def end_to_end(pipe: Any, cfg: AccuracyConfig, calib_calls: list[dict] | None = 
                 "clip_score": float(scorer.clip_score(images, all_prompts).mean()),
                 "accuracy": acc,
                 "same_labels_as_fp32": float(same),
+                "saturated_layers": clipped,
                 "build_s": built,
                 "generate_s": seconds,
             }

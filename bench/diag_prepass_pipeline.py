@@ -104,8 +104,9 @@ def run_case(m: int, k: int, r: int) -> None:
 
             def current() -> None:
                 _row_stats_kernel.fn[grid](
-                    x, sinv, l1, amax, la, amax, m, k, r, 0, x.stride(0), l1.stride(0),
-                    R_PAD=r_pad, DOT_DTYPE=dot_dtype, TENSOR=False, BLOCK_M=bm, BLOCK_K=bk, SPLITS=sp,
+                    x, sinv, l1, amax, la, amax, x, amax, m, k, k, r, 0, x.stride(0), l1.stride(0), 0,
+                    R_PAD=r_pad, DOT_DTYPE=dot_dtype, TENSOR=False, CODES=False,
+                    BLOCK_M=bm, BLOCK_K=bk, SPLITS=sp,
                     num_warps=cfg.num_warps, num_stages=stages,
                 )  # fmt: skip
 

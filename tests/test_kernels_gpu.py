@@ -9,6 +9,8 @@ rounding is ~2e-3 and the low-rank branch runs as a bf16 dot.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -136,6 +138,12 @@ def test_module_on_gpu_matches_dense_and_per_sample_strengths(tokens: int) -> No
             "prefill": reference_prefill.w4_linear_prefill,
             "fused": ref.w4_linear,
         }[chosen](*args, bias).view(4, tokens, 208)
+        if chosen == "prefill":  # opted in, the calibrated peak scales the activations (X read once)
+            q.use_act_peak = True
+            with_peak = functools.partial(reference_prefill.w4_linear_prefill, act_peak=q.act_peak)
+            assert _rel(model(x), with_peak(*args, bias).view(4, tokens, 208)) < 1e-2
+            assert q.act_peak_value > 0 and 0 < float(q.act_seen) <= q.act_peak_value and not q.saturated()
+            q.use_act_peak = False
         for i, s in enumerate([0.0, 1.0, 0.5, -1.0]):
             want = dense[i] + s * branch.delta(x[i].float(), x[i].float()).double()
             # The path's own maths (its activation rounding: FP8 or bf16) sets the error level;

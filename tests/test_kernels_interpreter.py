@@ -135,7 +135,10 @@ def check_codes_as_bf16() -> None:
 def check_prepass() -> None:
     from studio.kernels import reference_prefill as rp
     from studio.kernels.prefill_triton import quantize_act_rowwise_triton
-    from studio.kernels.prepass_split_triton import quantize_act_rowwise_split_triton
+    from studio.kernels.prepass_split_triton import (
+        quantize_act_fixed_peak_triton,
+        quantize_act_rowwise_split_triton,
+    )
 
     rows_cfg = {"BLOCK_M": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1}
     split_cfg = {
@@ -159,6 +162,23 @@ def check_prepass() -> None:
         xq_tr, sx_tr = rp.quantize_act_rowwise(x, sinv, l1, st, rows, g, scaling="tensor")
         assert torch.equal(sx_t, sx_tr) and torch.equal(sx_t, sx_a.max().expand_as(sx_t))
         assert _within_one_fp8_step(xq_t, xq_tr)
+        # A calibrated peak: codes written by the statistics launch, X read once.  A peak
+        # above the batch's gives the one-scale codes of that scale; one at half the batch's
+        # peak saturates the largest values at +-448, as the reference does.
+        seen_peak = sx_tr[0] * rp.FP8_MAX  # [1]
+        for factor in (1.7, 0.5):
+            peak = (seen_peak * factor).reshape(1)
+            seen, seen_r = torch.zeros(1), torch.zeros(1)
+            xq_f, sx_f = quantize_act_fixed_peak_triton(
+                x, sinv, l1, st, rows, g, peak, seen, config=split_cfg
+            )
+            xq_fr, sx_fr = rp.quantize_act_rowwise(x, sinv, l1, st, rows, g, "tensor", peak, seen_r)
+            assert torch.equal(sx_f, sx_fr) and torch.equal(seen, seen_r)
+            assert torch.equal(seen, (x.float() * sinv).abs().amax().reshape(1))
+            assert xq_f.shape == xq_fr.shape and _within_one_fp8_step(xq_f, xq_fr), factor
+            assert bool(torch.isfinite(xq_f.float()).all())
+            if factor < 1:
+                assert int((xq_f[:, :k].float().abs() == rp.FP8_MAX).sum()) > 0
 
 
 def check_expand() -> None:

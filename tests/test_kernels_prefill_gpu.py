@@ -24,6 +24,7 @@ from studio.kernels.prefill_triton import (
 from studio.kernels.prepass_split_triton import (
     _row_codes_kernel,
     _row_stats_kernel,
+    quantize_act_fixed_peak_triton,
     quantize_act_rowwise_split_triton,
 )
 
@@ -174,3 +175,52 @@ def test_one_scale_per_operand_matches_its_reference(m: int, k: int, n: int, r: 
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(captured, w4_linear_prefill_triton(static, *args, scaling="tensor"))
+
+
+@pytest.mark.parametrize("factor", [1.5, 0.5])  # headroom, and a peak the batch passes (saturated)
+@pytest.mark.parametrize("m,k,n,r", SHAPES)
+def test_calibrated_peak_matches_its_reference(m: int, k: int, n: int, r: int, factor: float) -> None:
+    x, sinv, l1, l2, strength, qw, ws, bias = _case(m, k, n, r, 3, "int4", seed=m + 4)
+    rows = max(1, m // 3)
+    batch_peak = (x.float() * sinv).abs().amax().reshape(1)
+    peak = batch_peak * factor
+    g, _ = rp.prefill_scales(l1, l2, sinv, ws, "int4", strength, scaling="tensor")
+    seen = torch.zeros(1, device="cuda")
+    xq, sx = quantize_act_fixed_peak_triton(x, sinv, l1, strength, rows, g, peak, seen)
+    xq_r, sx_r = rp.quantize_act_rowwise(x, sinv, l1, strength, rows, g, "tensor", peak)
+    assert torch.equal(seen, batch_peak) and _rel(sx, sx_r) < 1e-6
+    assert _same_values(xq, xq_r) >= 0.999, _row_stats_kernel.best_config
+    assert bool(torch.isfinite(xq.float()).all())
+    assert (factor < 1) == bool((xq[:, :k].float().abs() == rp.FP8_MAX).any())
+    args = (sinv, qw, ws, "int4", l1, l2, strength, rows, bias)
+    out = w4_linear_prefill_triton(x, *args, scaling="tensor", act_peak=peak)
+    expect = rp.w4_linear_prefill(x.float(), *args, scaling="tensor", act_peak=peak)
+    assert out.shape == (m, n) and torch.isfinite(out).all() and _rel(out, expect) < 1e-2
+    if factor < 1:
+        return
+    # Rows are scaled independently of their batch: a sample alone gives the same codes.
+    part, _ = quantize_act_fixed_peak_triton(x[:rows], sinv, l1, strength, rows, g, peak)
+    assert torch.equal(part.view(torch.uint8), xq[:rows].view(torch.uint8))
+    # Captured in a CUDA graph: replays match eager launches and keep raising the record.
+    static = x.clone()
+    seen.zero_()
+    w4_linear_prefill_triton(static, *args, scaling="tensor", act_peak=peak, act_seen=seen)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = w4_linear_prefill_triton(static, *args, scaling="tensor", act_peak=peak, act_seen=seen)
+    static.mul_(3)  # a louder batch than any before
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, w4_linear_prefill_triton(static, *args, scaling="tensor", act_peak=peak))
+    assert torch.equal(seen, (static.float() * sinv).abs().amax().reshape(1))
+
+
+@pytest.mark.parametrize("cfg", _STATS, ids=str)
+def test_calibrated_peak_every_stats_config(cfg: dict) -> None:
+    x, sinv, l1, _, strength, _, _, _ = _case(1029, 448, 64, 48, 3, "int4", seed=8)
+    g = torch.rand(48, device="cuda") + 0.5
+    peak = (x.float() * sinv).abs().amax().reshape(1) * 0.8
+    config = {"stats": cfg, "codes": {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4}}
+    xq, sx = quantize_act_fixed_peak_triton(x, sinv, l1, strength, 171, g, peak, config=config)
+    xq_r, sx_r = rp.quantize_act_rowwise(x, sinv, l1, strength, 171, g, "tensor", peak)
+    assert _rel(sx, sx_r) < 1e-6 and _same_values(xq, xq_r) >= 0.999

@@ -141,6 +141,8 @@ def w4_linear(
     wmax: torch.Tensor | None = None,
     peaks: torch.Tensor | None = None,
     scaling: str | None = None,
+    act_peak: torch.Tensor | None = None,
+    act_seen: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The whole layer on ``x [M, K]``; returns ``[M, N]`` in ``x.dtype``.
 
@@ -152,9 +154,13 @@ def w4_linear(
     weight-only factors (``reference_prefill.branch_bound`` / ``residual_max`` / ``weight_peaks``),
     cached by callers.  ``scaling``: the large-M path's FP8 scales, ``"tensor"`` (one per
     operand) or ``"row"`` (per token and channel); None: ``reference_prefill.DEFAULT_SCALING``.
+    ``act_peak [1]`` fp32: the large-M path's calibrated activation peak (``"tensor"`` only;
+    one read of X, values beyond it saturate) and ``act_seen [1]`` fp32, raised in place to
+    each large-M batch's peak (``reference_prefill``'s docstring).
     """
-    if scaling is not None:  # refused on every path, not only where it is used
-        reference_prefill.check_scaling(scaling)
+    if scaling is not None or act_peak is not None:  # refused on every path, not only where used
+        resolved = reference_prefill.DEFAULT_SCALING if scaling is None else scaling
+        reference_prefill.check_act_peak(reference_prefill.check_scaling(resolved), act_peak)
     chosen = pick_path(x.shape[0], x.shape[1], qweight.shape[1], use_triton(x), path)
     if x.shape[0] == 0:  # an empty batch (no kernel launches a zero-size grid)
         return x.new_zeros(0, qweight.shape[1])
@@ -172,7 +178,17 @@ def w4_linear(
         if use_triton(x):
             from studio.kernels.prefill_triton import w4_linear_prefill_triton
 
-            return w4_linear_prefill_triton(*args, bound=bound, wmax=wmax, peaks=peaks, scaling=scaling)
-        return reference_prefill.w4_linear_prefill(*args, scaling=scaling)
+            return w4_linear_prefill_triton(
+                *args,
+                bound=bound,
+                wmax=wmax,
+                peaks=peaks,
+                scaling=scaling,
+                act_peak=act_peak,
+                act_seen=act_seen,
+            )
+        return reference_prefill.w4_linear_prefill(
+            *args, scaling=scaling, act_peak=act_peak, act_seen=act_seen
+        )
     xq, xscale, lora_act = quantize_act(x, smooth_inv, l1, strength, rows_per_sample)
     return gemm_w4(xq, xscale, qweight, wscale, fmt, lora_act, l2, bias, x.dtype)

@@ -109,11 +109,13 @@ def _write_scale_and_tail(sx_ptr, out_ptr, offs_m, m_mask, scale, KP, KT, RB, st
 @triton.jit
 def _write_branch(out_ptr, str_ptr, g_ptr, offs_m, m_mask, rr, la, scale,
                   KP, R, RB, S, rows_per_sample, stride_sm, stride_om):  # fmt: skip
-    """``[a_hi | a_hi | a_lo]`` of ``la * strength[row] / (scale * g)`` for the ranks ``rr``."""
+    """``[a_hi | a_hi | a_lo]`` of ``la * strength[row] / (scale * g)`` for the ranks ``rr``,
+    saturated at +-448 (reached only past a calibrated peak)."""
     srow = (offs_m // rows_per_sample) % S
     st = tl.load(str_ptr + srow[:, None] * stride_sm + rr[None, :], m_mask[:, None] & (rr < R)[None, :], 0.0)
     g = tl.load(g_ptr + rr, rr < R, 1.0)
-    hi, lo = _split_e4m3(la * st / (scale[:, None] * g[None, :]))
+    v = la * st / (scale[:, None] * g[None, :])
+    hi, lo = _split_e4m3(tl.minimum(tl.maximum(v, -_FP8_MAX), _FP8_MAX))
     dst = out_ptr + offs_m[:, None] * stride_om + KP + rr[None, :]
     mask = m_mask[:, None] & (rr < RB)[None, :]
     tl.store(dst, hi, mask)
@@ -382,6 +384,8 @@ def w4_linear_prefill_triton(
     prepass: str | None = None,
     scaling: str | None = None,
     peaks: torch.Tensor | None = None,
+    act_peak: torch.Tensor | None = None,
+    act_seen: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The large-M layer on the GPU; shapes as ``studio.kernels.w4_linear``.
 
@@ -391,7 +395,10 @@ def w4_linear_prefill_triton(
     or ``"split"`` (statistics split along K, then the codes: ``prepass_split_triton.py``);
     both give the reference's codes.  None: ``DEFAULT_PREPASS``.  ``scaling``: ``"row"``
     (per-token and per-channel scales) or ``"tensor"`` (one scale per operand; split
-    pre-pass only); None: ``reference_prefill.DEFAULT_SCALING``.
+    pre-pass only); None: ``reference_prefill.DEFAULT_SCALING``.  ``act_peak [1]`` fp32
+    (``"tensor"`` only): a calibrated activation peak, so the pre-pass reads X once
+    (``prepass_split_triton.quantize_act_fixed_peak_triton``); ``act_seen [1]`` fp32 is
+    raised to the batch's peak when given.
     """
     prepass = DEFAULT_PREPASS if prepass is None else prepass
     scaling = check_scaling(reference_prefill.DEFAULT_SCALING if scaling is None else scaling)
@@ -399,6 +406,7 @@ def w4_linear_prefill_triton(
         raise ValueError(f"prepass must be 'rows' or 'split', not {prepass!r}")
     if scaling == "tensor" and prepass == "rows":
         raise ValueError("scaling='tensor' needs the split pre-pass (prepass='split')")
+    reference_prefill.check_act_peak(scaling, act_peak)
     x = x.contiguous()
     if bound is None:
         bound = branch_bound(l1, smooth_inv) if l1.shape[1] else torch.zeros(1, device=x.device)
@@ -409,7 +417,13 @@ def w4_linear_prefill_triton(
     wq, cs, g = expand_weight_triton(
         qweight, wscale, fmt, l2, bound, wmax, strength, peaks=peaks if scaling == "tensor" else None
     )
-    if prepass == "split":
+    if act_peak is not None:
+        from studio.kernels.prepass_split_triton import quantize_act_fixed_peak_triton
+
+        xq, sx = quantize_act_fixed_peak_triton(
+            x, smooth_inv, l1, strength, rows_per_sample, g, act_peak, act_seen
+        )
+    elif prepass == "split":
         from studio.kernels.prepass_split_triton import quantize_act_rowwise_split_triton
 
         xq, sx = quantize_act_rowwise_split_triton(

@@ -49,6 +49,22 @@ def _prune_stats(configs: list[triton.Config], named_args: dict, **kwargs: objec
     return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
 
 
+@triton.jit
+def _stats_codes_step(x_ptr, sinv_ptr, l1_ptr, out_ptr, offs_m, m_mask, kk, k_stop, KP, offs_r, r_mask,
+                      stride_xm, stride_l1k, stride_om, scale, amax, la, DOT_DTYPE: tl.constexpr):  # fmt: skip
+    """``_stats_step`` that also writes the tile's FP8 codes of ``x * smooth_inv / scale``,
+    saturated at +-448, with zeros from K up to KP (the last split's last tile reaches KP)."""
+    k_mask = kk < k_stop
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], m_mask[:, None] & k_mask[None, :], 0.0)
+    sinv = tl.load(sinv_ptr + kk, k_mask, 0.0)
+    xs = x.to(tl.float32) * sinv[None, :]
+    amax = tl.maximum(amax, tl.max(tl.abs(xs), axis=1))
+    q = tl.minimum(tl.maximum(xs / scale, -_FP8_MAX), _FP8_MAX).to(tl.float8e4nv)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + kk[None, :], q, m_mask[:, None] & (kk < KP)[None, :])
+    l1 = tl.load(l1_ptr + kk[:, None] * stride_l1k + offs_r[None, :], k_mask[:, None] & r_mask[None, :], 0.0)
+    return amax, tl.dot(x.to(DOT_DTYPE), l1.to(DOT_DTYPE), la)
+
+
 # num_stages=1 throughout: on H100 / Triton 3.6 the software-pipelined variants (2 and 3
 # stages) of this loop gave wrong ``x @ l1`` partials for some shapes (the row maxima were
 # right); every tile below was correct unpipelined (bench/diag_split_prepass.py, 2026-11-23).
@@ -61,18 +77,19 @@ def _prune_stats(configs: list[triton.Config], named_args: dict, **kwargs: objec
             (64, 128, 2, 8),
             (64, 128, 4, 8),
             (64, 64, 8, 4),
+            (32, 64, 8, 4),
             (128, 64, 4, 8),
             (128, 64, 8, 8),
         ]
     ],
-    key=["M_BUCKET", "K", "R_PAD"],
+    key=["M_BUCKET", "K", "R_PAD", "CODES"],
     prune_configs_by={"early_config_prune": _prune_stats},
 )
 @triton.jit
 def _row_stats_kernel(
-    x_ptr, sinv_ptr, l1_ptr, amax_ptr, la_ptr, peak_ptr,
-    M, K, R, M_BUCKET, stride_xm, stride_l1k,
-    R_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr, TENSOR: tl.constexpr,
+    x_ptr, sinv_ptr, l1_ptr, amax_ptr, la_ptr, peak_ptr, out_ptr, fixed_ptr,
+    M, K, KP, R, M_BUCKET, stride_xm, stride_l1k, stride_om,
+    R_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr, TENSOR: tl.constexpr, CODES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -86,11 +103,19 @@ def _row_stats_kernel(
     k_stop = tl.minimum(k_start + per_split, K)
     amax = tl.zeros([BLOCK_M], dtype=tl.float32)
     la = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
-    for k0 in range(k_start, k_stop, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        amax, la = _stats_step(x_ptr, sinv_ptr, l1_ptr, offs_m, m_mask, kk, kk < k_stop, offs_r, r_mask,
-                               stride_xm, stride_l1k, amax, la, DOT_DTYPE)  # fmt: skip
-    if TENSOR:  # the largest row maximum of all: max is exact, so the order of atomics is not seen
+    if CODES:  # a calibrated peak: the codes are written in the same pass (tiles never cross splits)
+        scale = tl.maximum(tl.load(fixed_ptr) / _FP8_MAX, 1e-12)
+        for k0 in range(k_start, k_stop, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            amax, la = _stats_codes_step(x_ptr, sinv_ptr, l1_ptr, out_ptr, offs_m, m_mask, kk, k_stop, KP,
+                                         offs_r, r_mask, stride_xm, stride_l1k, stride_om, scale, amax, la,
+                                         DOT_DTYPE)  # fmt: skip
+    else:
+        for k0 in range(k_start, k_stop, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            amax, la = _stats_step(x_ptr, sinv_ptr, l1_ptr, offs_m, m_mask, kk, kk < k_stop, offs_r, r_mask,
+                                   stride_xm, stride_l1k, amax, la, DOT_DTYPE)  # fmt: skip
+    if TENSOR or CODES:  # the largest row maximum of all: max is exact, so the order of atomics is not seen
         tl.atomic_max(peak_ptr, tl.max(amax, axis=0))
     else:
         tl.store(amax_ptr + pid_s * M + offs_m, amax, m_mask)
@@ -112,6 +137,7 @@ def _row_codes_kernel(
     M, K, KP, KT, R, RB, S, rows_per_sample, M_BUCKET, n_splits,
     stride_xm, stride_sm, stride_om,
     TAIL_PAD: tl.constexpr, TENSOR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    CODES: tl.constexpr = True,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -124,8 +150,9 @@ def _row_codes_kernel(
         for s in range(n_splits):
             amax = tl.maximum(amax, tl.load(amax_ptr + s * M + offs_m, m_mask, 0.0))
     scale = tl.maximum(amax / _FP8_MAX, 1e-12)
-    _write_codes(x_ptr, sinv_ptr, out_ptr, offs_m, m_mask, pid_k * BLOCK_K + tl.arange(0, BLOCK_K), K, KP, scale,
-                 stride_xm, stride_om)  # fmt: skip
+    if CODES:  # else the statistics launch wrote them (a calibrated peak): only column 0's part
+        _write_codes(x_ptr, sinv_ptr, out_ptr, offs_m, m_mask, pid_k * BLOCK_K + tl.arange(0, BLOCK_K), K, KP,
+                     scale, stride_xm, stride_om)  # fmt: skip
     if pid_k == 0:
         _write_scale_and_tail(
             sx_ptr, out_ptr, offs_m, m_mask, scale, KP, KT, RB, stride_om, BLOCK_M, TAIL_PAD
@@ -142,6 +169,22 @@ def _row_codes_kernel(
                 )
             _write_branch(out_ptr, str_ptr, g_ptr, offs_m, m_mask, rr, la, scale,
                           KP, R, RB, S, rows_per_sample, stride_sm, stride_om)  # fmt: skip
+
+
+#: The finishing launch's tile when the statistics launch wrote the codes (``BLOCK_K`` unused):
+#: 16-row blocks, as 64-row ones left it latency-bound (9 us at rank 32, M = 4608, H100).
+_FINISH = {"BLOCK_M": 16, "BLOCK_K": 64, "num_warps": 4}
+
+
+@dataclass
+class FixedPeak:
+    """A calibrated activation peak for the statistics launch: ``peak [1]`` fp32 (the codes'
+    scale is ``peak / 448``), ``xq [M, total_k]`` FP8 that receives the codes, and ``seen [1]``
+    fp32 raised to the batch's largest ``|x * smooth_inv|``."""
+
+    peak: torch.Tensor
+    xq: torch.Tensor
+    seen: torch.Tensor
 
 
 @dataclass
@@ -163,14 +206,20 @@ def row_stats_triton(
     l1: torch.Tensor,
     config: dict | None = None,
     scaling: str = "row",
+    fixed: FixedPeak | None = None,
 ) -> RowStats:
     """The first launch: per-slice row maxima of ``|x * smooth_inv|`` and partials of ``x @ l1``.
 
     ``x [M, K]`` row-major bf16, ``smooth_inv [K]`` fp32, ``l1 [K, R]`` bf16 (R may be 0).
     ``config``: the statistics kernel's meta-parameters plus ``num_warps`` / ``num_stages``.
-    ``scaling="tensor"``: the largest row maximum only (``RowStats.one_scale``).
+    ``scaling="tensor"``: the largest row maximum only (``RowStats.one_scale``).  ``fixed``
+    (``"tensor"`` only): the calibrated peak; the launch also writes the codes into
+    ``fixed.xq`` and raises ``fixed.seen`` to the batch's peak, and the returned
+    ``RowStats.amax`` is ``fixed.peak`` (what the codes were scaled by).
     """
     tensor = check_scaling(scaling) == "tensor"
+    if fixed is not None and not tensor:
+        raise ValueError(f"a calibrated activation peak needs scaling='tensor', not {scaling!r}")
     m, k = x.shape
     r = l1.shape[1]
     l1 = l1 if r else l1.new_zeros(k, 1)
@@ -179,10 +228,15 @@ def row_stats_triton(
         max(c.kwargs["SPLITS"] for c in _row_stats_kernel.configs) if config is None else config["SPLITS"]
     )
     la = torch.empty(splits, m, max(r, 1), device=x.device, dtype=torch.float32)
-    if tensor:  # the atomic maximum starts from zero; no per-row maxima are written
+    if fixed is not None:  # the batch's peak goes to the caller's record; amax is not written
+        amax = fixed.seen
+    elif tensor:  # the atomic maximum starts from zero; no per-row maxima are written
         amax = torch.zeros(1, device=x.device, dtype=torch.float32)
     else:
         amax = torch.empty(splits, m, device=x.device, dtype=torch.float32)
+    out, peak = (fixed.xq, fixed.peak) if fixed is not None else (x, amax)  # unread without codes
+    kp = -(-k // 64) * 64
+    strides = (x.stride(0), l1.stride(0), out.stride(0))
 
     def stats_grid(meta: dict) -> tuple[int, int]:
         return (triton.cdiv(m, meta["BLOCK_M"]), meta["SPLITS"])
@@ -190,16 +244,17 @@ def row_stats_triton(
     used = launch_autotuned(
         _row_stats_kernel,
         stats_grid,
-        (x, smooth_inv, l1, amax, la, amax, m, k, max(r, 1), _bucket(m), x.stride(0), l1.stride(0)),
+        (x, smooth_inv, l1, amax, la, amax, out, peak, *(m, k, kp, max(r, 1), _bucket(m)), *strides),
         {
             "R_PAD": max(16, triton.next_power_of_2(max(r, 1))),
             "DOT_DTYPE": branch_dot_dtype(),
             "TENSOR": tensor,
+            "CODES": fixed is not None,
         },
         config,
         "SPLITS",
     )
-    return RowStats(amax, la, used, tensor)
+    return RowStats(peak if fixed is not None else amax, la, used, tensor)
 
 
 def row_codes_triton(
@@ -211,30 +266,35 @@ def row_codes_triton(
     rows_per_sample: int,
     g: torch.Tensor,
     config: dict | None = None,
+    written: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The second launch: (``xq [M, total_k]`` FP8, ``row_scale [M, 1]`` fp32) from ``stats``.
 
     ``r`` is the branch's rank (``l1.shape[1]``); ``strength [S, r]`` and ``g [r]`` fp32 as in
     ``quantize_act_rowwise_split_triton``.  ``config``: the codes kernel's meta-parameters
-    plus ``num_warps``.  One scale for all rows when ``stats.one_scale``.
+    plus ``num_warps``.  One scale for all rows when ``stats.one_scale``.  ``written``: the
+    ``xq`` whose codes the statistics launch already wrote (a calibrated peak); then one
+    program per row block writes only the scales, the branch blocks and the tail.
     """
     m, k = x.shape
     rb = branch_block(r)
     kp = -(-k // 64) * 64
     kt = total_k(kp, r)
-    xq = torch.empty(m, kt, device=x.device, dtype=torch.float8_e4m3fn)
+    xq = torch.empty(m, kt, device=x.device, dtype=torch.float8_e4m3fn) if written is None else written
     sx = torch.empty(m, 1, device=x.device, dtype=torch.float32)
     g = g if r else torch.ones(1, device=x.device)
+    if written is not None:  # a small launch, not worth tuning: 64-row blocks, 32 ranks at a time
+        config = config or dict(_FINISH)
 
     def codes_grid(meta: dict) -> tuple[int, int]:
-        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(kp, meta["BLOCK_K"]))
+        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(kp, meta["BLOCK_K"]) if written is None else 1)
 
     codes = _row_codes_kernel if config is None else _row_codes_kernel.fn
     codes[codes_grid](
         x, smooth_inv, stats.amax, stats.la, strength, g, xq, sx, stats.amax,
         m, k, kp, kt, r, rb, strength.shape[0], max(rows_per_sample, 1), _bucket(m), stats.used,
         x.stride(0), strength.stride(0), xq.stride(0),
-        TAIL_PAD=K_ALIGN, TENSOR=stats.one_scale, **(config or {}),
+        TAIL_PAD=K_ALIGN, TENSOR=stats.one_scale, CODES=written is None, **(config or {}),
     )  # fmt: skip
     return xq, sx
 
@@ -264,4 +324,37 @@ def quantize_act_rowwise_split_triton(
     stats = row_stats_triton(x, smooth_inv, l1, config["stats"] if config else None, scaling)
     return row_codes_triton(
         x, smooth_inv, stats, l1.shape[1], strength, rows_per_sample, g, config["codes"] if config else None
+    )
+
+
+def quantize_act_fixed_peak_triton(
+    x: torch.Tensor,
+    smooth_inv: torch.Tensor,
+    l1: torch.Tensor,
+    strength: torch.Tensor,
+    rows_per_sample: int,
+    g: torch.Tensor,
+    act_peak: torch.Tensor,
+    act_seen: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """As ``quantize_act_rowwise_split_triton(..., scaling="tensor")`` with a calibrated peak:
+    the reference's ``quantize_act_rowwise(..., "tensor", act_peak, act_seen)``.
+
+    ``act_peak [1]`` fp32 (> 0): the activations' one scale is ``act_peak / 448``, so X is
+    read once: the statistics launch writes the codes (saturated at +-448) beside its row
+    maxima and ``x @ l1`` partials, and the second launch writes only the row scales, the
+    branch blocks and the zero tail.  ``act_seen [1]`` fp32, when given, is raised to the
+    batch's largest ``|x * smooth_inv|`` (an atomic max; compare it with ``act_peak`` to
+    see saturation).  ``config``: as ``quantize_act_rowwise_split_triton``'s (its
+    ``"codes"`` entry takes the finishing launch's ``BLOCK_M`` and ``num_warps``).
+    """
+    m, k = x.shape
+    r = l1.shape[1]
+    xq = torch.empty(m, total_k(-(-k // 64) * 64, r), device=x.device, dtype=torch.float8_e4m3fn)
+    seen = torch.zeros(1, device=x.device) if act_seen is None else act_seen
+    fixed = FixedPeak(act_peak.float().reshape(1), xq, seen)
+    stats = row_stats_triton(x, smooth_inv, l1, config["stats"] if config else None, "tensor", fixed)
+    return row_codes_triton(
+        x, smooth_inv, stats, r, strength, rows_per_sample, g, config["codes"] if config else None, written=xq
     )
