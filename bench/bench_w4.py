@@ -11,11 +11,13 @@ included); int4 weight-only (torchao's tinygemm, ``int4_baselines.py``); ours (I
 runs it (``path="auto"``) and each of its paths forced: ``fused`` (pre-pass + 4-bit
 GEMM, branch in the epilogue), ``prefill`` (4-bit weights expanded to FP8, cuBLAS FP8
 with the branch appended along K) and, up to 64 rows, ``small`` (bf16 activations,
-split-K over the 4-bit weights); ours with the low-rank branch unfused; the time of a
-strength change on a quantized layer.  Up to 64 rows, bf16 and ours (INT4, the layer's path)
+split-K over the 4-bit weights); from ``PREFILL_MIN_M`` rows, ours with the layer's opt-in
+calibrated activation peak too (``_peak`` columns: X read once); ours with the low-rank
+branch unfused; the time of a strength change on a quantized layer.  Up to 64 rows, bf16 and ours (INT4, the layer's path)
 are also timed back to back on cold weight copies (``bench_stream``: a decode step through
-many layers, no memset between calls; the ratios' last column).  Then an accuracy table: relative error
-against the float64 layer on synthetic activations with outlier channels.
+many layers, no memset between calls).  Then an accuracy table: relative error
+against the float64 layer on synthetic activations with outlier channels (the calibrated
+peak's row too, and whether the test activations passed it).
 """
 
 from __future__ import annotations

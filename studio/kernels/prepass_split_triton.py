@@ -77,7 +77,6 @@ def _stats_codes_step(x_ptr, sinv_ptr, l1_ptr, out_ptr, offs_m, m_mask, kk, k_st
             (64, 128, 2, 8),
             (64, 128, 4, 8),
             (64, 64, 8, 4),
-            (32, 64, 8, 4),
             (128, 64, 4, 8),
             (128, 64, 8, 8),
         ]
