@@ -136,7 +136,6 @@ def check_prepass() -> None:
     from studio.kernels import reference_prefill as rp
     from studio.kernels.prefill_triton import quantize_act_rowwise_triton
     from studio.kernels.prepass_split_triton import (
-        quantize_act_fixed_peak_triton,
         quantize_act_rowwise_split_triton,
     )
 
@@ -169,8 +168,8 @@ def check_prepass() -> None:
         for factor in (1.7, 0.5):
             peak = (seen_peak * factor).reshape(1)
             seen, seen_r = torch.zeros(1), torch.zeros(1)
-            xq_f, sx_f = quantize_act_fixed_peak_triton(
-                x, sinv, l1, st, rows, g, peak, seen, config=split_cfg
+            xq_f, sx_f = quantize_act_rowwise_split_triton(
+                x, sinv, l1, st, rows, g, split_cfg, "tensor", peak, seen
             )
             xq_fr, sx_fr = rp.quantize_act_rowwise(x, sinv, l1, st, rows, g, "tensor", peak, seen_r)
             assert torch.equal(sx_f, sx_fr) and torch.equal(seen, seen_r)

@@ -24,7 +24,6 @@ from studio.kernels.prefill_triton import (
 from studio.kernels.prepass_split_triton import (
     _row_codes_kernel,
     _row_stats_kernel,
-    quantize_act_fixed_peak_triton,
     quantize_act_rowwise_split_triton,
 )
 
@@ -186,7 +185,7 @@ def test_calibrated_peak_matches_its_reference(m: int, k: int, n: int, r: int, f
     peak = batch_peak * factor
     g, _ = rp.prefill_scales(l1, l2, sinv, ws, "int4", strength, scaling="tensor")
     seen = torch.zeros(1, device="cuda")
-    xq, sx = quantize_act_fixed_peak_triton(x, sinv, l1, strength, rows, g, peak, seen)
+    xq, sx = quantize_act_rowwise_split_triton(x, sinv, l1, strength, rows, g, None, "tensor", peak, seen)
     xq_r, sx_r = rp.quantize_act_rowwise(x, sinv, l1, strength, rows, g, "tensor", peak)
     assert torch.equal(seen, batch_peak) and _rel(sx, sx_r) < 1e-6
     assert _same_values(xq, xq_r) >= 0.999, _row_stats_kernel.best_config
@@ -199,7 +198,7 @@ def test_calibrated_peak_matches_its_reference(m: int, k: int, n: int, r: int, f
     if factor < 1:
         return
     # Rows are scaled independently of their batch: a sample alone gives the same codes.
-    part, _ = quantize_act_fixed_peak_triton(x[:rows], sinv, l1, strength, rows, g, peak)
+    part, _ = quantize_act_rowwise_split_triton(x[:rows], sinv, l1, strength, rows, g, None, "tensor", peak)
     assert torch.equal(part.view(torch.uint8), xq[:rows].view(torch.uint8))
     # Captured in a CUDA graph: replays match eager launches and keep raising the record.
     static = x.clone()
@@ -221,6 +220,6 @@ def test_calibrated_peak_every_stats_config(cfg: dict) -> None:
     g = torch.rand(48, device="cuda") + 0.5
     peak = (x.float() * sinv).abs().amax().reshape(1) * 0.8
     config = {"stats": cfg, "codes": {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4}}
-    xq, sx = quantize_act_fixed_peak_triton(x, sinv, l1, strength, 171, g, peak, config=config)
+    xq, sx = quantize_act_rowwise_split_triton(x, sinv, l1, strength, 171, g, config, "tensor", peak)
     xq_r, sx_r = rp.quantize_act_rowwise(x, sinv, l1, strength, 171, g, "tensor", peak)
     assert _rel(sx, sx_r) < 1e-6 and _same_values(xq, xq_r) >= 0.999

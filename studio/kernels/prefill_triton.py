@@ -74,11 +74,19 @@ def _split_e4m3(v):
 
 @triton.jit
 def _stats_step(x_ptr, sinv_ptr, l1_ptr, offs_m, m_mask, kk, k_mask, offs_r, r_mask, stride_xm, stride_l1k,
-                amax, la, DOT_DTYPE: tl.constexpr):  # fmt: skip
-    """One K tile of the row statistics: the running max of ``|x * smooth_inv|`` and ``la += x @ l1``."""
+                amax, la, DOT_DTYPE: tl.constexpr, out_ptr, KP, stride_om, scale, CODES: tl.constexpr):  # fmt: skip
+    """One K tile of the row statistics: the running max of ``|x * smooth_inv|`` and ``la += x @ l1``.
+
+    ``CODES``: also write the tile's FP8 codes of ``x * smooth_inv / scale`` (a calibrated
+    peak), saturated at +-448, with zeros up to KP (``out_ptr`` / ``KP`` / ``stride_om`` /
+    ``scale`` are unused otherwise)."""
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], m_mask[:, None] & k_mask[None, :], 0.0)
     sinv = tl.load(sinv_ptr + kk, k_mask, 0.0)
-    amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32) * sinv[None, :]), axis=1))
+    xs = x.to(tl.float32) * sinv[None, :]
+    amax = tl.maximum(amax, tl.max(tl.abs(xs), axis=1))
+    if CODES:
+        q = tl.minimum(tl.maximum(xs / scale, -_FP8_MAX), _FP8_MAX).to(tl.float8e4nv)
+        tl.store(out_ptr + offs_m[:, None] * stride_om + kk[None, :], q, m_mask[:, None] & (kk < KP)[None, :])
     l1 = tl.load(l1_ptr + kk[:, None] * stride_l1k + offs_r[None, :], k_mask[:, None] & r_mask[None, :], 0.0)
     return amax, tl.dot(x.to(DOT_DTYPE), l1.to(DOT_DTYPE), la)
 
@@ -278,7 +286,8 @@ def _rowwise_prepass_kernel(
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         amax, la = _stats_step(x_ptr, sinv_ptr, l1_ptr, offs_m, m_mask, kk, kk < K, offs_r, r_mask,
-                               stride_xm, stride_l1k, amax, la, DOT_DTYPE)  # fmt: skip
+                               stride_xm, stride_l1k, amax, la, DOT_DTYPE, out_ptr, KP, stride_om, 1.0,
+                               False)  # fmt: skip
     scale = tl.maximum(amax / _FP8_MAX, 1e-12)
     for k0 in range(0, KP, BLOCK_K):
         _write_codes(x_ptr, sinv_ptr, out_ptr, offs_m, m_mask, k0 + tl.arange(0, BLOCK_K), K, KP, scale,
@@ -397,7 +406,7 @@ def w4_linear_prefill_triton(
     (per-token and per-channel scales) or ``"tensor"`` (one scale per operand; split
     pre-pass only); None: ``reference_prefill.DEFAULT_SCALING``.  ``act_peak [1]`` fp32
     (``"tensor"`` only): a calibrated activation peak, so the pre-pass reads X once
-    (``prepass_split_triton.quantize_act_fixed_peak_triton``); ``act_seen [1]`` fp32 is
+    (``prepass_split_triton.quantize_act_rowwise_split_triton``); ``act_seen [1]`` fp32 is
     raised to the batch's peak when given.
     """
     prepass = DEFAULT_PREPASS if prepass is None else prepass
@@ -417,17 +426,19 @@ def w4_linear_prefill_triton(
     wq, cs, g = expand_weight_triton(
         qweight, wscale, fmt, l2, bound, wmax, strength, peaks=peaks if scaling == "tensor" else None
     )
-    if act_peak is not None:
-        from studio.kernels.prepass_split_triton import quantize_act_fixed_peak_triton
-
-        xq, sx = quantize_act_fixed_peak_triton(
-            x, smooth_inv, l1, strength, rows_per_sample, g, act_peak, act_seen
-        )
-    elif prepass == "split":
+    if prepass == "split":  # a calibrated peak needs "tensor", which needs "split" (checked above)
         from studio.kernels.prepass_split_triton import quantize_act_rowwise_split_triton
 
         xq, sx = quantize_act_rowwise_split_triton(
-            x, smooth_inv, l1, strength, rows_per_sample, g, scaling=scaling
+            x,
+            smooth_inv,
+            l1,
+            strength,
+            rows_per_sample,
+            g,
+            scaling=scaling,
+            act_peak=act_peak,
+            act_seen=act_seen,
         )
     else:
         xq, sx = quantize_act_rowwise_triton(x, smooth_inv, l1, strength, rows_per_sample, g)

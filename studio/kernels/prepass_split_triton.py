@@ -39,7 +39,7 @@ from studio.kernels.prefill_triton import (
     _write_scale_and_tail,
 )
 from studio.kernels.quant_act import branch_dot_dtype
-from studio.kernels.reference_prefill import K_ALIGN, branch_block, check_scaling, total_k
+from studio.kernels.reference_prefill import K_ALIGN, branch_block, check_act_peak, check_scaling, total_k
 
 
 def _prune_stats(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
@@ -47,22 +47,6 @@ def _prune_stats(configs: list[triton.Config], named_args: dict, **kwargs: objec
     r_pad = int(kwargs.get("R_PAD", named_args.get("R_PAD", 16)))
     keep = [c for c in configs if c.kwargs["BLOCK_M"] * r_pad <= 8192]
     return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
-
-
-@triton.jit
-def _stats_codes_step(x_ptr, sinv_ptr, l1_ptr, out_ptr, offs_m, m_mask, kk, k_stop, KP, offs_r, r_mask,
-                      stride_xm, stride_l1k, stride_om, scale, amax, la, DOT_DTYPE: tl.constexpr):  # fmt: skip
-    """``_stats_step`` that also writes the tile's FP8 codes of ``x * smooth_inv / scale``,
-    saturated at +-448, with zeros from K up to KP (the last split's last tile reaches KP)."""
-    k_mask = kk < k_stop
-    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], m_mask[:, None] & k_mask[None, :], 0.0)
-    sinv = tl.load(sinv_ptr + kk, k_mask, 0.0)
-    xs = x.to(tl.float32) * sinv[None, :]
-    amax = tl.maximum(amax, tl.max(tl.abs(xs), axis=1))
-    q = tl.minimum(tl.maximum(xs / scale, -_FP8_MAX), _FP8_MAX).to(tl.float8e4nv)
-    tl.store(out_ptr + offs_m[:, None] * stride_om + kk[None, :], q, m_mask[:, None] & (kk < KP)[None, :])
-    l1 = tl.load(l1_ptr + kk[:, None] * stride_l1k + offs_r[None, :], k_mask[:, None] & r_mask[None, :], 0.0)
-    return amax, tl.dot(x.to(DOT_DTYPE), l1.to(DOT_DTYPE), la)
 
 
 # num_stages=1 throughout: on H100 / Triton 3.6 the software-pipelined variants (2 and 3
@@ -102,18 +86,14 @@ def _row_stats_kernel(
     k_stop = tl.minimum(k_start + per_split, K)
     amax = tl.zeros([BLOCK_M], dtype=tl.float32)
     la = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
+    scale = 1.0  # unused without codes
     if CODES:  # a calibrated peak: the codes are written in the same pass (tiles never cross splits)
         scale = tl.maximum(tl.load(fixed_ptr) / _FP8_MAX, 1e-12)
-        for k0 in range(k_start, k_stop, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            amax, la = _stats_codes_step(x_ptr, sinv_ptr, l1_ptr, out_ptr, offs_m, m_mask, kk, k_stop, KP,
-                                         offs_r, r_mask, stride_xm, stride_l1k, stride_om, scale, amax, la,
-                                         DOT_DTYPE)  # fmt: skip
-    else:
-        for k0 in range(k_start, k_stop, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            amax, la = _stats_step(x_ptr, sinv_ptr, l1_ptr, offs_m, m_mask, kk, kk < k_stop, offs_r, r_mask,
-                                   stride_xm, stride_l1k, amax, la, DOT_DTYPE)  # fmt: skip
+    for k0 in range(k_start, k_stop, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        amax, la = _stats_step(x_ptr, sinv_ptr, l1_ptr, offs_m, m_mask, kk, kk < k_stop, offs_r, r_mask,
+                               stride_xm, stride_l1k, amax, la, DOT_DTYPE, out_ptr, KP, stride_om, scale,
+                               CODES)  # fmt: skip
     if TENSOR or CODES:  # the largest row maximum of all: max is exact, so the order of atomics is not seen
         tl.atomic_max(peak_ptr, tl.max(amax, axis=0))
     else:
@@ -217,8 +197,7 @@ def row_stats_triton(
     ``RowStats.amax`` is ``fixed.peak`` (what the codes were scaled by).
     """
     tensor = check_scaling(scaling) == "tensor"
-    if fixed is not None and not tensor:
-        raise ValueError(f"a calibrated activation peak needs scaling='tensor', not {scaling!r}")
+    check_act_peak(scaling, None if fixed is None else fixed.peak)
     m, k = x.shape
     r = l1.shape[1]
     l1 = l1 if r else l1.new_zeros(k, 1)
@@ -312,6 +291,8 @@ def quantize_act_rowwise_split_triton(
     g: torch.Tensor,
     config: dict | None = None,
     scaling: str = "row",
+    act_peak: torch.Tensor | None = None,
+    act_seen: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(``xq [M, total_k]`` FP8, ``row_scale [M, 1]`` fp32); ``x [M, K]`` row-major, as the reference.
 
@@ -319,41 +300,26 @@ def quantize_act_rowwise_split_triton(
     ``{"stats": {...}, "codes": {...}}`` with each kernel's meta-parameters and ``num_warps`` (and
     ``num_stages`` for the statistics) skips autotuning (tests, the interpreter).  ``scaling``:
     ``reference_prefill.SCALINGS``.
+
+    ``act_peak [1]`` fp32 (``"tensor"`` only): a calibrated peak, the reference's
+    ``quantize_act_rowwise(..., "tensor", act_peak, act_seen)``.  The activations' one scale is
+    ``act_peak / 448``, so X is read once: the statistics launch writes the codes (saturated at
+    +-448) beside its row maxima and ``x @ l1`` partials, and the second launch writes only the
+    row scales, the branch blocks and the zero tail (``config["codes"]`` then takes its
+    ``BLOCK_M`` and ``num_warps``).  ``act_seen [1]`` fp32, when given, is raised to the
+    batch's largest ``|x * smooth_inv|`` (an atomic max; compare it with ``act_peak`` to see
+    saturation).
     """
-    stats = row_stats_triton(x, smooth_inv, l1, config["stats"] if config else None, scaling)
+    fixed = written = None
+    if act_peak is not None:
+        m, k = x.shape
+        written = torch.empty(
+            m, total_k(-(-k // 64) * 64, l1.shape[1]), device=x.device, dtype=torch.float8_e4m3fn
+        )
+        seen = torch.zeros(1, device=x.device) if act_seen is None else act_seen
+        fixed = FixedPeak(act_peak.float().reshape(1), written, seen)
+    stats = row_stats_triton(x, smooth_inv, l1, config["stats"] if config else None, scaling, fixed)
     return row_codes_triton(
-        x, smooth_inv, stats, l1.shape[1], strength, rows_per_sample, g, config["codes"] if config else None
-    )
-
-
-def quantize_act_fixed_peak_triton(
-    x: torch.Tensor,
-    smooth_inv: torch.Tensor,
-    l1: torch.Tensor,
-    strength: torch.Tensor,
-    rows_per_sample: int,
-    g: torch.Tensor,
-    act_peak: torch.Tensor,
-    act_seen: torch.Tensor | None = None,
-    config: dict | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """As ``quantize_act_rowwise_split_triton(..., scaling="tensor")`` with a calibrated peak:
-    the reference's ``quantize_act_rowwise(..., "tensor", act_peak, act_seen)``.
-
-    ``act_peak [1]`` fp32 (> 0): the activations' one scale is ``act_peak / 448``, so X is
-    read once: the statistics launch writes the codes (saturated at +-448) beside its row
-    maxima and ``x @ l1`` partials, and the second launch writes only the row scales, the
-    branch blocks and the zero tail.  ``act_seen [1]`` fp32, when given, is raised to the
-    batch's largest ``|x * smooth_inv|`` (an atomic max; compare it with ``act_peak`` to
-    see saturation).  ``config``: as ``quantize_act_rowwise_split_triton``'s (its
-    ``"codes"`` entry takes the finishing launch's ``BLOCK_M`` and ``num_warps``).
-    """
-    m, k = x.shape
-    r = l1.shape[1]
-    xq = torch.empty(m, total_k(-(-k // 64) * 64, r), device=x.device, dtype=torch.float8_e4m3fn)
-    seen = torch.zeros(1, device=x.device) if act_seen is None else act_seen
-    fixed = FixedPeak(act_peak.float().reshape(1), xq, seen)
-    stats = row_stats_triton(x, smooth_inv, l1, config["stats"] if config else None, "tensor", fixed)
-    return row_codes_triton(
-        x, smooth_inv, stats, r, strength, rows_per_sample, g, config["codes"] if config else None, written=xq
-    )
+        x, smooth_inv, stats, l1.shape[1], strength, rows_per_sample, g, config["codes"] if config else None,
+        written,
+    )  # fmt: skip
