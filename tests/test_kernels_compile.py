@@ -78,6 +78,22 @@ def _prefill_launches() -> None:
             "codes": _row_codes_kernel.configs[0].all_kwargs(),
         }
         quantize_act_rowwise_split_triton(x, sinv, l1, st, 1, g, config=config)
+        _expand_gemm_launches(x, sinv, qw, ws, fmt, l1, l2, st)
+
+
+def _expand_gemm_launches(x, sinv, qw, ws, fmt, l1, l2, st) -> None:  # noqa: ANN001
+    """The GEMM that expands the codes itself, at every config, both scalings, and its branch
+    columns (``branch_only``)."""
+    from studio.kernels.expand_gemm_triton import _expand_gemm_kernel, expand_gemm_triton
+    from studio.kernels.prefill_triton import expand_weight_triton
+
+    bound, wmax = rp.branch_bound(l1.float(), sinv), rp.residual_max(ws, fmt)
+    wb, cs, g = expand_weight_triton(qw, ws, fmt, l2, bound, wmax, st, branch_only=True)
+    xq, sx = rp.quantize_act_rowwise(x, sinv, l1, st, 1, g)
+    for i, cfg in enumerate(_expand_gemm_kernel.configs):
+        bias = torch.randn(qw.shape[1]) if i % 2 else None
+        sx_used = sx if i % 3 else sx.view(-1)[:1]
+        expand_gemm_triton(xq, sx_used, qw, ws, fmt, cs, wb, bias, config=cfg.all_kwargs())
 
 
 def _fused_launches() -> None:

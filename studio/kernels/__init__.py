@@ -34,10 +34,11 @@ __all__ = [
     "pick_path",
 ]
 
-#: Rows from which ``w4_linear`` takes the large-M path on the GPU: bench/bench_w4.py
-#: measures every path at every M; on H100 (docs/results.md) the large-M path won at
-#: M = 256, 1024 and 4608 on all four FLUX shapes.
-PREFILL_MIN_M = 256
+#: Rows from which ``w4_linear`` takes the large-M path on the GPU (above the small-M path's
+#: rows): on H100 it won at M = 256, 1024 and 4608 on all four FLUX shapes (bench/bench_w4.py),
+#: and at M = 128 too, by 1.0-2.0x over the fused path (bench/bench_expand_gemm.py,
+#: twenty-fifth session, docs/results.md).
+PREFILL_MIN_M = SMALL_M_MAX + 1
 PATHS = ("auto", "fused", "prefill", "small")
 
 

@@ -41,6 +41,16 @@ from studio.kernels.reference_prefill import (
 
 _FP8_MAX = tl.constexpr(FP8_MAX)  # jit functions read only constexpr globals
 
+#: The GEMMs ``w4_linear_prefill_triton`` takes (its ``gemm``): cuBLAS on an FP8 copy of the
+#: weight, or ``expand_gemm_triton`` (the 4-bit codes expanded inside the GEMM).
+GEMMS = ("cublas", "expand")
+
+#: The GEMM ``w4_linear_prefill_triton`` takes when not told: cuBLAS at every row count.  The
+#: expanding GEMM won only at 128 rows on 3072x12288 and 12288x3072 (1.15-1.18x the layer) and
+#: lost elsewhere on H100 (bench/bench_expand_gemm.py, twenty-fifth session, docs/results.md);
+#: it stays selectable (``gemm="expand"``), and needs no FP8 copy of the weight.
+DEFAULT_GEMM = "cublas"
+
 #: The pre-pass ``w4_linear_prefill_triton`` runs when not told: ``"rows"`` or ``"split"``
 #: (``bench/bench_w4.py --prepass`` sets it to time the other one).
 DEFAULT_PREPASS = "split"
@@ -146,17 +156,14 @@ def _branch_factors(bound_ptr, str_ptr, R, S, stride_sm, S_PAD: tl.constexpr, R_
 
 
 @triton.jit
-def _expand_codes(q_ptr, ws_ptr, out_ptr, offs_n, n_mask, inv, pid_k, KG,
-                  stride_qg, stride_qn, stride_wsg, stride_on,
-                  FP4: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):  # fmt: skip
-    """FP8 codes ``code * group_scale * inv`` of ``GROUPS`` groups for ``BLOCK_N`` channels.
+def _expanded_rows(q_ptr, ws_ptr, offs_n, n_mask, inv, pid_k, KG, stride_qg, stride_qn, stride_wsg,
+                   FP4: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):  # fmt: skip
+    """``[BLOCK_N, GROUPS * 64]`` FP8 codes ``code * group_scale * inv`` of groups
+    ``pid_k * GROUPS ...`` for ``BLOCK_N`` channels (zero past ``KG`` groups and masked channels).
 
     One ``[BLOCK_N, GROUPS, 32]`` byte load; the low and high nibbles (columns ``j`` and
-    ``32 + j`` of each group) joined into whole rows of ``GROUPS * 64`` codes and written in one
-    store.  With a group per loop step (a ``[BLOCK_N, 32]`` load, two 32-byte stores per row)
-    the autotuned kernel took 11.4 / 28.1 / 27.9 us on H100 at 3072x3072 / 3072x12288 /
-    12288x3072; this way it takes 8.3 / 25.3 / 24.5 us, the same bits
-    (bench/diag_expand_weight.py, docs/results.md).
+    ``32 + j`` of each group) joined into whole rows.  The weight expansion stores them;
+    ``expand_gemm_triton`` feeds them to its dot, so both see the same bits.
     """
     grp = pid_k * GROUPS + tl.arange(0, GROUPS)
     offs_j = tl.arange(0, 32)
@@ -172,7 +179,22 @@ def _expand_codes(q_ptr, ws_ptr, out_ptr, offs_n, n_mask, inv, pid_k, KG,
     f = (ws * inv[:, None])[:, :, None]
     low = (_decode(packed & 0xF, FP4) * f).to(tl.float8e4nv)
     high = (_decode(packed >> 4, FP4) * f).to(tl.float8e4nv)
-    rows = tl.reshape(tl.permute(tl.join(low, high), (0, 1, 3, 2)), (BLOCK_N, GROUPS * 64))
+    return tl.reshape(tl.permute(tl.join(low, high), (0, 1, 3, 2)), (BLOCK_N, GROUPS * 64))
+
+
+@triton.jit
+def _expand_codes(q_ptr, ws_ptr, out_ptr, offs_n, n_mask, inv, pid_k, KG,
+                  stride_qg, stride_qn, stride_wsg, stride_on,
+                  FP4: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):  # fmt: skip
+    """Store ``_expanded_rows`` in one store per row.
+
+    With a group per loop step (a ``[BLOCK_N, 32]`` load, two 32-byte stores per row)
+    the autotuned kernel took 11.4 / 28.1 / 27.9 us on H100 at 3072x3072 / 3072x12288 /
+    12288x3072; with whole rows it takes 8.3 / 25.3 / 24.5 us, the same bits
+    (bench/diag_expand_weight.py, docs/results.md).
+    """
+    rows = _expanded_rows(q_ptr, ws_ptr, offs_n, n_mask, inv, pid_k, KG, stride_qg, stride_qn, stride_wsg,
+                          FP4, BLOCK_N, GROUPS)  # fmt: skip
     cols = pid_k * GROUPS * 64 + tl.arange(0, GROUPS * 64)
     tl.store(
         out_ptr + offs_n[:, None] * stride_on + cols[None, :],
@@ -192,11 +214,13 @@ def _expand_codes(q_ptr, ws_ptr, out_ptr, offs_n, n_mask, inv, pid_k, KG,
 @triton.jit
 def _expand_weight_kernel(
     q_ptr, ws_ptr, wmax_ptr, l2_ptr, bound_ptr, str_ptr, out_ptr, cs_ptr, g_ptr,
-    N, KG, KP, KT, R, RB, S,
+    N, KG, KP, KT, R, RB, S, COL0,
     stride_qg, stride_qn, stride_wsg, stride_l2n, stride_sm, stride_on,
     FP4: tl.constexpr, S_PAD: tl.constexpr, R_PAD: tl.constexpr, TAIL_PAD: tl.constexpr,
-    TENSOR: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
+    TENSOR: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, BRANCH_ONLY: tl.constexpr = False,
 ):  # fmt: skip
+    # COL0: the output's first column is the GEMM's column COL0 (KP with BRANCH_ONLY: a grid of one
+    # column, the branch blocks, zero tail and scales, for expand_gemm_triton)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -216,9 +240,9 @@ def _expand_weight_kernel(
         wmax = tl.load(wmax_ptr + offs_n, n_mask, 0.0)
         cs = tl.maximum(tl.maximum(wmax, need) / _FP8_MAX, 1e-30)
     inv = 1.0 / cs
-    if pid_k == tl.cdiv(KG, GROUPS):  # the last column: branch blocks, zero tail and scales only
+    if BRANCH_ONLY or pid_k == tl.cdiv(KG, GROUPS):  # the last column: branch, zero tail, scales
         hi, lo = _split_e4m3(l2 * g[None, :] * inv[:, None])
-        dst = out_ptr + offs_n[:, None] * stride_on + KP + offs_r[None, :]
+        dst = out_ptr + offs_n[:, None] * stride_on + (KP - COL0) + offs_r[None, :]
         mask = n_mask[:, None] & (offs_r < RB)[None, :]
         tl.store(dst, hi, mask)
         tl.store(dst + RB, lo, mask)
@@ -227,7 +251,7 @@ def _expand_weight_kernel(
         offs_t = tl.arange(0, TAIL_PAD)
         zeros = tl.zeros([BLOCK_N, TAIL_PAD], dtype=tl.float32).to(tl.float8e4nv)
         tl.store(
-            out_ptr + offs_n[:, None] * stride_on + KP + 3 * RB + offs_t[None, :],
+            out_ptr + offs_n[:, None] * stride_on + (KP - COL0) + 3 * RB + offs_t[None, :],
             zeros,
             n_mask[:, None] & (offs_t < tail)[None, :],
         )
@@ -308,12 +332,16 @@ def expand_weight_triton(
     strength: torch.Tensor,
     config: dict | None = None,
     peaks: torch.Tensor | None = None,
+    branch_only: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(``wq [N, total_k]`` FP8, ``channel_scale [N]`` fp32, ``g [R]`` fp32); see the reference.
 
     ``config`` (BLOCK_N, GROUPS, num_warps) skips autotuning (tests, the interpreter).
     ``peaks`` (``reference_prefill.weight_peaks``) selects ``scaling="tensor"``: every
     channel then gets the largest channel scale, and ``wmax`` is not read.
+    ``branch_only``: ``wq`` holds only the columns past the codes (``[N, total_k - Kp]``: the
+    branch blocks and the zero tail), one small launch; ``expand_gemm_triton`` expands the
+    codes inside its GEMM instead.
     """
     kg, n, _ = qweight.shape
     r = l2.shape[1]
@@ -321,21 +349,24 @@ def expand_weight_triton(
     kp = kg * 64
     r_pad = max(16, triton.next_power_of_2(max(rb, 1)))
     kt = total_k(kp, r)
-    wq = torch.empty(n, kt, device=qweight.device, dtype=torch.float8_e4m3fn)
+    col0 = kp if branch_only else 0
+    wq = torch.empty(n, kt - col0, device=qweight.device, dtype=torch.float8_e4m3fn)
     cs = torch.empty(n, device=qweight.device, dtype=torch.float32)
     g = torch.empty(max(r, 1), device=qweight.device, dtype=torch.float32)
     l2 = l2 if r else l2.new_zeros(n, 1)
 
     def grid(meta: dict) -> tuple[int, int]:
-        return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(kg, meta["GROUPS"]) + 1)
+        return (triton.cdiv(n, meta["BLOCK_N"]), 1 if branch_only else triton.cdiv(kg, meta["GROUPS"]) + 1)
 
+    if branch_only and config is None:  # one column of programs: nothing to tune
+        config = {"BLOCK_N": 32, "GROUPS": 1, "num_warps": 4}
     kernel = _expand_weight_kernel if config is None else _expand_weight_kernel.fn
     kernel[grid](
         qweight, wscale, wmax if peaks is None else peaks, l2, bound, strength, wq, cs, g,
-        n, kg, kp, kt, r, rb, strength.shape[0],
+        n, kg, kp, kt, r, rb, strength.shape[0], col0,
         qweight.stride(0), qweight.stride(1), wscale.stride(0), l2.stride(0), strength.stride(0), wq.stride(0),
         FP4=fmt == "fp4", S_PAD=max(2, triton.next_power_of_2(strength.shape[0])), R_PAD=r_pad, TAIL_PAD=K_ALIGN,
-        TENSOR=peaks is not None, **(config or {}),
+        TENSOR=peaks is not None, BRANCH_ONLY=branch_only, **(config or {}),
     )  # fmt: skip
     return wq, cs, g[:r]
 
@@ -395,6 +426,7 @@ def w4_linear_prefill_triton(
     peaks: torch.Tensor | None = None,
     act_peak: torch.Tensor | None = None,
     act_seen: torch.Tensor | None = None,
+    gemm: str | None = None,
 ) -> torch.Tensor:
     """The large-M layer on the GPU; shapes as ``studio.kernels.w4_linear``.
 
@@ -407,8 +439,13 @@ def w4_linear_prefill_triton(
     pre-pass only); None: ``reference_prefill.DEFAULT_SCALING``.  ``act_peak [1]`` fp32
     (``"tensor"`` only): a calibrated activation peak, so the pre-pass reads X once
     (``prepass_split_triton.quantize_act_rowwise_split_triton``); ``act_seen [1]`` fp32 is
-    raised to the batch's peak when given.
+    raised to the batch's peak when given.  ``gemm``: ``"cublas"`` (the weight expanded into
+    an FP8 copy, then ``_scaled_mm``) or ``"expand"`` (``expand_gemm_triton``: the codes
+    expanded inside the GEMM, no FP8 copy of the weight); None: ``DEFAULT_GEMM``.
     """
+    gemm = DEFAULT_GEMM if gemm is None else gemm
+    if gemm not in GEMMS:
+        raise ValueError(f"gemm must be one of {GEMMS}, not {gemm!r}")
     prepass = DEFAULT_PREPASS if prepass is None else prepass
     scaling = check_scaling(reference_prefill.DEFAULT_SCALING if scaling is None else scaling)
     if prepass not in ("rows", "split"):
@@ -424,7 +461,15 @@ def w4_linear_prefill_triton(
     if scaling == "tensor" and peaks is None:
         peaks = weight_peaks(l2, wmax)
     wq, cs, g = expand_weight_triton(
-        qweight, wscale, fmt, l2, bound, wmax, strength, peaks=peaks if scaling == "tensor" else None
+        qweight,
+        wscale,
+        fmt,
+        l2,
+        bound,
+        wmax,
+        strength,
+        peaks=peaks if scaling == "tensor" else None,
+        branch_only=gemm == "expand",
     )
     if prepass == "split":  # a calibrated peak needs "tensor", which needs "split" (checked above)
         from studio.kernels.prepass_split_triton import quantize_act_rowwise_split_triton
@@ -442,6 +487,12 @@ def w4_linear_prefill_triton(
         )
     else:
         xq, sx = quantize_act_rowwise_triton(x, smooth_inv, l1, strength, rows_per_sample, g)
+    if gemm == "expand":
+        from studio.kernels.expand_gemm_triton import expand_gemm_triton
+
+        sx = sx.view(-1)[:1] if scaling == "tensor" else sx
+        out = expand_gemm_triton(xq, sx, qweight, wscale, fmt, cs, wq, bias, torch.bfloat16)
+        return out if x.dtype == torch.bfloat16 else out.to(x.dtype)
     if scaling == "tensor":  # every row / channel holds the same scale: cuBLAS's one-scale GEMM
         sx, cs = sx.view(-1)[:1], cs[:1]
     return _scaled_mm_with_bias(xq, sx, wq, cs, bias, qweight.shape[1], x.dtype)

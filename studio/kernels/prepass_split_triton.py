@@ -41,12 +41,29 @@ from studio.kernels.prefill_triton import (
 from studio.kernels.quant_act import branch_dot_dtype
 from studio.kernels.reference_prefill import K_ALIGN, branch_block, check_act_peak, check_scaling, total_k
 
+#: Rows up to which the statistics launch may take 16-row blocks and 16-32 K slices: with
+#: few rows the grid is small and each program's loop is latency-bound (with only the tiles
+#: above, the pre-pass took 12.5 us for 128 rows of K = 3072 and 29.5 us at K = 12288 on H100,
+#: bench/bench_expand_gemm.py);
+#: above, the partials of that many slices would cost more than they save.
+FEW_ROWS = 1024
+
 
 def _prune_stats(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
-    """The fp32 ``x @ l1`` accumulator ``[BLOCK_M, R_PAD]`` must stay in registers."""
+    """The fp32 ``x @ l1`` accumulator ``[BLOCK_M, R_PAD]`` must stay in registers; the tiles
+    for few rows (``FEW_ROWS``) only there."""
     r_pad = int(kwargs.get("R_PAD", named_args.get("R_PAD", 16)))
-    keep = [c for c in configs if c.kwargs["BLOCK_M"] * r_pad <= 8192]
+    m_bucket = int(kwargs.get("M_BUCKET", named_args.get("M_BUCKET", 8192)))  # not named: many rows
+    keep = [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_M"] * r_pad <= 8192 and (m_bucket <= FEW_ROWS or not _for_few_rows(c))
+    ]
     return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
+
+
+def _for_few_rows(config: triton.Config) -> bool:
+    return config.kwargs["BLOCK_M"] < 32 or config.kwargs["SPLITS"] > 8
 
 
 # num_stages=1 throughout: on H100 / Triton 3.6 the software-pipelined variants (2 and 3
@@ -63,6 +80,12 @@ def _prune_stats(configs: list[triton.Config], named_args: dict, **kwargs: objec
             (64, 64, 8, 4),
             (128, 64, 4, 8),
             (128, 64, 8, 8),
+            # few rows only (FEW_ROWS): more programs, shorter loops
+            (16, 128, 8, 4),
+            (16, 128, 16, 4),
+            (32, 128, 16, 4),
+            (32, 64, 32, 4),
+            (64, 64, 16, 4),
         ]
     ],
     key=["M_BUCKET", "K", "R_PAD", "CODES"],
@@ -202,9 +225,9 @@ def row_stats_triton(
     r = l1.shape[1]
     l1 = l1 if r else l1.new_zeros(k, 1)
     # Partial buffers for the most splits autotuning may pick (or the forced config's).
-    splits = (
-        max(c.kwargs["SPLITS"] for c in _row_stats_kernel.configs) if config is None else config["SPLITS"]
-    )
+    r_pad = max(16, triton.next_power_of_2(max(r, 1)))
+    tiles = _prune_stats(_row_stats_kernel.configs, {}, R_PAD=r_pad, M_BUCKET=_bucket(m))
+    splits = max(c.kwargs["SPLITS"] for c in tiles) if config is None else config["SPLITS"]
     la = torch.empty(splits, m, max(r, 1), device=x.device, dtype=torch.float32)
     if fixed is not None:  # the batch's peak goes to the caller's record; amax is not written
         amax = fixed.seen
@@ -224,7 +247,7 @@ def row_stats_triton(
         stats_grid,
         (x, smooth_inv, l1, amax, la, amax, out, peak, *(m, k, kp, max(r, 1), _bucket(m)), *strides),
         {
-            "R_PAD": max(16, triton.next_power_of_2(max(r, 1))),
+            "R_PAD": r_pad,
             "DOT_DTYPE": branch_dot_dtype(),
             "TENSOR": tensor,
             "CODES": fixed is not None,

@@ -25,3 +25,18 @@ def zeroed_scratch(device: torch.device, floats: int, counters: int) -> tuple[to
         cnt = torch.zeros(max(counters, 1024), device=device, dtype=torch.int32)
         _SCRATCH[key] = have = (acc, cnt)
     return have
+
+
+_PARTIALS: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def partials_scratch(device: torch.device, floats: int) -> torch.Tensor:
+    """This stream's fp32 buffer (``>= floats``) for split-K partials that are stored, not added
+    (``expand_gemm_triton``): its contents are left behind, so it is kept apart from the zeroed
+    buffer that ``zeroed_scratch`` hands out."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    have = _PARTIALS.get(key)
+    if have is None or have.numel() < floats:
+        _PARTIALS[key] = have = torch.empty(max(floats, 1 << 16), device=device, dtype=torch.float32)
+    return have
