@@ -101,10 +101,10 @@ def test_split_k_paths_and_workspace_stays_clean(split: int) -> None:
     assert acc.abs().max().item() == 0 and cnt.abs().max().item() == 0
 
 
-# 4 samples of `tokens` rows: 36 rows take the small-M path (N <= K), 80 and 1200 the large-M path
-# (from PREFILL_MIN_M rows); -20: 80 rows forced onto the fused path, which layers of N % 16 != 0 take.
+# 4 samples of `tokens` rows: 36 rows take the small-M path (N <= K), 80 the fused one, 4 * 256 the
+# large-M one.
 @pytest.mark.parametrize(
-    "tokens", [9, 20, 300, -20], ids=["small-m-path", "large-m-path-80-rows", "large-m-path", "fused-path"]
+    "tokens", [9, 20, kernels.PREFILL_MIN_M], ids=["small-m-path", "fused-path", "large-m-path"]
 )
 def test_module_on_gpu_matches_dense_and_per_sample_strengths(tokens: int) -> None:
     from torch import nn
@@ -114,8 +114,6 @@ def test_module_on_gpu_matches_dense_and_per_sample_strengths(tokens: int) -> No
     from adapters.svdquant import SVDQuantLinear
     from studio.kernels import reference_prefill, reference_small_m
 
-    forced = "fused" if tokens < 0 else "auto"  # the path rows of N % 16 != 0 would take
-    tokens = abs(tokens)
     torch.manual_seed(0)
     lin = nn.Linear(320, 208).cuda()  # N % 16 == 0: large M takes the large-M path
     calib = torch.randn(256, 320, device="cuda")
@@ -129,12 +127,12 @@ def test_module_on_gpu_matches_dense_and_per_sample_strengths(tokens: int) -> No
         x = torch.randn(4, tokens, 320, device="cuda").bfloat16()
         dense = x.double() @ q.dequantized_weight().double().t() + q.bias.double()
         set_strength(model, "style", torch.tensor([0.0, 1.0, 0.5, -1.0]))
+        y = model(x)
         m = 4 * tokens
         args = (x.reshape(m, 320), q.smooth_inv, q.qweight, q.wscale, q.fmt, q.l1, q.l2, q.strength, tokens)
         bias = q.bias.float()
-        chosen = kernels.pick_path(m, 320, 208, True, forced)
-        assert chosen == ("fused" if forced == "fused" else "small" if tokens == 9 else "prefill")
-        y = model(x) if forced == "auto" else kernels.w4_linear(*args, bias, path=forced).view(4, tokens, 208)
+        chosen = kernels.pick_path(m, 320, 208, True)
+        assert chosen == {9: "small", 20: "fused"}.get(tokens, "prefill")
         oracle = {
             "small": reference_small_m.w4_linear_small_m,
             "prefill": reference_prefill.w4_linear_prefill,

@@ -34,11 +34,13 @@ __all__ = [
     "pick_path",
 ]
 
-#: Rows from which ``w4_linear`` takes the large-M path on the GPU (above the small-M path's
-#: rows): on H100 it won at M = 256, 1024 and 4608 on all four FLUX shapes (bench/bench_w4.py),
-#: and at M = 128 too, by 1.0-2.0x over the fused path (bench/bench_expand_gemm.py,
-#: twenty-fifth session, docs/results.md).
-PREFILL_MIN_M = SMALL_M_MAX + 1
+#: Rows from which ``w4_linear`` takes the large-M path on the GPU: bench/bench_w4.py
+#: measures every path at every M; on H100 (docs/results.md) the large-M path won at
+#: M = 256, 1024 and 4608 on all four FLUX shapes.  At 128 rows it was 1.07-2.4x faster than
+#: the fused path too (bench/bench_expand_gemm.py, twenty-fifth session), but with one FP8 scale
+#: per operand it was 1.5x less accurate than the fused path on the GPU module test's layer at
+#: 80 rows (tests/test_kernels_gpu.py), so it stays at 256 until that is measured.
+PREFILL_MIN_M = 256
 PATHS = ("auto", "fused", "prefill", "small")
 
 
