@@ -90,11 +90,20 @@ def run_case(m: int, k: int, r: int) -> None:
     x8 = torch.empty(m, k, device="cuda", dtype=torch.float8_e4m3fn)
     print(f"  floor amax(|X|) {bench(lambda: x.abs().amax()):.1f} us; "
           f"FP8 cast of X {bench(lambda: x8.copy_(x)):.1f} us")  # fmt: skip
-    splits_max = 8
-    amax = torch.empty(splits_max, m, device="cuda")
-    la = torch.empty(splits_max, m, r, device="cuda")
     dot_dtype = branch_dot_dtype()
     configs = _prune_stats(_row_stats_kernel.configs, {}, R_PAD=r_pad)
+    splits_max = max(c.kwargs["SPLITS"] for c in configs)
+    amax = torch.empty(splits_max, m, device="cuda")
+    la = torch.empty(splits_max, m, r, device="cuda")
+
+    def timed_and_checked(launch, splits: int) -> tuple[float, bool, float]:
+        """(us, row maxima exact, relative error of the summed partials) of one launch."""
+        t = bench(launch)
+        amax.zero_()
+        la.zero_()
+        launch()
+        return (t, *check(amax, la, splits, truth_amax, truth_la))
+
     for cfg in configs:
         kw = cfg.kwargs
         bm, bk, sp = kw["BLOCK_M"], kw["BLOCK_K"], kw["SPLITS"]
@@ -110,11 +119,7 @@ def run_case(m: int, k: int, r: int) -> None:
                     num_warps=cfg.num_warps, num_stages=stages,
                 )  # fmt: skip
 
-            t = bench(current)
-            amax.zero_()
-            la.zero_()
-            current()
-            exact, err = check(amax, la, sp, truth_amax, truth_la)
+            t, exact, err = timed_and_checked(current, sp)
             line.append(f"cur s{stages} {t:.1f} us ({'ok' if exact else 'AMAX WRONG'}, la {err:.1e})")
             if m % bm or k % (sp * bk):
                 continue
@@ -127,11 +132,7 @@ def run_case(m: int, k: int, r: int) -> None:
                         num_warps=cfg.num_warps, num_stages=stages,
                     )  # fmt: skip
 
-                t = bench(probe)
-                amax.zero_()
-                la.zero_()
-                probe()
-                exact, err = check(amax, la, sp, truth_amax, truth_la)
+                t, exact, err = timed_and_checked(probe, sp)
                 err_txt = f", la {err:.1e}" if dot else ""
                 line.append(
                     f"probe{'' if dot else '-nodot'} s{stages} {t:.1f} us ({'ok' if exact else 'AMAX WRONG'}{err_txt})"

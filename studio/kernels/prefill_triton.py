@@ -214,13 +214,13 @@ def _expand_codes(q_ptr, ws_ptr, out_ptr, offs_n, n_mask, inv, pid_k, KG,
 @triton.jit
 def _expand_weight_kernel(
     q_ptr, ws_ptr, wmax_ptr, l2_ptr, bound_ptr, str_ptr, out_ptr, cs_ptr, g_ptr,
-    N, KG, KP, KT, R, RB, S, COL0,
+    N, KG, KP, KT, R, RB, S,
     stride_qg, stride_qn, stride_wsg, stride_l2n, stride_sm, stride_on,
     FP4: tl.constexpr, S_PAD: tl.constexpr, R_PAD: tl.constexpr, TAIL_PAD: tl.constexpr,
     TENSOR: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, BRANCH_ONLY: tl.constexpr = False,
 ):  # fmt: skip
-    # COL0: the output's first column is the GEMM's column COL0 (KP with BRANCH_ONLY: a grid of one
-    # column, the branch blocks, zero tail and scales, for expand_gemm_triton)
+    # BRANCH_ONLY: a grid of one column of programs writing the branch blocks, zero tail and
+    # scales into an output that starts at the GEMM's column KP (for expand_gemm_triton)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -240,9 +240,10 @@ def _expand_weight_kernel(
         wmax = tl.load(wmax_ptr + offs_n, n_mask, 0.0)
         cs = tl.maximum(tl.maximum(wmax, need) / _FP8_MAX, 1e-30)
     inv = 1.0 / cs
+    branch_col = 0 if BRANCH_ONLY else KP  # the output column of the branch's first block
     if BRANCH_ONLY or pid_k == tl.cdiv(KG, GROUPS):  # the last column: branch, zero tail, scales
         hi, lo = _split_e4m3(l2 * g[None, :] * inv[:, None])
-        dst = out_ptr + offs_n[:, None] * stride_on + (KP - COL0) + offs_r[None, :]
+        dst = out_ptr + offs_n[:, None] * stride_on + branch_col + offs_r[None, :]
         mask = n_mask[:, None] & (offs_r < RB)[None, :]
         tl.store(dst, hi, mask)
         tl.store(dst + RB, lo, mask)
@@ -251,7 +252,7 @@ def _expand_weight_kernel(
         offs_t = tl.arange(0, TAIL_PAD)
         zeros = tl.zeros([BLOCK_N, TAIL_PAD], dtype=tl.float32).to(tl.float8e4nv)
         tl.store(
-            out_ptr + offs_n[:, None] * stride_on + (KP - COL0) + 3 * RB + offs_t[None, :],
+            out_ptr + offs_n[:, None] * stride_on + branch_col + 3 * RB + offs_t[None, :],
             zeros,
             n_mask[:, None] & (offs_t < tail)[None, :],
         )
@@ -349,8 +350,7 @@ def expand_weight_triton(
     kp = kg * 64
     r_pad = max(16, triton.next_power_of_2(max(rb, 1)))
     kt = total_k(kp, r)
-    col0 = kp if branch_only else 0
-    wq = torch.empty(n, kt - col0, device=qweight.device, dtype=torch.float8_e4m3fn)
+    wq = torch.empty(n, kt - kp if branch_only else kt, device=qweight.device, dtype=torch.float8_e4m3fn)
     cs = torch.empty(n, device=qweight.device, dtype=torch.float32)
     g = torch.empty(max(r, 1), device=qweight.device, dtype=torch.float32)
     l2 = l2 if r else l2.new_zeros(n, 1)
@@ -363,7 +363,7 @@ def expand_weight_triton(
     kernel = _expand_weight_kernel if config is None else _expand_weight_kernel.fn
     kernel[grid](
         qweight, wscale, wmax if peaks is None else peaks, l2, bound, strength, wq, cs, g,
-        n, kg, kp, kt, r, rb, strength.shape[0], col0,
+        n, kg, kp, kt, r, rb, strength.shape[0],
         qweight.stride(0), qweight.stride(1), wscale.stride(0), l2.stride(0), strength.stride(0), wq.stride(0),
         FP4=fmt == "fp4", S_PAD=max(2, triton.next_power_of_2(strength.shape[0])), R_PAD=r_pad, TAIL_PAD=K_ALIGN,
         TENSOR=peaks is not None, BRANCH_ONLY=branch_only, **(config or {}),

@@ -17,8 +17,7 @@ _SCRATCH: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
 def zeroed_scratch(device: torch.device, floats: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """This stream's zeroed fp32 buffer (``>= floats``) and int32 counters (``>= counters``)."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
+    key = _stream_key(device)
     have = _SCRATCH.get(key)
     if have is None or have[0].numel() < floats or have[1].numel() < counters:
         acc = torch.zeros(max(floats, 1 << 16), device=device, dtype=torch.float32)
@@ -34,9 +33,13 @@ def partials_scratch(device: torch.device, floats: int) -> torch.Tensor:
     """This stream's fp32 buffer (``>= floats``) for split-K partials that are stored, not added
     (``expand_gemm_triton``): its contents are left behind, so it is kept apart from the zeroed
     buffer that ``zeroed_scratch`` hands out."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
+    key = _stream_key(device)
     have = _PARTIALS.get(key)
     if have is None or have.numel() < floats:
         _PARTIALS[key] = have = torch.empty(max(floats, 1 << 16), device=device, dtype=torch.float32)
     return have
+
+
+def _stream_key(device: torch.device) -> tuple[torch.device, int]:
+    """(device, current CUDA stream): one set of buffers per stream (module docstring)."""
+    return device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
