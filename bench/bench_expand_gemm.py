@@ -13,7 +13,7 @@ replays, a 64 MB memset before every call), side by side in one run:
 - ``expand``: the same layer with ``expand_gemm_triton`` (``gemm="expand"``), the codes
   expanded tile by tile inside the GEMM;
 - ``fused`` (with ``--fused``): the path ``w4_linear`` took from 65 to 255 rows before the
-  twenty-fifth session, pre-pass + the Triton 4-bit GEMM with per-group scales in fp32;
+  twenty-sixth session, pre-pass + the Triton 4-bit GEMM with per-group scales in fp32;
 - the GEMMs alone: ``expand_gemm_triton`` against the expansion plus ``_scaled_mm``, and
   ``_scaled_mm`` alone on the expanded weight (what the copy costs);
 - ``rel``: the relative difference of the two layers' outputs (same FP8 operands, so only the

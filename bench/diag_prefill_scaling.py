@@ -2,6 +2,7 @@
 """Large-M layer with per-token / per-channel scales against one scale per operand, side by side.
 
     python bench/diag_prefill_scaling.py [--shapes 3072x3072,...] [--ms 4608] [--ranks 32,96]
+        [--fused] [--no-stages]
 
 For each shape, row count and rank, timed as ``bench_w4.bench`` times (CUDA-graph replays,
 64 MB memset before each call): bf16 ``F.linear`` and bare FP8 ``_scaled_mm`` for the ratios;
@@ -10,10 +11,14 @@ alone (the expansion, the statistics launch, the codes launch, ``_scaled_mm``). 
 ``_scaled_mm`` on random FP8 operands of K and K + 128 columns, with row and channel scales
 or one scale each, with and without the bias.  Each layer's output is compared with the
 float32 reference of its own scaling and with the bf16 layer (relative Frobenius error).
+``--fused`` adds the fused path (``w4_linear(..., path="fused")``, per-token activation codes, the
+branch in its epilogue) on the same weights (the path 65-255 rows took before the twenty-sixth session); ``--no-stages``
+skips the per-launch and random-operand ``_scaled_mm`` timings.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -26,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_w4 import bench, make_w4, sweep_args  # noqa: E402
 from studio.kernels import reference as ref  # noqa: E402
 from studio.kernels import reference_prefill as rp  # noqa: E402
+from studio.kernels import w4_linear  # noqa: E402
 from studio.kernels.prefill_triton import expand_weight_triton, w4_linear_prefill_triton  # noqa: E402
 from studio.kernels.prepass_split_triton import row_codes_triton, row_stats_triton  # noqa: E402
 
@@ -103,12 +109,18 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def extra_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--ranks", default="32,96")
+    ap.add_argument("--fused", action="store_true", help="also the fused path on the same weights")
+    ap.add_argument("--no-stages", action="store_true", help="the whole layers only")
+
+
 def main() -> None:
     args = sweep_args(
         __doc__,
         "diag_prefill_scaling.py",
         ms="4608",
-        more=lambda ap: ap.add_argument("--ranks", default="32,96"),
+        more=extra_args,
     )
     rows = []
     torch.manual_seed(0)
@@ -144,21 +156,28 @@ def main() -> None:
                             *layer, bound=p["bound"], wmax=p["wmax"], scaling=scaling, peaks=p["peaks"]
                         )
                     )
-                    for name, t in stage_times(x, p, scaling).items():
-                        row[f"r{r}_{scaling}_stage_{name}"] = t
-            row.update(gemm_times(m, k, n, bias))
+                    if not args.no_stages:
+                        for name, t in stage_times(x, p, scaling).items():
+                            row[f"r{r}_{scaling}_stage_{name}"] = t
+                if args.fused:
+                    layer = layer_args(x, p, bias)
+                    row[f"r{r}_fused_err_vs_bf16"] = rel(w4_linear(*layer, path="fused"), exact)
+                    row[f"r{r}_fused"] = bench(lambda: w4_linear(*layer, path="fused"))
+            if not args.no_stages:
+                row.update(gemm_times(m, k, n, bias))
             rows.append(row)
             print(
                 json.dumps({key: float(f"{v:.4g}") if isinstance(v, float) else v for key, v in row.items()}),
                 flush=True,
             )
     ranks = args.ranks.split(",")
-    print("\nK x N | M | bf16 | fp8_bare | " + " | ".join(f"r{r} {s}" for r in ranks for s in rp.SCALINGS))
+    kinds = rp.SCALINGS + (("fused",) if args.fused else ())
+    print("\nK x N | M | bf16 | fp8_bare | " + " | ".join(f"r{r} {s}" for r in ranks for s in kinds))
     for row in rows:
         cells = [
             f"{row[f'r{r}_{s}']:.1f} ({row['bf16'] / row[f'r{r}_{s}']:.2f}x, err {row[f'r{r}_{s}_err_vs_bf16']:.4f})"
             for r in ranks
-            for s in rp.SCALINGS
+            for s in kinds
         ]
         print(
             f"{row['K']}x{row['N']} | {row['M']} | {row['bf16']:.1f} | {row['fp8_bare']:.1f} | "

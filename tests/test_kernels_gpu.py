@@ -101,12 +101,14 @@ def test_split_k_paths_and_workspace_stays_clean(split: int) -> None:
     assert acc.abs().max().item() == 0 and cnt.abs().max().item() == 0
 
 
-# 4 samples of `tokens` rows: 36 rows take the small-M path (N <= K), 80 the fused one, 4 * 256 the
-# large-M one.
+# 4 samples of `tokens` rows: 36 rows take the small-M path (N <= K), 80 and 4 * 256 the large-M one,
+# and 80 rows of a layer whose N is not a multiple of 16 (which cuBLAS FP8 needs) the fused one.
 @pytest.mark.parametrize(
-    "tokens", [9, 20, kernels.PREFILL_MIN_M], ids=["small-m-path", "fused-path", "large-m-path"]
+    ("tokens", "n", "path"),
+    [(9, 208, "small"), (20, 200, "fused"), (20, 208, "prefill"), (256, 208, "prefill")],
+    ids=["small-m-path", "fused-path", "large-m-path-80-rows", "large-m-path-1024-rows"],
 )
-def test_module_on_gpu_matches_dense_and_per_sample_strengths(tokens: int) -> None:
+def test_module_on_gpu_matches_dense_and_per_sample_strengths(tokens: int, n: int, path: str) -> None:
     from torch import nn
 
     from adapters.base import inject, set_strength
@@ -115,45 +117,55 @@ def test_module_on_gpu_matches_dense_and_per_sample_strengths(tokens: int) -> No
     from studio.kernels import reference_prefill, reference_small_m
 
     torch.manual_seed(0)
-    lin = nn.Linear(320, 208).cuda()  # N % 16 == 0: large M takes the large-M path
+    lin = nn.Linear(320, n).cuda()
     calib = torch.randn(256, 320, device="cuda")
     calib[:, 5] *= 30
     q = SVDQuantLinear.from_linear(lin, calib, rank=32)
     model = nn.Sequential(q)
     inject(model, LoraSpec(targets=["0"], rank=8), "style")
     branch = model[0].adapters["style"]
+    strengths = [0.0, 1.0, 0.5, -1.0]
     with torch.no_grad():
         branch.lora_B.normal_(0, 0.1)
         x = torch.randn(4, tokens, 320, device="cuda").bfloat16()
         dense = x.double() @ q.dequantized_weight().double().t() + q.bias.double()
-        set_strength(model, "style", torch.tensor([0.0, 1.0, 0.5, -1.0]))
+        float_layer = x.double() @ lin.weight.double().t() + lin.bias.double()
+        deltas = [s * branch.delta(x[i].float(), x[i].float()).double() for i, s in enumerate(strengths)]
+        set_strength(model, "style", torch.tensor(strengths))
         y = model(x)
         m = 4 * tokens
         args = (x.reshape(m, 320), q.smooth_inv, q.qweight, q.wscale, q.fmt, q.l1, q.l2, q.strength, tokens)
         bias = q.bias.float()
-        chosen = kernels.pick_path(m, 320, 208, True)
-        assert chosen == {9: "small", 20: "fused"}.get(tokens, "prefill")
+        chosen = kernels.pick_path(m, 320, n, True)
+        assert chosen == path
         oracle = {
             "small": reference_small_m.w4_linear_small_m,
             "prefill": reference_prefill.w4_linear_prefill,
             "fused": ref.w4_linear,
-        }[chosen](*args, bias).view(4, tokens, 208)
+        }[chosen](*args, bias).view(4, tokens, n)
         if chosen == "prefill":  # opted in, the calibrated peak scales the activations (X read once)
             q.use_act_peak = True
             with_peak = functools.partial(reference_prefill.w4_linear_prefill, act_peak=q.act_peak)
-            assert _rel(model(x), with_peak(*args, bias).view(4, tokens, 208)) < 1e-2
+            assert _rel(model(x), with_peak(*args, bias).view(4, tokens, n)) < 1e-2
             assert q.act_peak_value > 0 and 0 < float(q.act_seen) <= q.act_peak_value and not q.saturated()
             q.use_act_peak = False
-        for i, s in enumerate([0.0, 1.0, 0.5, -1.0]):
-            want = dense[i] + s * branch.delta(x[i].float(), x[i].float()).double()
+        for i in range(4):
+            want = dense[i] + deltas[i]
             # The path's own maths (its activation rounding: FP8 or bf16) sets the error level;
             # the GPU adds bf16 output rounding and summation order on top.
             assert _rel(y[i], want) < 1.1 * _rel(oracle[i], want) + 4e-3
             assert _rel(y[i], oracle[i]) < 1e-2
         if chosen == "small":  # bf16 activations: more precise than the FP8 paths
-            assert _rel(y[1], dense[1] + branch.delta(x[1].float(), x[1].float()).double()) < 5e-3
+            assert _rel(y[1], dense[1] + deltas[1]) < 5e-3
         if chosen != "fused":  # no path is much less accurate than the fused one (FP8 errors differ)
-            fused = kernels.w4_linear(*args, bias, path="fused").view(4, tokens, 208)
-            for i, s in enumerate([0.0, 1.0, 0.5, -1.0]):
-                want = dense[i] + s * branch.delta(x[i].float(), x[i].float()).double()
-                assert _rel(y[i], want) < 1.5 * _rel(fused[i], want)  # measured 6-14 % apart on average
+            fused = kernels.w4_linear(*args, bias, path="fused").view(4, tokens, n)
+            for i in range(4):
+                want_float, want_4bit = float_layer[i] + deltas[i], dense[i] + deltas[i]
+                # Against the float layer, what a user compares with: the 4-bit weights' own error
+                # dominates, and the large-M path measured 1.04-1.05x the fused path's error (CPU
+                # references, 80 and 256 rows, seeds 0-3).
+                assert _rel(y[i], want_float) < 1.1 * _rel(fused[i], want_float)
+                # Against the 4-bit layer's own maths the large-M path measured 1.44-1.55x (GPU, 68-1024
+                # rows, seeds 0-2; the same with one scale or row scales): its FP8 copy of the weight
+                # re-rounds each code * group scale / channel scale (2.6 % of the weight on this layer).
+                assert _rel(y[i], want_4bit) < 1.7 * _rel(fused[i], want_4bit)

@@ -201,8 +201,9 @@ def test_small_m_reference_is_more_accurate_than_the_fp8_paths(fmt: str) -> None
 def test_path_choice() -> None:
     assert kernels.pick_path(16, 3072, 3072, on_gpu=True) == "small"
     assert kernels.pick_path(64, 3072, 12288, on_gpu=True) == "small"  # N > K too, since scaled codes
-    assert kernels.pick_path(65, 3072, 12288, on_gpu=True) == "fused"
-    assert kernels.pick_path(100, 3072, 3072, on_gpu=True) == "fused"
+    assert kernels.pick_path(65, 3072, 12288, on_gpu=True) == "prefill"  # the next row count
+    assert kernels.pick_path(100, 3072, 3072, on_gpu=True) == "prefill"
+    assert kernels.pick_path(100, 3072, 200, on_gpu=True) == "fused"
     assert kernels.pick_path(kernels.PREFILL_MIN_M, 3072, 3072, on_gpu=True) == "prefill"
     assert kernels.pick_path(4608, 3072, 200, on_gpu=True) == "fused"  # cuBLAS FP8 wants N % 16 == 0
     assert kernels.pick_path(4608, 3072, 3072, on_gpu=False) == "fused"  # the CPU runs the fused maths

@@ -34,13 +34,16 @@ __all__ = [
     "pick_path",
 ]
 
-#: Rows from which ``w4_linear`` takes the large-M path on the GPU: bench/bench_w4.py
-#: measures every path at every M; on H100 (docs/results.md) the large-M path won at
-#: M = 256, 1024 and 4608 on all four FLUX shapes.  At 128 rows it was 1.07-2.4x faster than
-#: the fused path too (bench/bench_expand_gemm.py, twenty-fifth session), but with one FP8 scale
-#: per operand it was 1.5x less accurate than the fused path on the GPU module test's layer at
-#: 80 rows (tests/test_kernels_gpu.py), so it stays at 256 until that is measured.
-PREFILL_MIN_M = 256
+#: Rows from which ``w4_linear`` takes the large-M path on the GPU: every row count above the
+#: small-M path's.  On H100 (bench/diag_prefill_scaling.py --fused, docs/results.md, twenty-sixth
+#: session) it beat the fused path at 80, 128, 192 and 255 rows on all four FLUX shapes, by
+#: 1.0-2.5x (tied only on 3072x12288 at 80 rows), as it does from 256 rows (bench/bench_w4.py),
+#: and on six smaller layers from 640x640 to 5120x1280 by 0.99-2.65x; on 320x320 the fused path
+#: won, 14 against 17 us, where launches dominate and both lose to bf16 (5 us).
+#: Its error against the float layer is 1.04-1.05x the fused path's at every row count (the FP8
+#: rounding of the expanded weight codes; tests/test_kernels_gpu.py).  So the fused path runs
+#: only where cuBLAS FP8 cannot (N % 16 != 0).
+PREFILL_MIN_M = SMALL_M_MAX + 1
 PATHS = ("auto", "fused", "prefill", "small")
 
 
@@ -152,8 +155,9 @@ def w4_linear(
     Argument shapes as in ``quantize_act`` and ``gemm_w4``.  ``path``: ``"fused"`` (pre-pass
     then the fused GEMM), ``"prefill"`` (the large-M path), ``"small"`` (the small-M path:
     bf16 activations, split-K), or ``"auto"``: on the GPU the small-M path up to
-    ``SMALL_M_MAX`` rows, the large-M path from ``PREFILL_MIN_M`` rows and the fused one in
-    between; the CPU reference runs the fused maths.  ``bound`` / ``wmax`` / ``peaks``: the large-M path's
+    ``SMALL_M_MAX`` rows, the large-M path from ``PREFILL_MIN_M`` rows (the next row count) and
+    the fused one where ``N % 16 != 0`` (cuBLAS FP8's constraint); the CPU reference runs the
+    fused maths.  ``bound`` / ``wmax`` / ``peaks``: the large-M path's
     weight-only factors (``reference_prefill.branch_bound`` / ``residual_max`` / ``weight_peaks``),
     cached by callers.  ``scaling``: the large-M path's FP8 scales, ``"tensor"`` (one per
     operand) or ``"row"`` (per token and channel); None: ``reference_prefill.DEFAULT_SCALING``.
