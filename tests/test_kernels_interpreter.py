@@ -144,7 +144,8 @@ def check_prepass() -> None:
         "stats": {"BLOCK_M": 32, "BLOCK_K": 64, "SPLITS": 4, "num_warps": 4, "num_stages": 1},
         "codes": {"BLOCK_M": 16, "BLOCK_K": 128, "num_warps": 4},
     }
-    for m, k, n, r in [(40, 320, 64, 48), (17, 200, 64, 0)]:
+    # rank 160: x @ l1 from cuBLAS's product (branch_by_cublas), the launch's own dot skipped
+    for m, k, n, r in [(40, 320, 64, 48), (17, 200, 64, 0), (24, 200, 64, 160)]:
         x, sinv, qw, ws, fmt, l1, l2, st, rows, _ = _case(m, k, n, r, "int4", seed=m)
         g, _ = rp.prefill_scales(l1, l2, sinv, ws, fmt, st)
         xq_ref, sx_ref = rp.quantize_act_rowwise(x, sinv, l1, st, rows, g)

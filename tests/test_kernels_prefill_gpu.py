@@ -64,8 +64,9 @@ SHAPES = [  # (M, K, N, R): M off the tiles, K off 64 and 128, ranks 0..160
     (1, 200, 72, 16),
     (129, 320, 136, 48),
     (300, 1000, 520, 0),
-    (1029, 448, 1100, 160),
-    (4608, 3072, 3072, 96),
+    (1029, 448, 1100, 160),  # x @ l1 from cuBLAS (many ranks: prepass_split_triton.branch_by_cublas)
+    (520, 448, 208, 96),  # the statistics launch's own 128-wide dot
+    (4608, 3072, 3072, 96),  # cuBLAS again (many rows)
 ]
 
 

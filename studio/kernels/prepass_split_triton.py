@@ -41,6 +41,26 @@ from studio.kernels.prefill_triton import (
 from studio.kernels.quant_act import branch_dot_dtype
 from studio.kernels.reference_prefill import K_ALIGN, branch_block, check_act_peak, check_scaling, total_k
 
+#: Ranks from which the statistics launch leaves ``x @ l1`` to cuBLAS (``torch.mm``, bf16 in,
+#: fp32 out; a second read of X) and computes only the row maxima (``branch_by_cublas``), and
+#: from ``CUBLAS_BRANCH_MIN_R_MANY_ROWS`` ranks at ``MANY_ROWS`` rows.  Triton's dots take
+#: power-of-two widths and the launch's fp32 accumulator must stay in registers, so 129-256
+#: ranks took 256-wide dots in 32-row blocks that each re-read all of ``l1``.  On H100
+#: (bench/diag_rank_dots.py, docs/results.md, twenty-sixth session), at rank 160 the layer
+#: took 137 / 289 / 416 / 458 us with cuBLAS against 187 / 351 / 451 / 657 (the FLUX.1 shapes,
+#: M = 4608), and cuBLAS won at 1024 rows too.  At rank 96 it won at 4608 rows on three shapes
+#: (tied on 12288x3072; one partial to add instead of the launch's 2-8 K slices) but lost by
+#: 3-5 % at 1024 rows on three; at rank 32 its extra read of X lost everywhere.
+CUBLAS_BRANCH_MIN_R = 129
+CUBLAS_BRANCH_MIN_R_MANY_ROWS = 65
+MANY_ROWS = 4096
+
+
+def branch_by_cublas(m: int, r: int) -> bool:
+    """Whether the statistics launch leaves ``x @ l1`` (``m`` rows, ``r`` ranks) to cuBLAS."""
+    return r >= CUBLAS_BRANCH_MIN_R or (r >= CUBLAS_BRANCH_MIN_R_MANY_ROWS and m >= MANY_ROWS)
+
+
 #: Rows up to which the statistics launch may take 16-row blocks and 16-32 K slices: with
 #: few rows the grid is small and each program's loop is latency-bound (with only the tiles
 #: above, the pre-pass took 12.5 us for 128 rows of K = 3072 and 29.5 us at K = 12288 on H100,
@@ -136,7 +156,7 @@ def _row_stats_kernel(
 @triton.jit
 def _row_codes_kernel(
     x_ptr, sinv_ptr, amax_ptr, la_ptr, str_ptr, g_ptr, out_ptr, sx_ptr, peak_ptr,
-    M, K, KP, KT, R, RB, S, rows_per_sample, M_BUCKET, n_splits,
+    M, K, KP, KT, R, RB, S, rows_per_sample, M_BUCKET, n_splits, n_la,
     stride_xm, stride_sm, stride_om,
     TAIL_PAD: tl.constexpr, TENSOR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     CODES: tl.constexpr = True,
@@ -163,7 +183,7 @@ def _row_codes_kernel(
         for r0 in range(0, RB, 32):  # 32 ranks at a time keeps the tile in registers at any rank
             rr = r0 + offs_c
             la = tl.zeros([BLOCK_M, 32], dtype=tl.float32)
-            for s in range(n_splits):
+            for s in range(n_la):
                 la += tl.load(
                     la_ptr + (s * M + offs_m[:, None]) * R + rr[None, :],
                     m_mask[:, None] & (rr < R)[None, :],
@@ -192,7 +212,8 @@ class FixedPeak:
 @dataclass
 class RowStats:
     """The statistics launch's partials: ``amax [splits, M]`` and ``la [splits, M, R]`` fp32,
-    of which the first ``used`` splits hold the row maxima and ``x @ l1`` of their K slices;
+    of which the first ``used`` splits hold the row maxima and ``x @ l1`` of their K slices
+    (``la_slices`` of ``la`` where given: one where ``branch_by_cublas``);
     with one scale for all rows (``one_scale``, ``scaling="tensor"``) ``amax [1]`` holds the
     largest row maximum instead (no per-row maxima are kept)."""
 
@@ -200,6 +221,8 @@ class RowStats:
     la: torch.Tensor
     used: int
     one_scale: bool = False
+    #: Slices of ``la`` that hold ``x @ l1`` when not ``used`` (1: cuBLAS computed it whole).
+    la_slices: int | None = None
 
 
 def row_stats_triton(
@@ -222,7 +245,8 @@ def row_stats_triton(
     tensor = check_scaling(scaling) == "tensor"
     check_act_peak(scaling, None if fixed is None else fixed.peak)
     m, k = x.shape
-    r = l1.shape[1]
+    whole_branch = l1 if branch_by_cublas(m, l1.shape[1]) else None
+    r = 0 if whole_branch is not None else l1.shape[1]  # the ranks the launch's own dot covers
     l1 = l1 if r else l1.new_zeros(k, 1)
     # Partial buffers for the most splits autotuning may pick (or the forced config's).
     r_pad = max(16, triton.next_power_of_2(max(r, 1)))
@@ -255,7 +279,17 @@ def row_stats_triton(
         config,
         "SPLITS",
     )
-    return RowStats(peak if fixed is not None else amax, la, used, tensor)
+    if whole_branch is None:
+        return RowStats(peak if fixed is not None else amax, la, used, tensor)
+    la = branch_input(x, whole_branch).unsqueeze(0)
+    return RowStats(peak if fixed is not None else amax, la, used, tensor, la_slices=1)
+
+
+def branch_input(x: torch.Tensor, l1: torch.Tensor) -> torch.Tensor:
+    """``x @ l1`` in fp32 ``[M, R]`` from bf16 operands (cuBLAS with fp32 output on the GPU)."""
+    if x.is_cuda:
+        return torch.mm(x, l1, out_dtype=torch.float32)
+    return x.float() @ l1.float()  # the interpreter's tests: the same sums in fp32
 
 
 def row_codes_triton(
@@ -294,7 +328,7 @@ def row_codes_triton(
     codes[codes_grid](
         x, smooth_inv, stats.amax, stats.la, strength, g, xq, sx, stats.amax,
         m, k, kp, kt, r, rb, strength.shape[0], max(rows_per_sample, 1), _bucket(m), stats.used,
-        x.stride(0), strength.stride(0), xq.stride(0),
+        stats.used if stats.la_slices is None else stats.la_slices, x.stride(0), strength.stride(0), xq.stride(0),
         TAIL_PAD=K_ALIGN, TENSOR=stats.one_scale, CODES=written is None, **(config or {}),
     )  # fmt: skip
     return xq, sx
