@@ -10,7 +10,8 @@ registers.  Where ``prepass_split_triton.branch_by_cublas`` says so (many ranks)
 (INT4, one FP8 scale per operand), timed as ``bench_w4.bench`` times: bf16 ``F.linear``; the
 statistics launch alone (with cuBLAS's product where it takes one) both ways; the whole layer
 (``w4_linear_prefill_triton``) both ways; and what each rank costs the layer over the first
-rank listed.  The ``x @ l1`` of both ways is checked against float64.
+rank listed (each way, and as ``branch_by_cublas`` routes).  The ``x @ l1`` of both ways is
+checked against float64.
 """
 
 from __future__ import annotations
@@ -53,6 +54,28 @@ def partials_error(x: torch.Tensor, sinv: torch.Tensor, l1: torch.Tensor) -> flo
     got = stats.la[:slices].sum(0).double()
     want = x.double() @ l1.double()
     return ((got - want).norm() / want.norm()).item()
+
+
+def routed_layer(row: dict, r: int) -> float:
+    """The layer's time at rank ``r`` the way ``branch_by_cublas`` routes it."""
+    way = "cublas" if prepass_split_triton.branch_by_cublas(row["M"], r) else "triton_dot"
+    return row[f"r{r}_{way}_layer"]
+
+
+def print_table(rows: list[dict], ranks: list[int]) -> None:
+    base = ranks[0]
+    print(f"\nK x N | M | rank | stats: own dot / cuBLAS | layer: own dot / cuBLAS (x bf16) | over rank {base}: "
+          "own dot / cuBLAS / as routed")  # fmt: skip
+    for row in rows:
+        for r in ranks:
+            s, o = row[f"r{r}_triton_dot_layer"], row[f"r{r}_cublas_layer"]
+            more = [row[f"r{r}_{w}_layer"] / row[f"r{base}_{w}_layer"] - 1 for w in WAYS]
+            more.append(routed_layer(row, r) / routed_layer(row, base) - 1)
+            print(
+                f"{row['K']}x{row['N']} | {row['M']} | {r} | {row[f'r{r}_triton_dot_stats']:.1f} / "
+                f"{row[f'r{r}_cublas_stats']:.1f} | {s:.1f} ({row['bf16'] / s:.2f}x) / {o:.1f} "
+                f"({row['bf16'] / o:.2f}x) | " + " / ".join(f"{v:+.1%}" for v in more)
+            )
 
 
 def main() -> None:
@@ -102,17 +125,7 @@ def main() -> None:
             print(
                 json.dumps({key: float(f"{v:.4g}") if isinstance(v, float) else v for key, v in row.items()})
             )
-    base = ranks[0]
-    print("\nK x N | M | rank | stats: own dot / cuBLAS | layer: own dot / cuBLAS (x bf16) | over rank", base)
-    for row in rows:
-        for r in ranks:
-            s, o = row[f"r{r}_triton_dot_layer"], row[f"r{r}_cublas_layer"]
-            more = " / ".join(f"{row[f'r{r}_{w}_layer'] / row[f'r{base}_{w}_layer'] - 1:+.1%}" for w in WAYS)
-            print(
-                f"{row['K']}x{row['N']} | {row['M']} | {r} | {row[f'r{r}_triton_dot_stats']:.1f} / "
-                f"{row[f'r{r}_cublas_stats']:.1f} | {s:.1f} ({row['bf16'] / s:.2f}x) / {o:.1f} "
-                f"({row['bf16'] / o:.2f}x) | {more}"
-            )
+    print_table(rows, ranks)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
