@@ -24,6 +24,7 @@ from studio.kernels.prefill_triton import (
 from studio.kernels.prepass_split_triton import (
     _row_codes_kernel,
     _row_stats_kernel,
+    branch_by_cublas,
     quantize_act_rowwise_split_triton,
 )
 
@@ -140,6 +141,20 @@ def test_split_prepass_every_config(cfg: dict) -> None:
     g = torch.rand(48, device="cuda") + 0.5
     xq, sx = quantize_act_rowwise_split_triton(x, sinv, l1, strength, 171, g, config=cfg)
     xq_r, sx_r = rp.quantize_act_rowwise(x, sinv, l1, strength, 171, g)
+    assert _rel(sx, sx_r) < 1e-6 and _same_codes(xq, xq_r) >= 0.999
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_branch_from_cublas_takes_any_float_input(dtype: torch.dtype) -> None:
+    """With many ranks ``x @ l1`` comes from cuBLAS (``branch_by_cublas``); X of any float
+    dtype is rounded to bf16 first, as the launch's own dot and the reference round it."""
+    x, sinv, l1, _, strength, _, _, _ = _case(300, 448, 64, 160, 3, "int4", seed=11)
+    assert branch_by_cublas(300, 160)
+    noise = 1 + 1e-3 * torch.randn(x.shape, device="cuda")
+    x = (x.float() * noise).to(dtype)  # in fp32, values that bf16 does not hold
+    g = torch.rand(160, device="cuda") + 0.5
+    xq, sx = quantize_act_rowwise_split_triton(x, sinv, l1, strength, 100, g)
+    xq_r, sx_r = rp.quantize_act_rowwise(x, sinv, l1, strength, 100, g)
     assert _rel(sx, sx_r) < 1e-6 and _same_codes(xq, xq_r) >= 0.999
 
 

@@ -286,10 +286,12 @@ def row_stats_triton(
 
 
 def branch_input(x: torch.Tensor, l1: torch.Tensor) -> torch.Tensor:
-    """``x @ l1`` in fp32 ``[M, R]`` from bf16 operands (cuBLAS with fp32 output on the GPU)."""
+    """``x @ l1`` in fp32 ``[M, R]`` from operands rounded to bf16, as the launch's own dot and
+    ``reference_prefill`` round them (cuBLAS with fp32 output on the GPU)."""
+    x16, l16 = x.to(torch.bfloat16), l1.to(torch.bfloat16)
     if x.is_cuda:
-        return torch.mm(x, l1, out_dtype=torch.float32)
-    return x.float() @ l1.float()  # the interpreter's tests: the same sums in fp32
+        return torch.mm(x16, l16, out_dtype=torch.float32)
+    return x16.float() @ l16.float()  # the interpreter's tests: the same sums in fp32
 
 
 def row_codes_triton(
