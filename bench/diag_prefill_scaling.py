@@ -145,8 +145,8 @@ def main() -> None:
                         )
                     )
                 exact = F.linear(x.float(), w.float(), bias)  # this rank's own weight
+                layer = layer_args(x, p, bias)
                 for scaling in rp.SCALINGS:
-                    layer = layer_args(x, p, bias)
                     got = w4_linear_prefill_triton(*layer, bound=p["bound"], wmax=p["wmax"], scaling=scaling)
                     want = rp.w4_linear_prefill(x.float(), *layer[1:], scaling=scaling)
                     row[f"r{r}_{scaling}_err_vs_ref"] = rel(got, want)
@@ -160,7 +160,6 @@ def main() -> None:
                         for name, t in stage_times(x, p, scaling).items():
                             row[f"r{r}_{scaling}_stage_{name}"] = t
                 if args.fused:
-                    layer = layer_args(x, p, bias)
                     row[f"r{r}_fused_err_vs_bf16"] = rel(w4_linear(*layer, path="fused"), exact)
                     row[f"r{r}_fused"] = bench(lambda: w4_linear(*layer, path="fused"))
             if not args.no_stages:

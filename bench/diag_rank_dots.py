@@ -6,12 +6,12 @@
 The statistics launch of the large-M pre-pass computes the row maxima and ``x @ l1`` in one
 read of X, with Triton dots of power-of-two widths whose fp32 accumulator must stay in
 registers.  Where ``prepass_split_triton.branch_by_cublas`` says so (many ranks) it leaves
-``x @ l1`` to cuBLAS (``torch.mm``, fp32 out, a second read of X).  For each shape, row count and rank
-(INT4, one FP8 scale per operand), timed as ``bench_w4.bench`` times: bf16 ``F.linear``; the
-statistics launch alone (with cuBLAS's product where it takes one) both ways; the whole layer
-(``w4_linear_prefill_triton``) both ways; and what each rank costs the layer over the first
-rank listed (each way, and as ``branch_by_cublas`` routes).  The ``x @ l1`` of both ways is
-checked against float64.
+``x @ l1`` to cuBLAS (``torch.mm``, fp32 out, a second read of X).  For each shape, row count
+and rank (INT4, one FP8 scale per operand), timed as ``bench_w4.bench`` times: bf16
+``F.linear``; the statistics launch alone (with cuBLAS's product where it takes one) both ways;
+the whole layer (``w4_linear(..., path="prefill")``, as ``bench_w4.ours`` calls it) both ways;
+and what each rank costs the layer over the first rank listed (each way, and as
+``branch_by_cublas`` routes).  The ``x @ l1`` of both ways is checked against float64.
 """
 
 from __future__ import annotations
@@ -27,10 +27,8 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_w4 import bench, make_w4, sweep_args  # noqa: E402
+from bench.bench_w4 import bench, cache_factors, make_w4, ours, sweep_args  # noqa: E402
 from studio.kernels import prepass_split_triton  # noqa: E402
-from studio.kernels import reference_prefill as rp  # noqa: E402
-from studio.kernels.prefill_triton import w4_linear_prefill_triton  # noqa: E402
 from studio.kernels.prepass_split_triton import row_stats_triton  # noqa: E402
 
 WAYS = ("triton_dot", "cublas")
@@ -50,8 +48,7 @@ def branch_by(way: str) -> Iterator[None]:
 
 def partials_error(x: torch.Tensor, sinv: torch.Tensor, l1: torch.Tensor) -> float:
     stats = row_stats_triton(x, sinv, l1, scaling="tensor")
-    slices = stats.used if stats.la_slices is None else stats.la_slices
-    got = stats.la[:slices].sum(0).double()
+    got = stats.la[: stats.la_parts].sum(0).double()
     want = x.double() @ l1.double()
     return ((got - want).norm() / want.norm()).item()
 
@@ -95,32 +92,14 @@ def main() -> None:
             x = torch.randn(m, k, device="cuda").bfloat16()
             row: dict = {"K": k, "N": n, "M": m, "bf16": bench(lambda: F.linear(x, w))}
             for r in ranks:
-                p = make_w4(k, n, r, "int4", "cuda")
-                bound = rp.branch_bound(p["l1"], p["smooth_inv"])
-                wmax = rp.residual_max(p["wscale"], "int4")
-                peaks = rp.weight_peaks(p["l2"], wmax)
-                layer = (
-                    x,
-                    p["smooth_inv"],
-                    p["qweight"],
-                    p["wscale"],
-                    "int4",
-                    p["l1"],
-                    p["l2"],
-                    p["strength"],
-                    1,
-                )
+                p = cache_factors(make_w4(k, n, r, "int4", "cuda"))
                 for way in WAYS:
                     with branch_by(way):
                         row[f"r{r}_{way}_err"] = partials_error(x, p["smooth_inv"], p["l1"])
                         row[f"r{r}_{way}_stats"] = bench(
                             lambda: row_stats_triton(x, p["smooth_inv"], p["l1"], scaling="tensor")
                         )
-                        row[f"r{r}_{way}_layer"] = bench(
-                            lambda: w4_linear_prefill_triton(
-                                *layer, None, bound=bound, wmax=wmax, peaks=peaks, scaling="tensor"
-                            )
-                        )
+                        row[f"r{r}_{way}_layer"] = bench(lambda: ours(x, p, None, path="prefill"))
             rows.append(row)
             print(
                 json.dumps({key: float(f"{v:.4g}") if isinstance(v, float) else v for key, v in row.items()})

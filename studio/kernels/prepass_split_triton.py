@@ -224,6 +224,11 @@ class RowStats:
     #: Slices of ``la`` that hold ``x @ l1`` when not ``used`` (1: cuBLAS computed it whole).
     la_slices: int | None = None
 
+    @property
+    def la_parts(self) -> int:
+        """How many leading slices of ``la`` to add up for ``x @ l1``."""
+        return self.used if self.la_slices is None else self.la_slices
+
 
 def row_stats_triton(
     x: torch.Tensor,
@@ -330,7 +335,7 @@ def row_codes_triton(
     codes[codes_grid](
         x, smooth_inv, stats.amax, stats.la, strength, g, xq, sx, stats.amax,
         m, k, kp, kt, r, rb, strength.shape[0], max(rows_per_sample, 1), _bucket(m), stats.used,
-        stats.used if stats.la_slices is None else stats.la_slices, x.stride(0), strength.stride(0), xq.stride(0),
+        stats.la_parts, x.stride(0), strength.stride(0), xq.stride(0),
         TAIL_PAD=K_ALIGN, TENSOR=stats.one_scale, CODES=written is None, **(config or {}),
     )  # fmt: skip
     return xq, sx
