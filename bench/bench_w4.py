@@ -2,6 +2,7 @@
 """Benchmark the fused low-rank + 4-bit linear against the baselines a Hopper user has.
 
     python bench/bench_w4.py [--quick] [--json out.json]
+    python bench/bench_w4.py --tables run_a.json run_b.json   # re-print saved runs as one table
 
 Times (medians of CUDA-graph replays, L2 flushed before every call, see ``bench``) at FLUX.1 shapes,
 side by side in one run: bf16 ``F.linear``; bf16 + unfused LoRA; FP8 ``_scaled_mm``
@@ -439,6 +440,28 @@ def accuracy(shapes: list[tuple[int, int]], rank: int) -> list[dict]:
     return out
 
 
+def print_saved_tables(paths: list[Path], ranks: list[int]) -> None:
+    """Print the speed tables of saved ``--json`` runs, merged and sorted by M then shape.
+
+    A full run at every M takes longer than one GPU session's command may, so runs are often
+    saved one shape at a time; this prints them as one table.  Each row keeps the numbers its
+    own run measured; a shape and M measured twice is an error (which one to keep is not ours
+    to guess).
+    """
+    rows: dict[tuple[int, int, int], dict] = {}
+    for path in paths:
+        try:
+            saved = json.loads(path.read_text())["speed"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise SystemExit(f"{path}: not a bench_w4 --json file ({err})") from None
+        for row in saved:
+            key = (row["M"], row["K"], row["N"])
+            if key in rows:
+                raise SystemExit(f"{path}: K x N = {key[1]}x{key[2]} at M = {key[0]} is in two files")
+            rows[key] = row
+    print_table([rows[key] for key in sorted(rows)], ranks)
+
+
 def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.double() - ref).norm() / ref.norm()).item()
 
@@ -457,7 +480,17 @@ def main() -> None:
     parser.add_argument(
         "--scaling", choices=["row", "tensor"], default=None, help="large-M FP8 scales (default: the layer's)"
     )
+    parser.add_argument(
+        "--tables",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="print the tables of saved runs (their --json files, merged; e.g. one per shape) and exit",
+    )
     args = parser.parse_args()
+    if args.tables:
+        print_saved_tables([Path(p) for p in args.tables], [int(r) for r in args.ranks.split(",")])
+        return
     if args.scaling:
         from studio.kernels import reference_prefill
 
