@@ -448,16 +448,24 @@ def print_saved_tables(paths: list[Path], ranks: list[int]) -> None:
     own run measured; a shape and M measured twice is an error (which one to keep is not ours
     to guess).
     """
+    r0, r1 = ranks[0], ranks[-1]
+    needed = ["bf16", "fp8_bare", "fp8_q", "int4_wo", f"w4+lr{r0}_unfused"]
+    needed += [f"{fmt}_r{r}" for fmt in ("int4", "fp4") for r in (r0, r1)]
     rows: dict[tuple[int, int, int], dict] = {}
     for path in paths:
         try:
             saved = json.loads(path.read_text())["speed"]
+            keys = [(row["M"], row["K"], row["N"]) for row in saved]
         except (OSError, ValueError, KeyError, TypeError) as err:
-            raise SystemExit(f"{path}: not a bench_w4 --json file ({err})") from None
-        for row in saved:
-            key = (row["M"], row["K"], row["N"])
+            raise SystemExit(f"{path}: not a bench_w4 --json file ({err!r})") from None
+        for key, row in zip(keys, saved):
             if key in rows:
                 raise SystemExit(f"{path}: K x N = {key[1]}x{key[2]} at M = {key[0]} is in two files")
+            missing = [col for col in needed if col not in row]
+            if missing:
+                raise SystemExit(
+                    f"{path}: no {', '.join(missing)} (was it run with other --ranks than {r0},{r1}?)"
+                )
             rows[key] = row
     print_table([rows[key] for key in sorted(rows)], ranks)
 

@@ -62,3 +62,20 @@ def test_a_shape_measured_twice_or_a_bad_file_is_refused(tmp_path: Path) -> None
     assert twice.returncode != 0 and "3072x3072 at M = 16 is in two files" in twice.stderr
     broken = _tables(a, bad)
     assert broken.returncode != 0 and "bad.json: not a bench_w4 --json file" in broken.stderr
+    no_m = tmp_path / "no_m.json"
+    no_m.write_text(json.dumps({"speed": [{"K": 3072, "N": 3072}]}))
+    assert "no_m.json: not a bench_w4 --json file" in _tables(no_m).stderr
+
+
+def test_saved_runs_of_other_ranks_are_named(tmp_path: Path) -> None:
+    a = tmp_path / "a.json"
+    a.write_text(json.dumps({"speed": [_row(3072, 3072, 16, 13.0, 8.0)]}))
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_w4.py"), "--ranks", "32,160", "--tables", str(a)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    assert "no int4_r160, fp4_r160 (was it run with other --ranks than 32,160?)" in done.stderr
