@@ -19,9 +19,9 @@ def _row(k: int, n: int, m: int, bf16: float, ours: float) -> dict:
     }  # fmt: skip
 
 
-def _tables(*paths: Path) -> subprocess.CompletedProcess:
+def _tables(*paths: Path, ranks: str = "32,96") -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench_w4.py"), "--tables", *map(str, paths)],
+        [sys.executable, str(ROOT / "bench" / "bench_w4.py"), "--ranks", ranks, "--tables", *map(str, paths)],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -70,12 +70,6 @@ def test_a_shape_measured_twice_or_a_bad_file_is_refused(tmp_path: Path) -> None
 def test_saved_runs_of_other_ranks_are_named(tmp_path: Path) -> None:
     a = tmp_path / "a.json"
     a.write_text(json.dumps({"speed": [_row(3072, 3072, 16, 13.0, 8.0)]}))
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench_w4.py"), "--ranks", "32,160", "--tables", str(a)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-    )
+    done = _tables(a, ranks="32,160")
     assert done.returncode != 0
     assert "no int4_r160, fp4_r160 (was it run with other --ranks than 32,160?)" in done.stderr
